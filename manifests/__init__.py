@@ -1,0 +1,1 @@
+"""Clip manifests: parse corpus file names, join metadata, build splits."""

@@ -1,0 +1,1 @@
+"""Stage-wise preprocessing of audio-visual corpora into WebDataset shards."""

@@ -1,0 +1,1 @@
+"""Corpus recipes (lhotse style): one module per corpus, thin CLI wrappers call them."""

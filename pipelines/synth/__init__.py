@@ -1,0 +1,1 @@
+"""A CREMA-D-shaped synthetic corpus with per-modality signal-strength knobs."""

@@ -1,0 +1,64 @@
+"""Write a clip in CREMA-D's containers: Flash video (FLV1 + MP3 track) and 16 kHz PCM WAV."""
+
+from __future__ import annotations
+
+import os
+import wave
+from fractions import Fraction
+
+import av
+import numpy as np
+
+FLV_AUDIO_RATE = 22050  # FLV's MP3 track supports 11,025 / 22,050 / 44,100 Hz only
+
+
+def write_wav(path: str, audio: np.ndarray, sr: int) -> None:
+    """Mono int16 PCM, written to a temporary name then renamed."""
+    pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype("<i2")
+    tmp = path + ".part"
+    with wave.open(tmp, "wb") as fh:
+        fh.setnchannels(1)
+        fh.setsampwidth(2)
+        fh.setframerate(sr)
+        fh.writeframes(pcm.tobytes())
+    os.replace(tmp, path)
+
+
+def resample_linear(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Linear-interpolation resampling; enough for an up-sampled synthetic track."""
+    n_out = int(round(len(audio) * sr_out / sr_in))
+    return np.interp(np.arange(n_out) * sr_in / sr_out, np.arange(len(audio)), audio).astype(np.float32)
+
+
+def write_flv(path: str, frames: np.ndarray, fps: int, audio: np.ndarray | None, sr: int, bit_rate: int = 900_000) -> None:
+    """Encode frames (N, H, W, 3 uint8) and an optional mono track into an FLV file."""
+    tmp = path + ".part"
+    with av.open(tmp, "w", format="flv") as out:
+        vstream = out.add_stream("flv", rate=fps)
+        vstream.width, vstream.height = frames.shape[2], frames.shape[1]
+        vstream.pix_fmt = "yuv420p"
+        vstream.bit_rate = bit_rate
+        astream = None
+        if audio is not None:
+            astream = out.add_stream("libmp3lame", rate=FLV_AUDIO_RATE, layout="mono")
+            astream.bit_rate = 64_000
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            frame.time_base = Fraction(1, fps)
+            for packet in vstream.encode(frame):
+                out.mux(packet)
+        for packet in vstream.encode():
+            out.mux(packet)
+        if astream is not None:
+            track = resample_linear(audio, sr, FLV_AUDIO_RATE)
+            pcm = np.clip(np.round(track * 32767), -32768, 32767).astype(np.int16)[None, :]
+            aframe = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+            aframe.sample_rate = FLV_AUDIO_RATE
+            aframe.pts = 0
+            aframe.time_base = Fraction(1, FLV_AUDIO_RATE)
+            for packet in astream.encode(aframe):
+                out.mux(packet)
+            for packet in astream.encode():
+                out.mux(packet)
+    os.replace(tmp, path)

@@ -1,0 +1,35 @@
+"""Shared fixtures: a small synthetic CREMA-D corpus, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Tests never reach a network: a pretrained download would retry ~45 s, then fail.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("AVBALANCE_QUIET", "1")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python cli.py ARGS`` as a user would; return the finished process."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "cli.py"), *args],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cli {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory) -> str:
+    """6 actors x 1 sentence x 6 emotions = 36 clips (kfold needs at least k+2 actors)."""
+    out = str(tmp_path_factory.mktemp("synth") / "corpus")
+    run_cli("synth", "cremad", "--out", out, "--actors", "6", "--sentences", "1", "--seed", "7", check=True)
+    return out

@@ -1,0 +1,1 @@
+"""Streaming multimodal trainer with modality-balancing methods."""
