@@ -63,6 +63,42 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from pipelines.config import PreprocessConfig
+    from pipelines.runner import preprocess
+    from pipelines.stages.audio import AudioConfig
+    from pipelines.stages.face_features import FaceFeaturesConfig
+    from pipelines.stages.faces import FacesConfig
+    from pipelines.stages.pack import PackConfig
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    cfg = PreprocessConfig(
+        root=args.root, out=args.out,
+        splits=tuple(s for s in args.split.split(",") if s),
+        stages=tuple(s for s in args.stages.split(",") if s),
+        workers=args.workers, device=args.device, batch_size=args.batch_size, overwrite=args.overwrite,
+        faces=FacesConfig(fps=args.face_fps, detect_fps=args.face_detect_fps, min_face_size=args.face_min_size,
+                          margin=args.face_margin, size=args.face_size, keep_crops=args.keep_face_crops),
+        face_features=FaceFeaturesConfig(weights=args.face_weights, allow_random=args.allow_random_weights),
+        audio=AudioConfig(spec=args.spec),
+        pack=PackConfig(samples_per_shard=args.shard_samples),
+    )
+    summary = preprocess(cfg)
+    for split, parts in summary["shards"].items():
+        counts = ", ".join(f"{p} {n}" for p, n in parts.items())
+        print(f"shards: {os.path.join(args.out, 'shards', split)} ({counts} samples)")
+    print(f"preprocess: {summary['done']} clips done, {summary['failed']} failed "
+          f"({summary['computed_clips']} computed this run, {summary['seconds']} s)")
+    if summary["failed"]:
+        print(f"failed clips and reasons: {os.path.join(args.out, 'status.jsonl')}")
+        return 1
+    return 0
+
+
 def cmd_not_yet(args: argparse.Namespace) -> int:
     raise UserError(f"`{args.command}` is not implemented yet in this version of avbalance.", exit_code=3)
 
@@ -95,8 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kfold-seed", type=int, default=0)
     p.set_defaults(func=cmd_manifest)
 
+    p = sub.add_parser("preprocess", help="decode, frames, faces, face features, audio, pack into WebDataset shards")
+    p.add_argument("corpus", choices=CORPORA)
+    p.add_argument("--root", required=True, help="corpus folder (holds VideoFlash/ and AudioWAV/)")
+    p.add_argument("--out", required=True, help="output folder: manifest/, cache/, shards/<split>/, status.jsonl")
+    p.add_argument("--split", default="ogm", help="comma-separated split names to pack: ogm, vavl1..vavl5, kfold1..kfoldK (default ogm)")
+    p.add_argument("--stages", default=",".join(["frames", "faces", "face_features", "audio", "pack"]),
+                   help="comma-separated subset of frames,faces,face_features,audio,pack (default all)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet")
+    p.add_argument("--batch-size", type=int, default=32, help="face frames per MTCNN/EfficientNet batch")
+    p.add_argument("--face-fps", type=float, default=None, help="face frames per second (default: every frame)")
+    p.add_argument("--face-detect-fps", type=float, default=None,
+                   help="detect faces at this rate and carry boxes in between (default: detect on every face frame)")
+    p.add_argument("--face-min-size", type=int, default=40, help="MTCNN minimum face size in pixels (default 40)")
+    p.add_argument("--face-margin", type=float, default=0.2, help="crop side = max(w, h) x (1 + margin) (default 0.2)")
+    p.add_argument("--face-size", type=int, default=260, help="face crop size: 260 (EfficientNet-B2) or 224")
+    p.add_argument("--face-weights", help="EfficientNet-B2 weights: a timm state dict (.pth or .safetensors)")
+    p.add_argument("--allow-random-weights", action="store_true", help="tests/demos only: seeded random EfficientNet-B2 weights")
+    p.add_argument("--keep-face-crops", action="store_true", help="also store the face crops (faces.jpg)")
+    p.add_argument("--spec", choices=("logmel", "linear"), default="logmel", help="spectrogram: 128-bin log-Mel or the reference linear 257 x 188")
+    p.add_argument("--shard-samples", type=int, default=None, help="samples per shard (default: about 16 shards per part)")
+    p.add_argument("--overwrite", action="store_true", help="drop cached stage outputs and shards, redo everything")
+    p.set_defaults(func=cmd_preprocess)
+
     for name, text in [
-        ("preprocess", "decode, frames, faces, face features, audio, pack into WebDataset shards"),
         ("train", "train a multimodal classifier from shards"),
         ("evaluate", "evaluate a trained run"),
         ("sweep", "run a grid of training runs from one YAML file"),

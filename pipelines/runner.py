@@ -1,0 +1,246 @@
+"""Plan -> skip what is done -> run the rest on a local process pool -> status -> pack.
+
+Every stage output is cached per clip under a key of (stage version, config, input), so a
+killed run continues where it stopped, a re-run with the same config does no work, and a
+changed stage config redoes only that stage and those after it.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from dataclasses import asdict
+
+from avbalance import __version__
+from avbalance.errors import UserError
+from avbalance.progress import progress_bar
+from manifests.io import atomic_write_text, read_jsonl
+from pipelines.cache import ClipCache
+from pipelines.config import ALL_STAGES, PreprocessConfig
+from pipelines.recipes.cremad import prepare_cremad
+from pipelines.stages.audio import AudioStage
+from pipelines.stages.base import stable_hash
+from pipelines.stages.face_features import FaceFeaturesStage, weights_identity
+from pipelines.stages.faces import FacesStage
+from pipelines.stages.frames import FramesStage
+from pipelines.stages.pack import PackStage, samples_per_shard, shard_order
+from pipelines.shards import SCHEMA_VERSION, ShardWriter, read_index, write_index
+from pipelines.worker import ClipJob, init_worker, process_chunk
+
+CLIP_STAGES = ("frames", "faces", "face_features", "audio")
+UPSTREAM = {"face_features": "faces"}
+
+
+def source_key(root: str, rel: str) -> str:
+    st = os.stat(os.path.join(root, rel))
+    return stable_hash(rel, st.st_size, st.st_mtime_ns)
+
+
+def stage_keys(cfg: PreprocessConfig, clip: dict) -> dict[str, str]:
+    video = source_key(cfg.root, clip["files"]["video"])
+    audio_src = source_key(cfg.root, clip["files"]["wav"]) if "wav" in clip["files"] else stable_hash(video, "track")
+    keys = {"video": video, "audio_source": audio_src}
+    keys["frames"] = FramesStage(cfg.frames).key(keys)
+    keys["faces"] = FacesStage(cfg.faces).key(keys)
+    keys["face_features"] = stable_hash("face_features", FaceFeaturesStage.version, cfg.face_features.model, cfg.face_features.weights_sha256, keys["faces"])
+    keys["audio"] = AudioStage(cfg.audio).key(keys)
+    return keys
+
+
+def plan(cfg: PreprocessConfig, clips: list[dict], cache: ClipCache) -> tuple[list[ClipJob], dict[str, dict[str, str]], dict[str, dict]]:
+    """Jobs for clips with work left, failures already known, and every clip's keys."""
+    wanted = [s for s in CLIP_STAGES if s in cfg.stages]
+    jobs, known_failures, all_keys = [], {}, {}
+    for clip in clips:
+        cid = clip["clip_id"]
+        keys = stage_keys(cfg, clip)
+        all_keys[cid] = keys
+        todo, failed = [], {}
+        for stage in wanted:
+            reason = cache.failure(stage, cid, keys[stage])
+            if reason is not None:
+                failed[stage] = reason
+            elif not cache.done(stage, cid, keys[stage]):
+                todo.append(stage)
+        if "face_features" in todo and "faces" not in todo and "faces" in failed:
+            todo.remove("face_features")
+            failed["face_features"] = failed["faces"]
+        if failed:
+            known_failures[cid] = failed
+        if todo:
+            jobs.append(ClipJob(
+                cid, os.path.join(cfg.root, clip["files"]["video"]),
+                os.path.join(cfg.root, clip["files"]["wav"]) if "wav" in clip["files"] else None,
+                keys, todo, face_boxes_cached="faces" not in todo and cache.done("faces", cid, keys["faces"]),
+            ))
+    return jobs, known_failures, all_keys
+
+
+def run_jobs(cfg: PreprocessConfig, jobs: list[ClipJob]) -> dict[str, dict[str, str]]:
+    """Run the jobs in chunks, in-process or on a pool; return failures by clip and stage."""
+    failures: dict[str, dict[str, str]] = {}
+    chunks = [jobs[i:i + cfg.chunk] for i in range(0, len(jobs), cfg.chunk)]
+    cores = os.cpu_count() or 1
+    with progress_bar(len(jobs), "preprocess", unit="clip") as bar:
+        def collect(outcomes):
+            for o in outcomes:
+                if o.failed:
+                    failures[o.clip_id] = o.failed
+            bar.update(len(outcomes))
+
+        if cfg.workers <= 1:
+            init_worker(cfg, threads=cores)
+            for chunk in chunks:
+                collect(process_chunk(chunk))
+        else:
+            ctx = mp.get_context("fork")
+            with ctx.Pool(cfg.workers, initializer=init_worker, initargs=(cfg, max(1, cores // cfg.workers))) as pool:
+                for outcomes in pool.imap_unordered(process_chunk, chunks):
+                    collect(outcomes)
+    return failures
+
+
+def preprocess(cfg: PreprocessConfig) -> dict:
+    """The whole job; returns the run summary (also written as ``out/preprocess.json``)."""
+    started = time.time()
+    bad = [s for s in cfg.stages if s not in ALL_STAGES]
+    if bad:
+        raise UserError(f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(ALL_STAGES)}")
+    if "face_features" in cfg.stages and "faces" not in cfg.stages:
+        raise UserError("the face_features stage needs the faces stage: add faces to --stages")
+    if cfg.overwrite:
+        for sub in ("cache", "shards"):
+            shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
+    os.makedirs(cfg.out, exist_ok=True)
+    if "face_features" in cfg.stages:
+        cfg.face_features = type(cfg.face_features)(
+            model=cfg.face_features.model, weights=cfg.face_features.weights,
+            weights_sha256=weights_identity(cfg.face_features.weights, cfg.face_features.allow_random),
+            allow_random=cfg.face_features.allow_random,
+        )
+
+    manifest_dir = os.path.join(cfg.out, "manifest")
+    prepare_cremad(cfg.root, manifest_dir)
+    clips = read_jsonl(os.path.join(manifest_dir, "clips.jsonl"))
+    skipped = read_jsonl(os.path.join(manifest_dir, "skipped.jsonl"))
+    for split in cfg.splits:
+        if not any(split in c["splits"] for c in clips):
+            raise UserError(f"no clip belongs to split {split!r}; splits of this corpus: {sorted({s for c in clips for s in c['splits']})}")
+
+    cache = ClipCache(os.path.join(cfg.out, "cache"))
+    jobs, failures, keys = plan(cfg, clips, cache)
+    failures.update(run_jobs(cfg, jobs) if jobs else {})
+
+    status = write_status(cfg, clips, skipped, failures)
+    done_ids = {s["clip_id"] for s in status if s["status"] == "done"}
+    packed = {}
+    if "pack" in cfg.stages:
+        for split in cfg.splits:
+            packed[split] = pack_split(cfg, split, [c for c in clips if c["clip_id"] in done_ids], keys, cache)
+    n_failed = sum(s["status"] == "failed" for s in status)
+    summary = {
+        "tool": f"avbalance {__version__}",
+        "clips": len(status),
+        "done": len(done_ids),
+        "failed": n_failed,
+        "computed_clips": len(jobs),
+        "shards": packed,
+        "seconds": round(time.time() - started, 2),
+    }
+    atomic_write_text(os.path.join(cfg.out, "preprocess.json"), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def write_status(cfg: PreprocessConfig, clips: list[dict], skipped: list[dict], failures: dict[str, dict[str, str]]) -> list[dict]:
+    """``status.jsonl``: every clip, done or failed with the first failing stage and reason."""
+    rows = []
+    for clip in clips:
+        failed = failures.get(clip["clip_id"])
+        if failed:
+            stage = next(s for s in CLIP_STAGES if s in failed)
+            rows.append({"clip_id": clip["clip_id"], "status": "failed", "stage": stage, "reason": failed[stage]})
+        else:
+            rows.append({"clip_id": clip["clip_id"], "status": "done"})
+    listed = {c["clip_id"] for c in clips}
+    for s in skipped:  # files the manifest could not use
+        stem = os.path.splitext(os.path.basename(s["path"]))[0]
+        if stem in listed:
+            continue  # e.g. a bad WAV whose clip still has its video
+        listed.add(stem)
+        rows.append({"clip_id": stem, "status": "failed", "stage": "manifest", "reason": f"{s['path']}: {s['reason']}"})
+    rows.sort(key=lambda r: r["clip_id"])
+    atomic_write_text(os.path.join(cfg.out, "status.jsonl"), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return rows
+
+
+def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[str, dict], cache: ClipCache) -> dict:
+    """Write ``shards/<split>/<part>-NNNNNN.tar`` and ``shards.json`` (last), unless identical."""
+    directory = os.path.join(cfg.out, "shards", split)
+    stages = [s for s in CLIP_STAGES if s in cfg.stages]
+    members = {}
+    for clip in clips:
+        part = clip["splits"].get(split)
+        if part is not None:
+            members.setdefault(part, []).append(clip)
+    pack_key = stable_hash("pack", PackStage.version, asdict(cfg.pack), stages, SCHEMA_VERSION,
+                           {p: sorted((c["clip_id"], [keys[c["clip_id"]][s] for s in stages]) for c in cs) for p, cs in members.items()})
+    index = read_index(directory)
+    if index is not None and index.get("pack_key") == pack_key:
+        return {p: v["samples"] for p, v in index["parts"].items()}
+
+    os.makedirs(directory, exist_ok=True)
+    if index is not None:
+        os.remove(os.path.join(directory, "shards.json"))  # the old set is no longer complete
+    packer = PackStage(cfg.pack)
+    parts, key_set = {}, None
+    for part in ("train", "val", "test"):
+        if part not in members:
+            continue
+        by_id = {c["clip_id"]: c for c in members[part]}
+        order = shard_order(list(by_id))
+        writer = ShardWriter(directory, part, samples_per_shard(len(order), cfg.pack))
+        try:
+            for cid in progress_bar_iter(order, f"pack {split}/{part}"):
+                outputs = {s: cache.load(s, cid, keys[cid][s]) for s in stages}
+                writer.write(packer.sample(by_id[cid], outputs))
+            shards = writer.close()
+        except OSError as err:
+            writer.abort()
+            raise UserError(f"writing shards in {directory} failed ({err}); free space and re-run: "
+                            "completed stages are cached and no incomplete shard set was published") from None
+        parts[part] = {"samples": len(order), "shards": shards}
+        key_set = writer.keys
+    stale = {n for n in os.listdir(directory) if n.endswith(".tar")} - {s["name"] for p in parts.values() for s in p["shards"]}
+    for name in stale:
+        os.remove(os.path.join(directory, name))
+    write_index(directory, {
+        "schema_version": SCHEMA_VERSION,
+        "tool": f"avbalance {__version__}",
+        "corpus": "cremad",
+        "split": split,
+        "keys": key_set,
+        "parts": parts,
+        "config": _public_config(cfg),
+        "face_weights": {"path": cfg.face_features.weights, "sha256": cfg.face_features.weights_sha256,
+                         "random_init": cfg.face_features.weights is None} if "face_features" in stages else None,
+        "pack_key": pack_key,
+    })
+    return {p: v["samples"] for p, v in parts.items()}
+
+
+def progress_bar_iter(items: list, desc: str):
+    with progress_bar(len(items), desc, unit="clip") as bar:
+        for item in items:
+            yield item
+            bar.update(1)
+
+
+def _public_config(cfg: PreprocessConfig) -> dict:
+    """The resolved config for the index, without machine-specific run options."""
+    out = cfg.as_dict()
+    for k in ("out", "workers", "device", "overwrite", "chunk"):
+        out.pop(k, None)
+    return out

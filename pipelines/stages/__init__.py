@@ -1,0 +1,1 @@
+"""Preprocessing stages, one module per stage, registered by name in ``base.STAGES``."""

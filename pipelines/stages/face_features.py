@@ -1,0 +1,110 @@
+"""face_features: frozen timm EfficientNet-B2, global-pooled 1408-d per face crop, float16.
+
+Weights come from a local file (``--face-weights``: a timm state dict as ``.pth``/``.pt``
+or ``.safetensors``), never from a network. Without weights the stage refuses, unless
+``--allow-random-weights`` (tests, demos) asks for a seeded random init, which is then
+recorded in the shard index as the weights' identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from avbalance.errors import UserError
+from pipelines.stages.base import STAGES, Stage
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class FaceFeaturesConfig:
+    model: str = "efficientnet_b2"
+    weights: str | None = None  # path, or None with allow_random
+    weights_sha256: str = "random-init"  # identity used in cache keys and the index
+    allow_random: bool = False
+
+
+def weights_identity(path: str | None, allow_random: bool) -> str:
+    """sha256 of the weights file, or ``random-init-seed0``; refuses a missing file clearly."""
+    if path is None:
+        if not allow_random:
+            raise UserError(
+                "face features need EfficientNet-B2 weights: pass --face-weights PATH (a timm state dict, "
+                ".pth or .safetensors, e.g. ImageNet or face-emotion weights). For tests and demos only, "
+                "--allow-random-weights uses a seeded random init, recorded in the shard index."
+            )
+        return f"random-init-seed{RANDOM_SEED}"
+    if not os.path.isfile(path):
+        raise UserError(f"--face-weights {path} does not exist (weights are never downloaded)")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # not a tensor-only checkpoint
+            raise UserError(f"cannot read --face-weights {path} as a weights-only state dict: {err}") from None
+    for nest in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and nest in state and isinstance(state[nest], dict):
+            state = state[nest]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def build_backbone(cfg: FaceFeaturesConfig, device: str) -> torch.nn.Module:
+    """The frozen feature extractor in eval mode, channels_last, on ``device``."""
+    import timm
+
+    torch.manual_seed(RANDOM_SEED)  # a random init is reproducible and named in the index
+    model = timm.create_model(cfg.model, pretrained=False, num_classes=0)
+    if cfg.weights:
+        state = {k: v for k, v in _read_state_dict(cfg.weights).items() if not k.startswith("classifier.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(
+                f"--face-weights {cfg.weights} does not fit timm {cfg.model}: {len(missing)} missing keys "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+    model.eval().requires_grad_(False)
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+@STAGES.register("face_features")
+class FaceFeaturesStage(Stage):
+    name = "face_features"
+    version = 1
+    inputs = ("faces",)
+
+    def __init__(self, config: FaceFeaturesConfig, device: str = "cpu") -> None:
+        super().__init__(config)
+        self.device = device
+        self.model = build_backbone(config, device)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def key(self, input_keys: dict[str, str]) -> str:
+        """The weights' content, not their path, identifies the output."""
+        from pipelines.stages.base import stable_hash
+
+        cfg = self.config
+        return stable_hash(self.name, self.version, cfg.model, cfg.weights_sha256, input_keys["faces"])
+
+    @torch.inference_mode()
+    def features(self, crops: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) float crops in 0..255 -> (N, 1408) float16 features."""
+        x = ((crops.to(self.device) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return self.model(x).to(torch.float16).cpu()

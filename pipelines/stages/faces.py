@@ -1,0 +1,186 @@
+"""faces: MTCNN face boxes per face frame, a mask for frames without a face, square crops.
+
+Frames stream in from the decoder and are batched across clips; one flush detects faces
+on a batch (MTCNN from facenet-pytorch, weights from its wheel), crops them with
+``roi_align`` at the configured size and margin, and hands the crops to the face-feature
+extractor. MTCNN's own batched crop call raises when some frame has no face, so we detect
+and crop ourselves. A frame without a face keeps its slot with mask 0 and a zero feature.
+
+Box carrying (``detect_fps``): detect only at that rate and hold each box until the next
+detection; faces in CREMA-D barely move. ``bench/preprocess.py`` measures the speed-up and
+the box agreement against per-frame detection.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.ops import roi_align
+
+from pipelines.stages.base import STAGES, Stage
+from pipelines.stages.frames import pack_blobs
+
+
+@dataclass(frozen=True)
+class FacesConfig:
+    fps: float | None = None  # face frames per second; None = every frame
+    detect_fps: float | None = None  # None = detect on every face frame; else carry boxes
+    min_face_size: int = 40
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    margin: float = 0.2  # the square crop's side is max(w, h) * (1 + margin)
+    size: int = 260  # EfficientNet-B2's input size; 224 also common
+    keep_crops: bool = False  # also store the crops (JPEG) in the shards
+
+
+@dataclass
+class ClipFaces:
+    """Per-clip accumulators; lists grow in slot order."""
+
+    clip_id: str
+    cached_boxes: np.ndarray | None = None  # (T, 4) from the cache: skip detection
+    cached_mask: np.ndarray | None = None
+    times: list[float] = field(default_factory=list)
+    boxes: list[np.ndarray] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    feats: list[np.ndarray] = field(default_factory=list)
+    crops: list[bytes] = field(default_factory=list)
+    detected: list[bool] = field(default_factory=list)
+    last_box: np.ndarray | None = None
+    last_prob: float = 0.0
+    next_detect: float = 0.0
+
+
+@STAGES.register("faces")
+class FacesStage(Stage):
+    name = "faces"
+    version = 1
+    inputs = ("video",)
+
+
+class FaceBatcher:
+    """Collects face frames across clips; ``flush`` runs detection, cropping and features."""
+
+    def __init__(self, cfg: FacesConfig, featurizer, device: str = "cpu", batch_size: int = 32) -> None:
+        from facenet_pytorch import MTCNN
+
+        self.cfg = cfg
+        self.featurizer = featurizer  # FaceFeaturesStage or None
+        self.device = device
+        self.batch_size = batch_size
+        self.mtcnn = MTCNN(
+            image_size=cfg.size, min_face_size=cfg.min_face_size, thresholds=list(cfg.thresholds),
+            keep_all=True, device=device,
+        )
+        self.clips: dict[str, ClipFaces] = {}
+        self.queue: list[tuple[ClipFaces, int, float, np.ndarray, bool]] = []
+
+    def start_clip(self, clip_id: str, cached_boxes: np.ndarray | None = None, cached_mask: np.ndarray | None = None) -> None:
+        self.clips[clip_id] = ClipFaces(clip_id, cached_boxes, cached_mask)
+
+    def push(self, clip_id: str, slot: int, t: float, rgb: np.ndarray) -> None:
+        clip = self.clips[clip_id]
+        if self.queue and self.queue[-1][3].shape != rgb.shape:
+            self.flush()  # MTCNN batches need one frame size
+        detect = clip.cached_boxes is None and (
+            self.cfg.detect_fps is None or t >= clip.next_detect - 1e-3
+        )
+        if detect and self.cfg.detect_fps is not None:
+            clip.next_detect = (np.floor(t * self.cfg.detect_fps + 1e-3) + 1) / self.cfg.detect_fps
+        self.queue.append((clip, slot, t, rgb, detect))
+        if len(self.queue) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.queue:
+            return
+        queue, self.queue = self.queue, []
+        detect_idx = [i for i, q in enumerate(queue) if q[4]]
+        found: dict[int, tuple[np.ndarray | None, float]] = {}
+        if detect_idx:
+            batch = np.stack([queue[i][3] for i in detect_idx])
+            boxes, probs = self.mtcnn.detect(batch)
+            for i, b, p in zip(detect_idx, boxes, probs):
+                if b is None or len(b) == 0:
+                    found[i] = (None, 0.0)
+                else:
+                    best = int(np.argmax(p))  # the most confident face
+                    found[i] = (np.asarray(b[best], np.float32), float(p[best]))
+        for i, (clip, slot, t, rgb, detect) in enumerate(queue):
+            if clip.cached_boxes is not None:
+                k = len(clip.times)
+                has = bool(clip.cached_mask[k]) if k < len(clip.cached_mask) else False
+                box, prob = (clip.cached_boxes[k], 1.0) if has else (None, 0.0)
+            elif detect:
+                box, prob = found[i]
+                clip.last_box, clip.last_prob = box, prob
+            else:
+                box, prob = clip.last_box, clip.last_prob
+            clip.times.append(t)
+            clip.detected.append(detect)
+            clip.mask.append(int(box is not None))
+            clip.boxes.append(box if box is not None else np.zeros(4, np.float32))
+            clip.probs.append(prob)
+        self._crop_and_embed(queue)
+
+    def _crop_and_embed(self, queue) -> None:
+        rows = [(clip, k, rgb) for clip, k, rgb in self._positions(queue) if clip.mask[k]]
+        if rows:
+            frames = torch.from_numpy(np.stack([rgb for _, _, rgb in rows])).permute(0, 3, 1, 2).float()
+            rois = torch.tensor([self.square_box(clip.boxes[k]) for clip, k, _ in rows], dtype=torch.float32)
+            rois = torch.cat([torch.arange(len(rows), dtype=torch.float32)[:, None], rois], dim=1)
+            crops = roi_align(frames, rois, output_size=self.cfg.size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+            if self.featurizer is not None:
+                out = self.featurizer.features(crops).numpy()
+            for j, (clip, k, _) in enumerate(rows):
+                if self.featurizer is not None:
+                    clip.feats.append((k, out[j]))
+                if self.cfg.keep_crops:
+                    img = crops[j].clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
+                    buf = io.BytesIO()
+                    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+                    clip.crops.append((k, buf.getvalue()))
+
+    def _positions(self, queue):
+        """(clip, index within the clip, frame) for each queued frame, in queue order."""
+        counts: dict[str, int] = {}
+        for clip, _, _, _, _ in queue:
+            counts[clip.clip_id] = counts.get(clip.clip_id, 0) + 1
+        seen: dict[str, int] = {}
+        for clip, _, _, rgb, _ in queue:
+            start = len(clip.times) - counts[clip.clip_id]
+            k = start + seen.get(clip.clip_id, 0)
+            seen[clip.clip_id] = seen.get(clip.clip_id, 0) + 1
+            yield clip, k, rgb
+
+    def square_box(self, box: np.ndarray) -> list[float]:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        side = max(x1 - x0, y1 - y0) * (1 + self.cfg.margin)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        return [cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2]
+
+    def finish_clip(self, clip_id: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """(faces arrays, face-feature arrays or None) for a clip whose frames are all flushed."""
+        clip = self.clips.pop(clip_id)
+        n = len(clip.times)
+        faces = {
+            "times": np.asarray(clip.times, np.float32),
+            "boxes": np.asarray(clip.boxes, np.float32).reshape(n, 4),
+            "probs": np.asarray(clip.probs, np.float32),
+            "mask": np.asarray(clip.mask, np.uint8),
+            "detected": np.asarray(clip.detected, np.uint8),
+        }
+        if self.cfg.keep_crops:
+            data, offsets = pack_blobs([jpg for _, jpg in sorted(clip.crops, key=lambda kv: kv[0])])
+            faces["crops_jpeg"], faces["crops_offsets"] = data, offsets
+        feats = None
+        if self.featurizer is not None:
+            arr = np.zeros((n, 1408), np.float16)
+            for k, f in clip.feats:
+                arr[k] = f
+            feats = {"feats": arr}
+        return faces, feats

@@ -1,0 +1,99 @@
+"""pack: one WebDataset shard set per split, from the per-clip stage caches.
+
+Sample keys (docs/shards.md has dtypes and shapes): ``frames.jpg`` (the 1-fps frames side
+by side), optional ``faces.jpg`` (face crops side by side), ``face_feats.npy``,
+``face_mask.npy``, ``face_boxes.npy``, ``face_times.npy``, ``wav.npy``, ``spec.npy``,
+``cls`` and ``json``. Every sample of a shard set has the same keys; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from pipelines.stages.base import STAGES, Stage
+from pipelines.stages.frames import unpack_blobs
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    samples_per_shard: int | None = None  # None: about 16 shards per part, 8..256 samples each
+    jpeg_quality: int = 90
+
+
+def samples_per_shard(n: int, cfg: PackConfig) -> int:
+    if cfg.samples_per_shard:
+        return cfg.samples_per_shard
+    return max(8, min(256, math.ceil(n / 16)))
+
+
+def shard_order(clip_ids: list[str]) -> list[str]:
+    """A fixed pseudo-random order, so each shard mixes actors and emotions."""
+    return sorted(clip_ids, key=lambda c: hashlib.sha1(c.encode()).hexdigest())
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def jpeg_strip(jpegs: list[bytes | None], quality: int) -> tuple[bytes, int]:
+    """Place JPEG images side by side in one JPEG (``None`` = a black tile); tiles start at
+    multiples of 16 pixels (the 4:2:0 block size), so no block straddles two frames."""
+    images = [Image.open(io.BytesIO(j)).convert("RGB") if j is not None else None for j in jpegs]
+    w, h = next(img for img in images if img is not None).size
+    stride = 16 * math.ceil(w / 16)
+    strip = Image.new("RGB", (stride * len(images), h))
+    for i, img in enumerate(images):
+        if img is not None:
+            strip.paste(img, (i * stride, 0))
+    buf = io.BytesIO()
+    strip.save(buf, format="JPEG", quality=quality, subsampling=2)
+    return buf.getvalue(), stride
+
+
+@STAGES.register("pack")
+class PackStage(Stage):
+    name = "pack"
+    version = 1
+    inputs = ()
+
+    def sample(self, clip: dict, outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, bytes | str]:
+        """One shard sample from a manifest record and its stage outputs."""
+        meta = {k: clip[k] for k in ("clip_id", "actor", "sentence", "sentence_text", "emotion", "emotion_name", "label", "level", "demographics", "votes")}
+        sample: dict[str, bytes | str] = {"__key__": clip["clip_id"], "cls": str(clip["label"]).encode()}
+        if "frames" in outputs:
+            out = outputs["frames"]
+            strip, stride = jpeg_strip(unpack_blobs(out["jpeg"], out["offsets"]), self.config.jpeg_quality)
+            sample["frames.jpg"] = strip
+            meta["frames"] = {"count": int(len(out["times"])), "stride": stride, "times": [round(float(t), 3) for t in out["times"]]}
+        if "faces" in outputs:
+            out = outputs["faces"]
+            sample["face_mask.npy"] = npy_bytes(out["mask"].astype(np.uint8))
+            sample["face_boxes.npy"] = npy_bytes(out["boxes"].astype(np.float32))
+            sample["face_times.npy"] = npy_bytes(out["times"].astype(np.float32))
+            meta["faces"] = {"count": int(len(out["mask"])), "found": int(out["mask"].sum())}
+            if "crops_jpeg" in out:
+                found = iter(unpack_blobs(out["crops_jpeg"], out["crops_offsets"]))
+                tiles = [next(found) if m else None for m in out["mask"]]  # black where no face
+                sample["faces.jpg"], meta["faces"]["stride"] = jpeg_strip(tiles, self.config.jpeg_quality)
+        if "face_features" in outputs:
+            sample["face_feats.npy"] = npy_bytes(outputs["face_features"]["feats"].astype(np.float16))
+        if "audio" in outputs:
+            out = outputs["audio"]
+            sample["wav.npy"] = npy_bytes(out["wav"].astype(np.int16))
+            sample["spec.npy"] = npy_bytes(out["spec"].astype(np.float16))
+            meta["audio"] = {"seconds": round(len(out["wav"]) / 16000, 4), "source": clip.get("audio_source", "wav")}
+        for stage in ("frames", "faces"):
+            if stage in outputs and "video_info" in outputs[stage]:
+                fps, width, height, n_frames, duration = outputs[stage]["video_info"].tolist()
+                meta["video"] = {"fps": round(fps, 3), "width": int(width), "height": int(height), "frames": int(n_frames), "seconds": round(duration, 4)}
+        sample["json"] = json.dumps(meta, sort_keys=True).encode()
+        return sample

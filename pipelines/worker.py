@@ -1,0 +1,155 @@
+"""Work on a chunk of clips inside one worker process: one decode per clip feeds every
+stage that still has work; models are loaded once per process; failures become records."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipelines.cache import ClipCache
+from pipelines.config import PreprocessConfig
+from pipelines.stages.audio import AudioError, AudioStage, read_wav
+from pipelines.stages.decode import DecodeError, FrameSampler, decode_clip
+from pipelines.stages.frames import FramesStage
+
+VIDEO_STAGES = ("frames", "faces", "face_features")
+
+
+@dataclass
+class ClipJob:
+    clip_id: str
+    video: str
+    wav: str | None
+    keys: dict[str, str]  # stage -> cache key
+    todo: list[str]  # stages to compute
+    face_boxes_cached: bool = False  # faces done earlier: reuse boxes, skip detection
+
+
+@dataclass
+class ClipOutcome:
+    clip_id: str
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+_STATE: dict[str, object] = {}
+
+
+def init_worker(cfg: PreprocessConfig, threads: int) -> None:
+    """Pool initializer: remember the config; models are built on first use."""
+    torch.set_num_threads(max(1, threads))
+    _STATE.clear()
+    _STATE["cfg"] = cfg
+
+
+def _batcher():
+    if "batcher" not in _STATE:
+        from pipelines.stages.face_features import FaceFeaturesStage
+        from pipelines.stages.faces import FaceBatcher
+
+        cfg: PreprocessConfig = _STATE["cfg"]
+        featurizer = FaceFeaturesStage(cfg.face_features, cfg.device) if "face_features" in cfg.stages else None
+        _STATE["batcher"] = FaceBatcher(cfg.faces, featurizer, cfg.device, cfg.batch_size)
+    return _STATE["batcher"]
+
+
+def process_chunk(jobs: list[ClipJob]) -> list[ClipOutcome]:
+    cfg: PreprocessConfig = _STATE["cfg"]
+    cache = ClipCache(os.path.join(cfg.out, "cache"))
+    outcomes = {job.clip_id: ClipOutcome(job.clip_id) for job in jobs}
+    face_jobs: list[tuple[ClipJob, np.ndarray]] = []
+    for job in jobs:
+        try:
+            info = _process_clip(job, cfg, cache, outcomes[job.clip_id])
+            if info is not None:
+                face_jobs.append((job, info))
+        except Exception as err:  # never let one clip end the run
+            reason = f"internal error: {type(err).__name__}: {err}"
+            for stage in job.todo:
+                outcomes[job.clip_id].failed.setdefault(stage, reason)
+            _STATE.setdefault("errors", []).append(traceback.format_exc())
+    if face_jobs:
+        _finish_faces(face_jobs, cfg, cache, outcomes)
+    for out in outcomes.values():
+        for stage, reason in out.failed.items():
+            job = next(j for j in jobs if j.clip_id == out.clip_id)
+            cache.save_failure(stage, out.clip_id, job.keys[stage], reason)
+    return list(outcomes.values())
+
+
+def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome: ClipOutcome) -> np.ndarray | None:
+    """Decode once, run frames and audio, queue face frames; return video info if faces queued."""
+    samplers: list[FrameSampler] = []
+    frames_stage = None
+    if "frames" in job.todo:
+        frames_stage = FramesStage(cfg.frames)
+        samplers.append(FrameSampler(cfg.frames.rate, frames_stage.add))
+    wants_faces = "faces" in job.todo or "face_features" in job.todo
+    if wants_faces:
+        batcher = _batcher()
+        if job.face_boxes_cached:
+            cached = cache.load("faces", job.clip_id, job.keys["faces"])
+            batcher.start_clip(job.clip_id, cached["boxes"], cached["mask"])
+        else:
+            batcher.start_clip(job.clip_id)
+        samplers.append(FrameSampler(cfg.faces.fps, lambda slot, t, rgb: batcher.push(job.clip_id, slot, t, rgb)))
+    track_audio = "audio" in job.todo and job.wav is None
+    decoded = None
+    if samplers or track_audio:
+        try:
+            decoded = decode_clip(job.video, samplers, want_audio=track_audio)
+        except DecodeError as err:
+            for stage in job.todo:
+                if stage in VIDEO_STAGES or (stage == "audio" and track_audio):
+                    outcome.failed[stage] = f"decode: {err}"
+            if wants_faces:
+                _batcher().flush()
+                _batcher().finish_clip(job.clip_id)
+            wants_faces = False
+    info = None
+    if decoded is not None:
+        info = np.array([decoded.fps, decoded.width, decoded.height, decoded.n_frames, decoded.duration], np.float64)
+        if frames_stage is not None:
+            out = frames_stage.finish_clip()
+            out["video_info"] = info
+            cache.save("frames", job.clip_id, job.keys["frames"], out)
+            outcome.done.append("frames")
+    if "audio" in job.todo and "audio" not in outcome.failed:
+        try:
+            if job.wav is not None:
+                wave = read_wav(job.wav)
+            elif decoded is not None and decoded.audio is not None:
+                wave = decoded.audio
+            else:
+                raise AudioError("no audio: the clip has no WAV file and its video has no audio stream")
+            cache.save("audio", job.clip_id, job.keys["audio"], AudioStage(cfg.audio).process(wave))
+            outcome.done.append("audio")
+        except AudioError as err:
+            outcome.failed["audio"] = str(err)
+    return info if wants_faces else None
+
+
+def _finish_faces(face_jobs, cfg: PreprocessConfig, cache: ClipCache, outcomes: dict[str, ClipOutcome]) -> None:
+    batcher = _batcher()
+    batcher.flush()
+    for job, info in face_jobs:
+        faces, feats = batcher.finish_clip(job.clip_id)
+        outcome = outcomes[job.clip_id]
+        n, found = len(faces["mask"]), int(faces["mask"].sum())
+        if "faces" in job.todo:
+            if found == 0:
+                reason = f"no face found in any of {n} frames"
+                outcome.failed["faces"] = reason
+                if "face_features" in job.todo:
+                    outcome.failed["face_features"] = reason
+                continue
+            faces["video_info"] = info
+            cache.save("faces", job.clip_id, job.keys["faces"], faces)
+            outcome.done.append("faces")
+        if "face_features" in job.todo and feats is not None:
+            cache.save("face_features", job.clip_id, job.keys["face_features"], feats)
+            outcome.done.append("face_features")
