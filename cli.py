@@ -99,6 +99,16 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipelines.export_h5 import export_h5
+
+    parts = [p for p in args.parts.split(",") if p] if args.parts else None
+    summary = export_h5(args.shards, args.out, parts=parts)
+    counts = ", ".join(f"{p} {n}" for p, n in summary["parts"].items())
+    print(f"export: {counts} samples -> {summary['out']} ({summary['bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_not_yet(args: argparse.Namespace) -> int:
     raise UserError(f"`{args.command}` is not implemented yet in this version of avbalance.", exit_code=3)
 
@@ -155,12 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="drop cached stage outputs and shards, redo everything")
     p.set_defaults(func=cmd_preprocess)
 
+    p = sub.add_parser("export", help="export a shard set to another format (h5)")
+    p.add_argument("format", choices=("h5",), help="output format: h5 (one HDF5 file, layout in pipelines/export_h5.py)")
+    p.add_argument("--shards", required=True, metavar="DIR", help="shard set folder (holds shards.json), e.g. OUT/shards/ogm")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file, e.g. ogm.h5 (written to OUT.tmp, renamed when complete)")
+    p.add_argument("--parts", metavar="LIST", help="comma-separated parts to export, e.g. train,test (default: all in the index)")
+    p.set_defaults(func=cmd_export)
+
     for name, text in [
         ("train", "train a multimodal classifier from shards"),
         ("evaluate", "evaluate a trained run"),
         ("sweep", "run a grid of training runs from one YAML file"),
         ("report", "draw the comparison report from a folder of runs"),
-        ("export", "export shards to another format (h5)"),
     ]:
         p = sub.add_parser(name, help=text + " (not implemented yet)", description=text)
         p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -38,19 +38,21 @@ class FrameSampler:
             self.next_slot += 1
             return
         if self._prev is not None:
-            self._emit_until(t)
+            self._emit_until(t, margin=EPS)
         self._prev = (t, frame)
 
     def close(self, frame_duration: float) -> None:
         """Flush the last frame, which covers [t_last, t_last + frame_duration)."""
         if self.rate is not None and self._prev is not None:
-            self._emit_until(self._prev[0] + frame_duration)
+            self._emit_until(self._prev[0] + frame_duration, margin=1e-9)
             self._prev = None
 
-    def _emit_until(self, end: float) -> None:
+    def _emit_until(self, end: float, margin: float) -> None:
+        """Emit the held frame for every slot before ``end`` (timestamps are rounded to
+        milliseconds, so a slot within ``margin`` of the next frame belongs to that frame)."""
         t_prev, frame = self._prev
         rgb = None
-        while self.next_slot / self.rate < end - EPS:
+        while self.next_slot / self.rate < end - margin:
             slot_t = self.next_slot / self.rate
             if slot_t >= t_prev - EPS:
                 rgb = frame.to_ndarray(format="rgb24") if rgb is None else rgb
@@ -90,6 +92,7 @@ def decode_clip(path: str, samplers: list[FrameSampler], want_audio: bool = Fals
         audio_chunks: list[np.ndarray] = []
         t0: float | None = None
         last_t = 0.0
+        last_delta = 0.0
         n = 0
         size = (vstream.codec_context.width, vstream.codec_context.height)
         try:
@@ -102,6 +105,8 @@ def decode_clip(path: str, samplers: list[FrameSampler], want_audio: bool = Fals
                     t = float(frame.time) if frame.time is not None else n / float(vstream.average_rate or 30)
                     if t0 is None:
                         t0 = t
+                    if n:
+                        last_delta = (t - t0) - last_t
                     last_t = t - t0
                     for sampler in samplers:
                         sampler.push(last_t, frame)
@@ -119,8 +124,9 @@ def decode_clip(path: str, samplers: list[FrameSampler], want_audio: bool = Fals
             for out in resampler.resample(None):
                 audio_chunks.append(out.to_ndarray().reshape(-1))
         fps = _frame_rate(vstream, n, last_t)
+        # The last frame lasts as long as the one before it (ffmpeg's end-of-stream estimate).
         for sampler in samplers:
-            sampler.close(1.0 / fps)
+            sampler.close(last_delta if last_delta > 0 else 1.0 / fps)
     audio = np.concatenate(audio_chunks).astype(np.int16) if audio_chunks else None
     return DecodedClip(
         fps=fps, width=size[0], height=size[1], n_frames=n, duration=last_t + 1.0 / fps,

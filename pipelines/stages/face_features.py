@@ -73,7 +73,11 @@ def build_backbone(cfg: FaceFeaturesConfig, device: str) -> torch.nn.Module:
     model = timm.create_model(cfg.model, pretrained=False, num_classes=0)
     if cfg.weights:
         state = {k: v for k, v in _read_state_dict(cfg.weights).items() if not k.startswith("classifier.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)[:200]
+            raise UserError(f"--face-weights {cfg.weights} does not fit timm {cfg.model}: {first.strip()}") from None
         if missing or unexpected:
             raise UserError(
                 f"--face-weights {cfg.weights} does not fit timm {cfg.model}: {len(missing)} missing keys "

@@ -31,34 +31,42 @@ def resample_linear(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
 
 
 def write_flv(path: str, frames: np.ndarray, fps: int, audio: np.ndarray | None, sr: int, bit_rate: int = 900_000) -> None:
-    """Encode frames (N, H, W, 3 uint8) and an optional mono track into an FLV file."""
+    """Encode frames (N, H, W, 3 uint8) and an optional mono track into an FLV file.
+
+    Audio is fed alongside the video, frame by frame: FLV needs its packets in time order,
+    and ffmpeg's interleaving buffer would not hold a long clip's whole video.
+    """
     tmp = path + ".part"
     with av.open(tmp, "w", format="flv") as out:
         vstream = out.add_stream("flv", rate=fps)
         vstream.width, vstream.height = frames.shape[2], frames.shape[1]
         vstream.pix_fmt = "yuv420p"
         vstream.bit_rate = bit_rate
-        astream = None
+        pcm = astream = None
         if audio is not None:
             astream = out.add_stream("libmp3lame", rate=FLV_AUDIO_RATE, layout="mono")
             astream.bit_rate = 64_000
+            track = resample_linear(audio, sr, FLV_AUDIO_RATE)
+            pcm = np.clip(np.round(track * 32767), -32768, 32767).astype(np.int16)[None, :]
+        fed = 0
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts = i
             frame.time_base = Fraction(1, fps)
             for packet in vstream.encode(frame):
                 out.mux(packet)
-        for packet in vstream.encode():
-            out.mux(packet)
-        if astream is not None:
-            track = resample_linear(audio, sr, FLV_AUDIO_RATE)
-            pcm = np.clip(np.round(track * 32767), -32768, 32767).astype(np.int16)[None, :]
-            aframe = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-            aframe.sample_rate = FLV_AUDIO_RATE
-            aframe.pts = 0
-            aframe.time_base = Fraction(1, FLV_AUDIO_RATE)
-            for packet in astream.encode(aframe):
-                out.mux(packet)
-            for packet in astream.encode():
-                out.mux(packet)
+            if pcm is not None:
+                upto = pcm.shape[1] if i == len(frames) - 1 else min(pcm.shape[1], (i + 1) * FLV_AUDIO_RATE // fps)
+                if upto > fed:
+                    aframe = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, fed:upto]), format="s16", layout="mono")
+                    aframe.sample_rate = FLV_AUDIO_RATE
+                    aframe.pts = fed
+                    aframe.time_base = Fraction(1, FLV_AUDIO_RATE)
+                    for packet in astream.encode(aframe):
+                        out.mux(packet)
+                    fed = upto
+        for stream in (vstream, astream):
+            if stream is not None:
+                for packet in stream.encode():
+                    out.mux(packet)
     os.replace(tmp, path)
