@@ -28,7 +28,7 @@ from pipelines.stages.faces import FacesStage
 from pipelines.stages.frames import FramesStage
 from pipelines.stages.pack import PackStage, samples_per_shard, shard_order
 from pipelines.shards import SCHEMA_VERSION, ShardWriter, read_index, write_index
-from pipelines.worker import ClipJob, init_worker, process_chunk
+from pipelines.worker import ClipJob, init_worker, process_chunk, warm_up
 
 CLIP_STAGES = ("frames", "faces", "face_features", "audio")
 UPSTREAM = {"face_features": "faces"}
@@ -91,6 +91,7 @@ def run_jobs(cfg: PreprocessConfig, jobs: list[ClipJob]) -> dict[str, dict[str, 
                     failures[o.clip_id] = o.failed
             bar.update(len(outcomes))
 
+        warm_up(cfg)
         if cfg.workers <= 1:
             init_worker(cfg, threads=cores)
             for chunk in chunks:
@@ -122,6 +123,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             allow_random=cfg.face_features.allow_random,
         )
 
+    timings: dict[str, float] = {}
+    mark = time.time()
     manifest_dir = os.path.join(cfg.out, "manifest")
     prepare_cremad(cfg.root, manifest_dir)
     clips = read_jsonl(os.path.join(manifest_dir, "clips.jsonl"))
@@ -132,7 +135,9 @@ def preprocess(cfg: PreprocessConfig) -> dict:
 
     cache = ClipCache(os.path.join(cfg.out, "cache"))
     jobs, failures, keys = plan(cfg, clips, cache)
+    timings["manifest_and_plan"], mark = time.time() - mark, time.time()
     failures.update(run_jobs(cfg, jobs) if jobs else {})
+    timings["stages"], mark = time.time() - mark, time.time()
 
     status = write_status(cfg, clips, skipped, failures)
     done_ids = {s["clip_id"] for s in status if s["status"] == "done"}
@@ -140,6 +145,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     if "pack" in cfg.stages:
         for split in cfg.splits:
             packed[split] = pack_split(cfg, split, [c for c in clips if c["clip_id"] in done_ids], keys, cache)
+    timings["pack"] = time.time() - mark
     n_failed = sum(s["status"] == "failed" for s in status)
     summary = {
         "tool": f"avbalance {__version__}",
@@ -149,6 +155,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "computed_clips": len(jobs),
         "shards": packed,
         "seconds": round(time.time() - started, 2),
+        "phase_seconds": {k: round(v, 2) for k, v in timings.items()},
     }
     atomic_write_text(os.path.join(cfg.out, "preprocess.json"), json.dumps(summary, indent=2) + "\n")
     return summary

@@ -8,7 +8,6 @@ import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from pipelines.cache import ClipCache
 from pipelines.config import PreprocessConfig
@@ -39,9 +38,31 @@ class ClipOutcome:
 _STATE: dict[str, object] = {}
 
 
+def warm_up(cfg: PreprocessConfig) -> None:
+    """Pay one-off import and JIT costs once, in the parent: forked workers inherit them
+    (librosa's first transform takes ~3 s per process otherwise)."""
+    if "audio" in cfg.stages:
+        from pipelines.stages.audio import spectrogram
+
+        spectrogram(np.full(1600, 100, np.int16), cfg.audio)
+    if "faces" in cfg.stages:
+        import facenet_pytorch  # noqa: F401
+        import timm  # noqa: F401
+
+
 def init_worker(cfg: PreprocessConfig, threads: int) -> None:
-    """Pool initializer: remember the config; models are built on first use."""
-    torch.set_num_threads(max(1, threads))
+    """Pool initializer: remember the config; models are built on first use.
+
+    Thread pools (BLAS, OpenMP, torch) get ``threads`` each, so N workers never run more
+    threads than cores: oversubscribed BLAS threads spin and halved throughput here.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(max(1, threads))
+    if "faces" in cfg.stages:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
     _STATE.clear()
     _STATE["cfg"] = cfg
 

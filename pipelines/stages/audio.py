@@ -8,12 +8,13 @@ default) maps the power spectrum to 128 Mel bins first, log(mel + 1e-7), 128 x 1
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
-import librosa
 import numpy as np
 import soundfile as sf
+import soxr
 
 from pipelines.stages.base import STAGES, Stage
 
@@ -40,6 +41,35 @@ class AudioError(Exception):
     """The clip's audio is unusable; the message says why."""
 
 
+def resample(y: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """``librosa.resample(res_type="soxr_hq")`` without librosa's start-up cost: soxr's HQ
+    filter, then the length fixed to ceil(n * sr_out / sr_in)."""
+    out = soxr.resample(y, sr_in, sr_out, quality="soxr_hq")
+    n = int(math.ceil(len(y) * sr_out / sr_in))
+    return out[:n] if len(out) >= n else np.pad(out, (0, n - len(out)))
+
+
+@functools.lru_cache(maxsize=4)
+def _hann(n_fft: int) -> np.ndarray:
+    """The periodic Hann window (scipy's ``get_window("hann", n, fftbins=True)``)."""
+    return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+
+
+def stft_magnitude(y: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
+    """|STFT| as ``librosa.stft(y, n_fft, hop)`` computes it (centred, zero-padded, Hann)."""
+    padded = np.pad(y, n_fft // 2)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop]
+    spec = np.fft.rfft(_hann(n_fft) * frames, axis=-1).astype(np.complex64)
+    return np.abs(spec).T
+
+
+@functools.lru_cache(maxsize=4)
+def _mel_basis(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
+    import librosa
+
+    return librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels)
+
+
 def read_wav(path: str) -> np.ndarray:
     """A WAV file as int16 mono at 16 kHz (mixing down and resampling when needed)."""
     try:
@@ -48,21 +78,21 @@ def read_wav(path: str) -> np.ndarray:
         raise AudioError(f"cannot read WAV: {err}") from None
     mono = data.mean(axis=1)
     if sr != AUDIO_SR:
-        mono = librosa.resample(mono, orig_sr=sr, target_sr=AUDIO_SR, res_type="soxr_hq")
+        mono = resample(mono, sr, AUDIO_SR)
     return np.clip(np.round(mono * 32768.0), -32768, 32767).astype(np.int16)
 
 
 def spectrogram(wave16k: np.ndarray, cfg: AudioConfig) -> np.ndarray:
     """float32 (bins, frames) spectrogram of an int16 16 kHz waveform."""
     y = wave16k.astype(np.float32) / 32768.0
-    y = librosa.resample(y, orig_sr=AUDIO_SR, target_sr=cfg.spec_sr, res_type="soxr_hq")
+    y = resample(y, AUDIO_SR, cfg.spec_sr)
     n = int(cfg.spec_sr * cfg.seconds)
     y = np.tile(y, max(3, math.ceil(n / max(len(y), 1))))[:n]  # the reference tiles 3 times
     y = np.clip(y, -1.0, 1.0)
-    stft = librosa.stft(y, n_fft=cfg.n_fft, hop_length=cfg.hop)
+    magnitude = stft_magnitude(y, cfg.n_fft, cfg.hop)
     if cfg.spec == "linear":
-        return np.log(np.abs(stft) + 1e-7).astype(np.float32)
-    mel = librosa.feature.melspectrogram(S=np.abs(stft) ** 2, sr=cfg.spec_sr, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
+        return np.log(magnitude + 1e-7).astype(np.float32)
+    mel = _mel_basis(cfg.spec_sr, cfg.n_fft, cfg.n_mels) @ (magnitude.astype(np.float64) ** 2)
     return np.log(mel + 1e-7).astype(np.float32)
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from avbalance.errors import UserError
 from pipelines.stages.base import STAGES, Stage
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI starts fast without it
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +52,8 @@ def weights_identity(path: str | None, allow_random: bool) -> str:
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    import torch
+
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -68,6 +72,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 def build_backbone(cfg: FaceFeaturesConfig, device: str) -> torch.nn.Module:
     """The frozen feature extractor in eval mode, channels_last, on ``device``."""
     import timm
+    import torch
 
     torch.manual_seed(RANDOM_SEED)  # a random init is reproducible and named in the index
     model = timm.create_model(cfg.model, pretrained=False, num_classes=0)
@@ -94,6 +99,8 @@ class FaceFeaturesStage(Stage):
     inputs = ("faces",)
 
     def __init__(self, config: FaceFeaturesConfig, device: str = "cpu") -> None:
+        import torch
+
         super().__init__(config)
         self.device = device
         self.model = build_backbone(config, device)
@@ -107,8 +114,10 @@ class FaceFeaturesStage(Stage):
         cfg = self.config
         return stable_hash(self.name, self.version, cfg.model, cfg.weights_sha256, input_keys["faces"])
 
-    @torch.inference_mode()
     def features(self, crops: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float crops in 0..255 -> (N, 1408) float16 features."""
-        x = ((crops.to(self.device) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        return self.model(x).to(torch.float16).cpu()
+        import torch
+
+        with torch.inference_mode():
+            x = ((crops.to(self.device) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            return self.model(x).to(torch.float16).cpu()

@@ -17,9 +17,7 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.ops import roi_align
 
 from pipelines.stages.base import STAGES, Stage
 from pipelines.stages.frames import pack_blobs
@@ -128,6 +126,9 @@ class FaceBatcher:
         self._crop_and_embed(queue)
 
     def _crop_and_embed(self, queue) -> None:
+        import torch
+        from torchvision.ops import roi_align
+
         rows = [(clip, k, rgb) for clip, k, rgb in self._positions(queue) if clip.mask[k]]
         if rows:
             frames = torch.from_numpy(np.stack([rgb for _, _, rgb in rows])).permute(0, 3, 1, 2).float()

@@ -1,8 +1,10 @@
-"""frames: 1-fps RGB frames (ffmpeg ``fps=1:round=up`` semantics), stored as JPEG."""
+"""frames: 1-fps RGB frames (ffmpeg ``fps=1:round=up`` semantics), stored as one JPEG with
+the frames side by side (encoded once, here; ``pack`` copies the bytes)."""
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,23 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False)
     return buf.getvalue()
+
+
+def strip_stride(width: int) -> int:
+    """Tiles start at multiples of 16 pixels (the 4:2:0 JPEG block), so no compression
+    block straddles two frames."""
+    return 16 * math.ceil(width / 16)
+
+
+def encode_strip(images: list[np.ndarray | None], quality: int) -> tuple[bytes, int]:
+    """RGB images of one size side by side in one JPEG (``None`` = a black tile)."""
+    h, w = next(img for img in images if img is not None).shape[:2]
+    stride = strip_stride(w)
+    strip = np.zeros((h, stride * len(images), 3), np.uint8)
+    for i, img in enumerate(images):
+        if img is not None:
+            strip[:, i * stride:i * stride + w] = img
+    return encode_jpeg(strip, quality), stride
 
 
 def pack_blobs(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -42,16 +61,13 @@ class FramesStage(Stage):
 
     def __init__(self, config: FramesConfig) -> None:
         super().__init__(config)
-        self.jpegs: list[bytes] = []
+        self.images: list[np.ndarray] = []
         self.times: list[float] = []
 
-    def start_clip(self) -> None:
-        self.jpegs, self.times = [], []
-
     def add(self, slot: int, t: float, rgb: np.ndarray) -> None:
-        self.jpegs.append(encode_jpeg(rgb, self.config.jpeg_quality))
+        self.images.append(rgb)
         self.times.append(t)
 
     def finish_clip(self) -> dict[str, np.ndarray]:
-        data, offsets = pack_blobs(self.jpegs)
-        return {"jpeg": data, "offsets": offsets, "times": np.asarray(self.times, np.float32)}
+        strip, stride = encode_strip(self.images, self.config.jpeg_quality)
+        return {"strip": np.frombuffer(strip, np.uint8), "stride": np.int64(stride), "times": np.asarray(self.times, np.float32)}

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.stages.base import STAGES, Stage
-from pipelines.stages.frames import unpack_blobs
+from pipelines.stages.frames import encode_strip, unpack_blobs
 
 
 @dataclass(frozen=True)
@@ -45,18 +45,9 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def jpeg_strip(jpegs: list[bytes | None], quality: int) -> tuple[bytes, int]:
-    """Place JPEG images side by side in one JPEG (``None`` = a black tile); tiles start at
-    multiples of 16 pixels (the 4:2:0 block size), so no block straddles two frames."""
-    images = [Image.open(io.BytesIO(j)).convert("RGB") if j is not None else None for j in jpegs]
-    w, h = next(img for img in images if img is not None).size
-    stride = 16 * math.ceil(w / 16)
-    strip = Image.new("RGB", (stride * len(images), h))
-    for i, img in enumerate(images):
-        if img is not None:
-            strip.paste(img, (i * stride, 0))
-    buf = io.BytesIO()
-    strip.save(buf, format="JPEG", quality=quality, subsampling=2)
-    return buf.getvalue(), stride
+    """Face crops (JPEG each, ``None`` = no face) side by side in one JPEG."""
+    images = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) if j is not None else None for j in jpegs]
+    return encode_strip(images, quality)
 
 
 @STAGES.register("pack")
@@ -71,9 +62,8 @@ class PackStage(Stage):
         sample: dict[str, bytes | str] = {"__key__": clip["clip_id"], "cls": str(clip["label"]).encode()}
         if "frames" in outputs:
             out = outputs["frames"]
-            strip, stride = jpeg_strip(unpack_blobs(out["jpeg"], out["offsets"]), self.config.jpeg_quality)
-            sample["frames.jpg"] = strip
-            meta["frames"] = {"count": int(len(out["times"])), "stride": stride, "times": [round(float(t), 3) for t in out["times"]]}
+            sample["frames.jpg"] = out["strip"].tobytes()
+            meta["frames"] = {"count": int(len(out["times"])), "stride": int(out["stride"]), "times": [round(float(t), 3) for t in out["times"]]}
         if "faces" in outputs:
             out = outputs["faces"]
             sample["face_mask.npy"] = npy_bytes(out["mask"].astype(np.uint8))

@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Preprocessing benchmark: every figure is a ratio against a baseline measured in the same
+invocation, on the same clips, with the same process count.
+
+    python bench/preprocess.py --clips 144 --workers 2 --face-clips 6
+
+- floor: in-process PyAV decoding of every frame, nothing else;
+- reference: OpenCV decoding every frame and writing a JPEG per second to files
+  (the way the reference repositories extract frames);
+- pipeline: `preprocess --stages frames,audio,pack` (and each stage alone);
+- faces: MTCNN + EfficientNet-B2 batched across clips vs one frame per call;
+- box carrying: detection at a lower rate vs on every frame (speed and box IoU);
+- peak memory of a run on a small and on a 4x larger corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import get_context
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("AVBALANCE_QUIET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def synth(out: str, actors: int, sentences: int) -> list[str]:
+    if not os.path.exists(os.path.join(out, "synth.json")):
+        subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), "synth", "cremad", "--out", out,
+                        "--actors", str(actors), "--sentences", str(sentences)], check=True)
+    return sorted(glob.glob(os.path.join(out, "VideoFlash", "*.flv")))
+
+
+def _decode_all(path: str) -> int:
+    import av
+
+    with av.open(path) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def _opencv_reference(args: tuple[str, str]) -> int:
+    """Decode every frame with OpenCV, write the first frame of each second as a JPEG file."""
+    import cv2
+
+    path, out = args
+    cap = cv2.VideoCapture(path)
+    fps = cap.get(cv2.CAP_PROP_FPS) or 30
+    i = written = 0
+    os.makedirs(out, exist_ok=True)
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        if i % int(round(fps)) == 0:
+            cv2.imwrite(os.path.join(out, f"{written:03d}.jpg"), frame)
+            written += 1
+        i += 1
+    cap.release()
+    return written
+
+
+def rate(fn, items, workers: int) -> float:
+    """Items per second over a pool of ``workers`` processes (in-process when 1)."""
+    start = time.perf_counter()
+    if workers <= 1:
+        for item in items:
+            fn(item)
+    else:
+        with get_context("fork").Pool(workers) as pool:
+            list(pool.imap_unordered(fn, items, chunksize=4))
+    return len(items) / (time.perf_counter() - start)
+
+
+def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[str] | None = None) -> tuple[float, dict, int]:
+    """Run the CLI in a subprocess; return (clips/s over the whole run, summary, peak RSS MB)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, os.path.join(REPO, "cli.py"), "preprocess", "cremad", "--root", root, "--out", out,
+           "--split", "ogm", "--stages", stages, "--workers", str(workers), *(extra or [])]
+    # A wrapper process reports the peak RSS of this run's processes alone (the largest one).
+    wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    start = time.perf_counter()
+    peak_kb = int(subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True).stdout)
+    seconds = time.perf_counter() - start
+    summary = json.load(open(os.path.join(out, "preprocess.json")))
+    return summary["clips"] / seconds, summary, peak_kb // 1024
+
+
+def face_batching(files: list[str], n_frames: int = 64, batch: int = 32) -> dict:
+    """MTCNN detection and EfficientNet-B2 features: batched vs one frame per call."""
+    import av
+    import torch
+    from facenet_pytorch import MTCNN
+
+    from pipelines.stages.face_features import FaceFeaturesConfig, FaceFeaturesStage
+
+    frames = []
+    for path in files:
+        with av.open(path) as c:
+            frames += [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        if len(frames) >= n_frames:
+            break
+    frames = np.stack(frames[:n_frames])
+    mtcnn = MTCNN(keep_all=True, min_face_size=40)
+    mtcnn.detect(frames[:2])
+    t = time.perf_counter()
+    for f in frames:
+        mtcnn.detect(f)
+    single = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(0, len(frames), batch):
+        mtcnn.detect(frames[i:i + batch])
+    batched = time.perf_counter() - t
+    net = FaceFeaturesStage(FaceFeaturesConfig(allow_random=True))
+    crops = torch.rand(n_frames, 3, 260, 260) * 255
+    net.features(crops[:2])
+    t = time.perf_counter()
+    for i in range(len(crops)):
+        net.features(crops[i:i + 1])
+    f_single = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(0, len(crops), batch):
+        net.features(crops[i:i + batch])
+    f_batched = time.perf_counter() - t
+    return {
+        "frames": n_frames,
+        "mtcnn_per_frame_fps": n_frames / single, "mtcnn_batched_fps": n_frames / batched,
+        "effnet_per_frame_fps": n_frames / f_single, "effnet_batched_fps": n_frames / f_batched,
+        "faces_per_frame_fps": n_frames / (single + f_single), "faces_batched_fps": n_frames / (batched + f_batched),
+    }
+
+
+def box_carrying(files: list[str], rates=(10.0, 5.0, 2.0)) -> list[dict]:
+    """Speed and box agreement (IoU) of detection at a lower rate vs on every frame."""
+    import av
+
+    from pipelines.stages.faces import FaceBatcher, FacesConfig
+
+    clips = []
+    for path in files:
+        with av.open(path) as c:
+            clips.append([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+    def run(cfg):
+        batcher = FaceBatcher(cfg, None)
+        start = time.perf_counter()
+        out = []
+        for i, frames in enumerate(clips):
+            batcher.start_clip(str(i))
+            for k, rgb in enumerate(frames):
+                batcher.push(str(i), k, k / 30, rgb)
+        batcher.flush()
+        for i in range(len(clips)):
+            out.append(batcher.finish_clip(str(i))[0])
+        return time.perf_counter() - start, out
+
+    base_s, base = run(FacesConfig())
+    rows = []
+    for r in rates:
+        s, got = run(FacesConfig(detect_fps=r))
+        ious = np.concatenate([_iou(a["boxes"], b["boxes"]) for a, b in zip(base, got)])
+        rows.append({"detect_fps": r, "speedup": base_s / s, "iou_mean": float(ious.mean()), "iou_min": float(ious.min()),
+                     "iou_p05": float(np.percentile(ious, 5))})
+    return rows
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    x0 = np.maximum(a[:, 0], b[:, 0]); y0 = np.maximum(a[:, 1], b[:, 1])
+    x1 = np.minimum(a[:, 2], b[:, 2]); y1 = np.minimum(a[:, 3], b[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = lambda r: (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])
+    return inter / (area(a) + area(b) - inter)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=144, help="corpus size: 6 emotions x 4 sentences x actors")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--face-clips", type=int, default=6, help="clips for the (slow) face stages")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "avbalance-bench"))
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    actors = max(1, args.clips // 24)
+    root = os.path.join(args.work, f"corpus{actors}")
+    files = synth(root, actors, 4)
+    n = len(files)
+    res: dict = {"clips": n, "workers": args.workers, "cpu": os.cpu_count()}
+
+    res["floor_clips_s"] = rate(_decode_all, files, args.workers)
+    try:
+        import cv2  # noqa: F401
+
+        ref_dir = os.path.join(args.work, "reference")
+        shutil.rmtree(ref_dir, ignore_errors=True)
+        res["reference_clips_s"] = rate(_opencv_reference, [(f, os.path.join(ref_dir, os.path.basename(f))) for f in files], args.workers)
+    except ImportError:
+        res["reference_clips_s"] = None  # pip install opencv-python-headless (make bench does)
+
+    out = os.path.join(args.work, "out")
+    res["pipeline_clips_s"], summary, res["pipeline_peak_mb"] = run_preprocess(root, out, "frames,audio,pack", args.workers)
+    stages = summary["phase_seconds"]
+    res["pipeline_phase_seconds"] = stages
+    res["frames_clips_s"] = run_preprocess(root, out, "frames", args.workers)[0]
+    res["audio_clips_s"] = run_preprocess(root, out, "audio", args.workers)[0]
+
+    face_root = os.path.join(args.work, "faces")
+    shutil.rmtree(face_root, ignore_errors=True)
+    for d in ("VideoFlash", "AudioWAV"):
+        os.makedirs(os.path.join(face_root, d))
+    for f in files[: args.face_clips]:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        shutil.copy(f, os.path.join(face_root, "VideoFlash"))
+        shutil.copy(os.path.join(root, "AudioWAV", stem + ".wav"), os.path.join(face_root, "AudioWAV"))
+    res["faces_every_frame_clips_s"] = run_preprocess(face_root, out, "faces,face_features", args.workers, ["--allow-random-weights"])[0]
+    res["faces_fps5_clips_s"] = run_preprocess(face_root, out, "faces,face_features", args.workers, ["--allow-random-weights", "--face-fps", "5"])[0]
+    res["face_batching"] = face_batching(files[:4])
+    res["box_carrying"] = box_carrying(files[:3])
+
+    # Peak memory must stay flat as the corpus grows: a 4x larger corpus, same run.
+    big_root = os.path.join(args.work, f"corpus{actors * 4}")
+    synth(big_root, actors * 4, 4)
+    res["pipeline_4x_clips_s"], _, res["pipeline_4x_peak_mb"] = run_preprocess(big_root, out + "4x", "frames,audio,pack", args.workers)
+
+    # CREMA-D: 7,442 clips, mean 2.5 s at 30 fps (~75 face frames a clip).
+    full = 7442
+    res["estimate_cremad_hours"] = {
+        "frames_audio_pack": full / res["pipeline_clips_s"] / 3600,
+        "faces_every_frame": full / res["faces_every_frame_clips_s"] / 3600,
+        "faces_5fps": full / res["faces_fps5_clips_s"] / 3600,
+    }
+    print(json.dumps(res, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
