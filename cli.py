@@ -109,6 +109,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    cfg = load_config(args.config, args.set or [])
+    metrics = train(cfg, args.shards, args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        uni = ", ".join(f"{m} {a:.3f}" for m, a in metrics["unimodal_accuracy"].items())
+        print(f"train: test accuracy {metrics['accuracy']:.3f} (macro-F1 {metrics['macro_f1']:.3f}; heads: {uni}) "
+              f"from epoch {metrics['best_epoch']}; run in {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_run
+
+    m = evaluate_run(args.run, args.split, shards=args.shards, checkpoint=args.checkpoint)
+    uni = ", ".join(f"{k} {v:.3f}" for k, v in m["unimodal_accuracy"].items())
+    print(f"evaluate: {args.split}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, ECE {m['ece']:.3f}, "
+          f"heads: {uni} -> {os.path.join(args.run, 'eval_' + args.split + '.json')}")
+    return 0
+
+
 def cmd_not_yet(args: argparse.Namespace) -> int:
     raise UserError(f"`{args.command}` is not implemented yet in this version of avbalance.", exit_code=3)
 
@@ -172,9 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", metavar="LIST", help="comma-separated parts to export, e.g. train,test (default: all in the index)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("train", help="train a multimodal classifier from shards (torchrun for several processes)")
+    p.add_argument("--config", help="YAML preset (trainer/configs/*.yaml); defaults apply where it is silent")
+    p.add_argument("--shards", required=True, help="a shard set folder with shards.json (OUT/shards/<split>)")
+    p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, tb/, best.pt, last.pt")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained run: accuracy, macro-F1, heads, ECE, agreement, confusion")
+    p.add_argument("--run", required=True, help="a run folder written by train")
+    p.add_argument("--split", default="test", help="the part to evaluate: train, val or test (default test)")
+    p.add_argument("--shards", help="evaluate on another shard set than the run's")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.set_defaults(func=cmd_evaluate)
+
     for name, text in [
-        ("train", "train a multimodal classifier from shards"),
-        ("evaluate", "evaluate a trained run"),
         ("sweep", "run a grid of training runs from one YAML file"),
         ("report", "draw the comparison report from a folder of runs"),
     ]:

@@ -1,0 +1,230 @@
+"""The balancing-method protocol: hooks the training loop calls, and the ``BALANCERS`` registry.
+
+One training step, as the loop runs it::
+
+    out = model(batch["inputs"])                    # ModelOutput: fused, unimodal, features
+    loss, parts = balancer.compute_loss(model, batch, out)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)                      # AMP only: gradients at their true scale
+    balancer.after_backward(model, out, batch)      # edit .grad in place
+    clip_grad_norm_(...); scaler.step(optimizer); scaler.update()
+
+Around it: ``build_balancer`` (construct with the config's keyword arguments, ``check`` the
+model, ``configure`` it) runs before the optimizer is built from ``param_groups`` (a module
+``configure`` adds must go to the model's device); ``attach_optimizer(optimizer)`` right
+after that; on resume the model's weights load after ``configure``, then ``load_state_dict``.
+Each epoch: ``on_epoch_start(model, epoch, loader)`` ... steps ... validation ...
+``on_epoch_end(model, epoch, val_metrics)`` (the evaluation dict, e.g. ``accuracy`` and
+``unimodal_accuracy: {m: acc}``). ``log()`` after a step gives the coefficients.
+``compute_loss`` may receive the DDP wrapper as ``model`` (call it for extra forwards; reach
+attributes through ``getattr(model, "module", model)``); the other hooks get the bare model.
+
+How the methods plug in (none needs a change to a loop that calls every hook above):
+
+- OGM-GE: ``requires = {"decomposable_head"}``; in ``after_backward`` it splits the fused
+  logits with ``model.fusion.per_modality_logits(out.features)``, scores each modality on the
+  true class, scales the dominant encoder's gradients by ``1 - tanh(alpha * rho)`` and adds
+  Gaussian noise matching each gradient's spread (GE); ``on_epoch_start`` records the epoch so
+  modulation can stop after ``modulation_ends``.
+- AGM: ``compute_loss`` runs extra forwards ``model(batch["inputs"], drop={m})`` (features of
+  m zeroed) to score each modality's contribution, keeps running means (``state_dict``), and
+  rescales each modality's share of the gradient, e.g. with ``out.features[m].register_hook``.
+  Stateful updates must happen only when ``model.training`` (``compute_loss`` may also be used
+  for a validation loss).
+- MSLR: ``param_groups`` returns one group per modality (``modality_param_groups``, each group
+  tagged ``"name"``) plus the shared one; ``on_epoch_end`` reads per-modality validation
+  accuracy from ``val_metrics`` and rescales those groups' ``"lr"`` on ``self.optimizer``
+  (set by ``attach_optimizer``).
+- MMCosine: ``requires = {"decomposable_head"}``; ``configure`` swaps ``model.fusion`` for a
+  cosine (normalised, scaled) head over the same features, before the optimizer exists.
+- PMR: ``on_epoch_start`` walks ``loader`` without gradients to compute class prototypes per
+  modality (kept in ``state_dict``); ``compute_loss`` adds prototype-distance losses.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avbalance.errors import UserError
+from avbalance.registry import Registry
+
+BALANCERS: Registry = Registry("balancing method")
+
+
+def _fusion_name(fusion: nn.Module) -> str:
+    """The registry name of a fusion (reverse look-up in FUSIONS if loaded), else its class name."""
+    fusions = getattr(sys.modules.get("trainer.fusion"), "FUSIONS", None)
+    if fusions is not None:
+        for name in fusions.names():
+            if fusions.get(name) is type(fusion):
+                return name
+    return type(fusion).__name__
+
+
+def _decomposable_names() -> str:
+    fusions = getattr(sys.modules.get("trainer.fusion"), "FUSIONS", None)
+    names = [n for n in fusions.names() if getattr(fusions.get(n), "decomposable", False)] if fusions else []
+    return ", ".join(names) or "late_linear"
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A property a method needs from the model: ``ok(model)``, else 'needs ``needs``; got ``got(model)``'."""
+
+    needs: Callable[[], str]
+    ok: Callable[[Any], bool]
+    got: Callable[[Any], str]
+
+
+REQUIREMENTS: dict[str, Requirement] = {
+    "decomposable_head": Requirement(
+        needs=lambda: f"a decomposable fusion head ({_decomposable_names()})",
+        ok=lambda model: bool(getattr(model.fusion, "decomposable", False)),
+        got=lambda model: _fusion_name(model.fusion),
+    ),
+    "multimodal": Requirement(
+        needs=lambda: "at least 2 modalities",
+        ok=lambda model: len(model.modalities) >= 2,
+        got=lambda model: str(list(model.modalities)),
+    ),
+}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: set ``cls.name`` and add the class to ``BALANCERS``."""
+
+    def add(cls: type) -> type:
+        cls.name = name
+        return BALANCERS.register(name)(cls)
+
+    return add
+
+
+def cross_entropy_parts(
+    out: Any, label: torch.Tensor, unimodal: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CE of the fused logits (``ce_fused``) and, if ``unimodal``, of each head (``ce_<m>``); their sum."""
+    parts = {"ce_fused": F.cross_entropy(out.fused, label)}
+    if unimodal:
+        for m, logits in out.unimodal.items():
+            parts[f"ce_{m}"] = F.cross_entropy(logits, label)
+    return torch.stack(list(parts.values())).sum(), parts
+
+
+def to_floats(parts: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Detached Python floats, with one device sync for all of them."""
+    if not parts:
+        return {}
+    values = torch.stack([p.detach().float().reshape(()) for p in parts.values()]).tolist()
+    return dict(zip(parts.keys(), values))
+
+
+def modality_param_groups(
+    model: Any, base_lr: float, scale: Mapping[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """One optimizer group per modality (lr ``base_lr * scale[m]``) and one ``"shared"`` group.
+
+    The shared group holds the fusion and every trainable parameter no modality owns, so the
+    groups cover the whole model; frozen parameters are left out. Groups carry ``"name"``.
+    """
+    scale = scale or {}
+    groups, seen = [], set()
+    for m, params in model.modality_params().items():
+        own = [p for p in params if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in own)
+        groups.append({"name": m, "params": own, "lr": base_lr * float(scale.get(m, 1.0))})
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    groups.append({"name": "shared", "params": rest, "lr": base_lr})
+    return [g for g in groups if g["params"]]
+
+
+class Balancer:
+    """Base balancing method: plain CE on the fused logits; every other hook is a no-op.
+
+    Subclasses take their options as keyword arguments (from the config) in ``__init__`` and
+    override only the hooks they need. See the module docstring for the call order.
+    """
+
+    name: ClassVar[str] = "balancer"
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self) -> None:
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # -- build time --------------------------------------------------------------------
+    @classmethod
+    def check(cls, model: nn.Module) -> None:
+        """Raise UserError if ``model`` lacks anything in ``requires``."""
+        for req in sorted(cls.requires):
+            if req not in REQUIREMENTS:
+                raise ValueError(f"{cls.name}: unknown requirement {req!r}; known: {sorted(REQUIREMENTS)}")
+            rule = REQUIREMENTS[req]
+            if not rule.ok(model):
+                raise UserError(f"{cls.name} needs {rule.needs()}; got {rule.got(model)}")
+
+    def configure(self, model: nn.Module) -> None:
+        """Change the model once (e.g. swap the head), before the optimizer is built."""
+
+    def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; default one group of all trainable parameters."""
+        return [{"name": "all", "params": [p for p in model.parameters() if p.requires_grad], "lr": base_lr}]
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once with the optimizer built from ``param_groups`` (for methods that change lrs)."""
+        self.optimizer = optimizer
+
+    # -- every step --------------------------------------------------------------------
+    def compute_loss(
+        self, model: nn.Module, batch: Mapping[str, Any], out: Any
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss and its named parts (floats, for logging). Default: CE(fused)."""
+        loss, parts = cross_entropy_parts(out, batch["label"], unimodal=False)
+        return loss, to_floats(parts)
+
+    def after_backward(self, model: nn.Module, out: Any, batch: Mapping[str, Any]) -> None:
+        """Edit the (unscaled) gradients in place, before clipping and the optimizer step."""
+
+    # -- every epoch -------------------------------------------------------------------
+    def on_epoch_start(self, model: nn.Module, epoch: int, loader: Any = None) -> None:
+        """Before the epoch's first step; ``loader`` yields training batches (e.g. for prototypes)."""
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, val_metrics: Mapping[str, Any]) -> None:
+        """After validation, with its metrics."""
+
+    # -- checkpoints and logging -------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: tensors, numbers, strings, lists and dicts only."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``'s output."""
+        if state:
+            raise ValueError(f"{self.name} keeps no state, got keys {sorted(state)}")
+
+    def log(self) -> dict[str, float]:
+        """The current coefficients for logging, e.g. ``{"k/audio": 1.3}``."""
+        return {}
+
+
+def build_balancer(name: str, model: nn.Module, **kwargs: Any) -> Balancer:
+    """``BALANCERS.get(name)(**kwargs)``, then ``check(model)`` and ``configure(model)``.
+
+    Bad options raise UserError naming the accepted ones.
+    """
+    cls = BALANCERS.get(name)
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as err:
+        accepted = list(inspect.signature(cls).parameters)
+        raise UserError(f"bad options for balancing method {name!r}: {err}; accepted: {accepted}") from None
+    balancer = cls(**kwargs)
+    balancer.check(model)
+    balancer.configure(model)
+    return balancer

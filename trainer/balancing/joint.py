@@ -1,0 +1,10 @@
+"""``joint``: plain joint training, cross-entropy on the fused logits only."""
+
+from __future__ import annotations
+
+from trainer.balancing.base import Balancer, register
+
+
+@register("joint")
+class Joint(Balancer):
+    """Loss = CE(fused); parts ``ce_fused``. The unimodal heads get no gradient."""

@@ -1,0 +1,60 @@
+"""ResNet-18 encoders: ``resnet18_audio`` (spectrograms) and ``resnet18_visual`` (frames)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.encoders import ENCODERS
+from trainer.encoders.conformer import masked_mean
+from trainer.encoders.resnet import ResNet18Trunk
+
+
+@ENCODERS.register("resnet18_audio")
+class ResNet18Audio(nn.Module):
+    """Spectrogram (B, 1, F, T) or (B, F, T) -> global average pool -> (B, 8 * width).
+
+    The pipeline's spectrograms have a fixed size (the clip tiled to 3 s), so there is no
+    mask. Half-precision input is cast to the weights' dtype.
+    """
+
+    def __init__(self, width: int = 64, in_channels: int = 1) -> None:
+        super().__init__()
+        self.trunk = ResNet18Trunk(in_channels=in_channels, width=width)
+        self.out_dim = self.trunk.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        x = x.to(self.trunk.stem[0].weight.dtype)
+        return self.trunk(x).mean(dim=(2, 3))
+
+
+@ENCODERS.register("resnet18_visual")
+class ResNet18Visual(nn.Module):
+    """Frames (B, T, C, H, W) + mask (B, T) (True = real frame) -> (B, 8 * width).
+
+    The 2D trunk runs on the real frames only (gathered from the B x T grid), so padded
+    frames cost nothing and never enter batch-norm statistics; each frame is average-pooled
+    over space, then the frames of a clip are averaged (masked mean). A clip with no real
+    frame gets zeros. ``mask=None`` means every frame is real.
+    """
+
+    def __init__(self, width: int = 64, in_channels: int = 3) -> None:
+        super().__init__()
+        self.trunk = ResNet18Trunk(in_channels=in_channels, width=width)
+        self.out_dim = self.trunk.out_channels
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t = x.shape[:2]
+        if mask is None:
+            mask = torch.ones(b, t, dtype=torch.bool, device=x.device)
+        mask = mask.bool()
+        flat_mask = mask.reshape(b * t)
+        frames = x.reshape(b * t, *x.shape[2:])[flat_mask].to(self.trunk.stem[0].weight.dtype)
+        if frames.shape[0] > 0:
+            pooled = self.trunk(frames).mean(dim=(2, 3))  # (frames, D); bf16 under autocast
+            per_frame = pooled.new_zeros(b * t, self.out_dim).masked_scatter(flat_mask[:, None], pooled)
+        else:
+            per_frame = torch.zeros(b * t, self.out_dim, dtype=frames.dtype, device=x.device)
+        return masked_mean(per_frame.view(b, t, self.out_dim), mask)

@@ -1,0 +1,35 @@
+"""``cli.py evaluate``: the best checkpoint of a run on one part of its shards."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+
+import torch
+import yaml
+
+from avbalance.errors import UserError
+from trainer.checkpoint import load_checkpoint
+from trainer.data import make_loader
+from trainer.loop import data_config, evaluate
+from trainer.model import build_model
+
+
+def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkpoint: str = "best") -> dict:
+    """Metrics of ``run``'s best (or last) checkpoint on ``part``; written to eval_<part>.json."""
+    cfg_path = os.path.join(run, "config.yaml")
+    ckpt_path = os.path.join(run, f"{checkpoint}.pt")
+    if not os.path.exists(cfg_path) or not os.path.exists(ckpt_path):
+        raise UserError(f"{run} is not a finished run directory (needs config.yaml and {checkpoint}.pt)")
+    with open(cfg_path, encoding="utf-8") as fh:
+        cfg = yaml.safe_load(fh)
+    shards = shards or cfg["data"]["shards"]
+    model = build_model(cfg["model"])
+    model.load_state_dict(load_checkpoint(ckpt_path)["model"])
+    loader, _ = make_loader(shards, part, data_config(cfg), train=False)
+    metrics = evaluate(model, loader, torch.device("cpu"), cfg["model"]["n_classes"], nullcontext)
+    metrics.update(part=part, checkpoint=checkpoint, shards=shards)
+    with open(os.path.join(run, f"eval_{part}.json"), "w", encoding="utf-8") as fh:
+        json.dump(metrics, fh, indent=2)
+    return metrics
