@@ -82,7 +82,9 @@ def plan(cfg: PreprocessConfig, clips: list[dict], cache: ClipCache) -> tuple[li
 def run_jobs(cfg: PreprocessConfig, jobs: list[ClipJob]) -> dict[str, dict[str, str]]:
     """Run the jobs in chunks, in-process or on a pool; return failures by clip and stage."""
     failures: dict[str, dict[str, str]] = {}
-    chunks = [jobs[i:i + cfg.chunk] for i in range(0, len(jobs), cfg.chunk)]
+    # Small runs still use every worker: no chunk holds more than its share of the clips.
+    size = max(1, min(cfg.chunk, -(-len(jobs) // max(1, cfg.workers))))
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
     cores = os.cpu_count() or 1
     with progress_bar(len(jobs), "preprocess", unit="clip") as bar:
         def collect(outcomes):

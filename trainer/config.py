@@ -98,6 +98,11 @@ def _typed(path: tuple[str, ...], default: Any, value: Any) -> Any:
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
     elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float))
         value = float(value) if ok else value
     else:

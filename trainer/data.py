@@ -87,8 +87,16 @@ def _npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def frame_tensor(sample: dict, cfg: DataConfig, train: bool, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, 3, S, S) normalised frames and a (T,) mask from the 1-fps strip.
+def split_strip(data: bytes, meta: dict) -> list[torch.Tensor]:
+    """The 1-fps frames of a ``frames.jpg`` strip, each (3, H, W) uint8."""
+    strip = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.uint8).copy()).permute(2, 0, 1)
+    count, stride = meta["frames"]["count"], meta["frames"]["stride"]
+    width = meta.get("video", {}).get("width", stride)
+    return [strip[:, :, k * stride:k * stride + width] for k in range(count)]
+
+
+def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, 3, S, S) normalised frames and a (T,) mask.
 
     ``cfg.frames`` consecutive 1-fps frames, as the MLB paper samples them: a random window
     at train time with one random resized crop and flip for the whole clip (its frames stay
@@ -96,14 +104,10 @@ def frame_tensor(sample: dict, cfg: DataConfig, train: bool, rng: random.Random)
     """
     from torchvision.transforms.v2 import functional as F
 
-    meta = sample["meta"]
-    strip = torch.from_numpy(np.asarray(Image.open(io.BytesIO(sample["frames.jpg"])).convert("RGB"), np.uint8).copy())
-    strip = strip.permute(2, 0, 1)  # (3, H, F*stride)
-    count, stride = meta["frames"]["count"], meta["frames"]["stride"]
-    height, width = strip.shape[1], meta.get("video", {}).get("width", stride)
+    count = len(frames)
+    height, width = frames[0].shape[1:]
     n = min(cfg.frames, count)
     start = rng.randint(0, count - n) if train else (count - n) // 2
-    chosen = list(range(start, start + n))
     if train:
         area = height * width * rng.uniform(*cfg.crop_scale)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -112,8 +116,7 @@ def frame_tensor(sample: dict, cfg: DataConfig, train: bool, rng: random.Random)
         top, left = rng.randint(0, height - h), rng.randint(0, width - w)
         flip = rng.random() < 0.5
     tensors = []
-    for k in chosen:
-        frame = strip[:, :, k * stride:k * stride + width]
+    for frame in frames[start:start + n]:
         if train:
             frame = F.resized_crop(frame, top, left, h, w, [cfg.image_size, cfg.image_size], antialias=True)
             frame = frame.flip(-1) if flip else frame
@@ -160,7 +163,7 @@ def to_inputs(cfg: DataConfig, train: bool, seed: int = 0):
                     feats, mask = feats[start:start + cfg.max_face_frames], mask[start:start + cfg.max_face_frames]
                 inputs[modality] = {"x": torch.from_numpy(feats), "mask": torch.from_numpy(mask)}
             elif source == "frames":
-                frames, mask = frame_tensor(sample, cfg, train, rng)
+                frames, mask = frames_to_tensor(split_strip(sample["frames.jpg"], meta), cfg, train, rng)
                 inputs[modality] = {"x": frames, "mask": mask}
         return {"inputs": inputs, "label": int(meta["label"]), "clip_id": meta["clip_id"]}
 

@@ -38,6 +38,21 @@ def data_config(cfg: dict) -> DataConfig:
     )
 
 
+# Which shard source each encoder reads.
+ENCODER_SOURCES = {"resnet18_audio": "spec", "resnet18_visual": "frames", "face_conformer": "face_feats", "wav2vec2_conformer": "wav"}
+
+
+def check_inputs(cfg: dict) -> None:
+    """The data must feed every encoder, with the input that encoder reads."""
+    sources, encoders = cfg["data"]["modalities"], cfg["model"]["encoders"]
+    if set(sources) != set(encoders):
+        raise UserError(f"data.modalities {sorted(sources)} and model.encoders {sorted(encoders)} must name the same modalities")
+    for m, spec in encoders.items():
+        wanted = ENCODER_SOURCES.get(spec.get("name"))
+        if wanted and sources[m] != wanted:
+            raise UserError(f"modality {m!r}: encoder {spec['name']} reads {wanted!r}, but data.modalities.{m} is {sources[m]!r}")
+
+
 def eval_part(shards: str, wanted: str) -> str:
     """The validation part, falling back to test for splits without one (ogm)."""
     parts = read_index(shards)["parts"]
@@ -146,6 +161,7 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint in {out} (last.pt)")
+    check_inputs(cfg)
     cfg["data"]["shards"] = os.path.abspath(shards)
     if dist_info.main:
         save_config(cfg, os.path.join(out, "config.yaml"))

@@ -15,6 +15,8 @@ class FaceConformer(nn.Module):
 
     Frames without a face keep their time slot (mask False): they are ignored by attention,
     by the convolution module and by the pooling. float16 input is cast to the weights' dtype.
+    The features are layer-normalised first: their scale depends on the extractor's weights
+    (a randomly initialised EfficientNet gives activations around 1e-5).
     """
 
     def __init__(
@@ -28,8 +30,12 @@ class FaceConformer(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
         self.pooler = ConformerPooler(in_dim, d_model, n_blocks, n_heads, ff_mult, conv_kernel, dropout)
         self.out_dim = d_model
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.pooler(x, mask)
+        x = x.to(self.norm.weight.dtype)
+        if mask is not None:
+            x = torch.where(mask.bool()[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return self.pooler(self.norm(x), mask)
