@@ -34,12 +34,18 @@ demo: install
 	$(PY) cli.py preprocess cremad --root $(DEMO_DIR)/corpus --out $(DEMO_DIR)/pre --split kfold1,ogm \
 		--workers 2 --face-fps 2 --allow-random-weights
 	$(PY) cli.py export h5 --shards $(DEMO_DIR)/pre/shards/kfold1 --out $(DEMO_DIR)/kfold1.h5
-	@echo "demo: shards in $(DEMO_DIR)/pre/shards/kfold1 (index: $(DEMO_DIR)/pre/shards/kfold1/shards.json)"
+	rm -rf $(DEMO_DIR)/runs/resnet_mlb
+	$(PY) cli.py train --config trainer/configs/resnet_mlb.yaml --shards $(DEMO_DIR)/pre/shards/kfold1 \
+		--out $(DEMO_DIR)/runs/resnet_mlb --set train.epochs=6 --set data.image_size=64 --set data.batch_size=8 \
+		--set model.encoders.audio.width=16 --set model.encoders.visual.width=16
+	$(PY) cli.py evaluate --run $(DEMO_DIR)/runs/resnet_mlb --split test
+	@echo "demo: shards in $(DEMO_DIR)/pre/shards/kfold1, run in $(DEMO_DIR)/runs/resnet_mlb (metrics.jsonl, eval_test.json)"
 
 # Benchmarks: ratios against baselines measured in the same run (docs/benchmarks.md).
 bench: install
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
 	$(PY) bench/preprocess.py --json bench/preprocess.json
+	$(PY) bench/train.py --json bench/train.json
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
