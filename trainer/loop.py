@@ -71,7 +71,11 @@ def build_optimizer(cfg: dict, groups: list[dict]) -> torch.optim.Optimizer:
 
 
 def build_schedule(cfg: dict, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then constant or cosine decay, as a multiplier of each group's lr."""
+    """Linear warmup, then constant or cosine decay, as a multiplier of each group's lr.
+
+    A group's ``"lr_scale"`` (default 1) multiplies its rate on top: methods with
+    per-modality learning rates (MSLR, MILES) set it, and the schedule keeps honouring it.
+    """
     o = cfg["optim"]
     if o["schedule"] not in ("none", "cosine"):
         raise UserError(f"optim.schedule must be none or cosine, not {o['schedule']!r}")
@@ -85,7 +89,10 @@ def build_schedule(cfg: dict, optimizer: torch.optim.Optimizer, total_steps: int
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def for_group(group: dict):
+        return lambda step: factor(step) * group.get("lr_scale", 1.0)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [for_group(g) for g in optimizer.param_groups])
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
