@@ -23,7 +23,7 @@ from pipelines.config import ALL_STAGES, PreprocessConfig
 from pipelines.recipes.cremad import prepare_cremad
 from pipelines.stages.audio import AudioStage
 from pipelines.stages.base import stable_hash
-from pipelines.stages.face_features import FaceFeaturesStage, weights_identity
+from pipelines.stages.face_features import face_features_key, weights_identity
 from pipelines.stages.faces import FacesStage
 from pipelines.stages.frames import FramesStage
 from pipelines.stages.pack import PackStage, samples_per_shard, shard_order
@@ -45,7 +45,7 @@ def stage_keys(cfg: PreprocessConfig, clip: dict) -> dict[str, str]:
     keys = {"video": video, "audio_source": audio_src}
     keys["frames"] = FramesStage(cfg.frames).key(keys)
     keys["faces"] = FacesStage(cfg.faces).key(keys)
-    keys["face_features"] = stable_hash("face_features", FaceFeaturesStage.version, cfg.face_features.model, cfg.face_features.weights_sha256, keys["faces"])
+    keys["face_features"] = face_features_key(cfg.face_features, keys)
     keys["audio"] = AudioStage(cfg.audio).key(keys)
     return keys
 

@@ -95,10 +95,10 @@ def process_chunk(jobs: list[ClipJob]) -> list[ClipOutcome]:
             _STATE.setdefault("errors", []).append(traceback.format_exc())
     if face_jobs:
         _finish_faces(face_jobs, cfg, cache, outcomes)
+    keys = {job.clip_id: job.keys for job in jobs}
     for out in outcomes.values():
         for stage, reason in out.failed.items():
-            job = next(j for j in jobs if j.clip_id == out.clip_id)
-            cache.save_failure(stage, out.clip_id, job.keys[stage], reason)
+            cache.save_failure(stage, out.clip_id, keys[out.clip_id][stage], reason)
     return list(outcomes.values())
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from avbalance.errors import UserError
-from pipelines.stages.base import STAGES, Stage
+from pipelines.stages.base import STAGES, Stage, stable_hash
 
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI starts fast without it
     import torch
@@ -92,6 +92,11 @@ def build_backbone(cfg: FaceFeaturesConfig, device: str) -> torch.nn.Module:
     return model.to(device=device, memory_format=torch.channels_last)
 
 
+def face_features_key(cfg: FaceFeaturesConfig, input_keys: dict[str, str]) -> str:
+    """The weights' content, not their path, identifies the output (no model is built)."""
+    return stable_hash("face_features", FaceFeaturesStage.version, cfg.model, cfg.weights_sha256, input_keys["faces"])
+
+
 @STAGES.register("face_features")
 class FaceFeaturesStage(Stage):
     name = "face_features"
@@ -108,11 +113,7 @@ class FaceFeaturesStage(Stage):
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 
     def key(self, input_keys: dict[str, str]) -> str:
-        """The weights' content, not their path, identifies the output."""
-        from pipelines.stages.base import stable_hash
-
-        cfg = self.config
-        return stable_hash(self.name, self.version, cfg.model, cfg.weights_sha256, input_keys["faces"])
+        return face_features_key(self.config, input_keys)
 
     def features(self, crops: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float crops in 0..255 -> (N, 1408) float16 features.
