@@ -89,10 +89,11 @@ def build_schedule(cfg: dict, optimizer: torch.optim.Optimizer, total_steps: int
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 
-    def for_group(group: dict):
-        return lambda step: factor(step) * group.get("lr_scale", 1.0)
+    def for_group(i: int):
+        # Looked up at every step: loading an optimizer state replaces the group dicts.
+        return lambda step: factor(step) * optimizer.param_groups[i].get("lr_scale", 1.0)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [for_group(g) for g in optimizer.param_groups])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [for_group(i) for i in range(len(optimizer.param_groups))])
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -33,8 +33,8 @@ How the methods plug in (none needs a change to a loop that calls every hook abo
   for a validation loss).
 - MSLR: ``param_groups`` returns one group per modality (``modality_param_groups``, each group
   tagged ``"name"``) plus the shared one; ``on_epoch_end`` reads per-modality validation
-  accuracy from ``val_metrics`` and rescales those groups' ``"lr"`` on ``self.optimizer``
-  (set by ``attach_optimizer``).
+  accuracy from ``val_metrics`` and sets those groups' ``"lr_scale"`` on ``self.optimizer``
+  (set by ``attach_optimizer``); the loop's schedule multiplies every step's rate by it.
 - MMCosine: ``requires = {"decomposable_head"}``; ``configure`` swaps ``model.fusion`` for a
   cosine (normalised, scaled) head over the same features, before the optimizer exists.
 - PMR: ``on_epoch_start`` walks ``loader`` without gradients to compute class prototypes per
