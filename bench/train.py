@@ -118,7 +118,7 @@ def loader_rates(shards: str, work: str, workers: int, batch: int, epochs: int) 
             "note": "warm page cache; best of two passes each"}
 
 
-def step_times(steps: int, batch: int, width: int, image: int) -> dict:
+def step_times(steps: int, batch: int, width: int, image: int, methods: tuple[str, ...] = ("joint", "multiloss", "mlb"), rounds: int = 3) -> dict:
     from trainer.balancing import build_balancer
     from trainer.model import build_model
 
@@ -129,12 +129,14 @@ def step_times(steps: int, batch: int, width: int, image: int) -> dict:
     batch_d = {"inputs": {"audio": {"x": spec}, "visual": {"x": frames, "mask": torch.ones(batch, 3, dtype=torch.bool)}}, "label": labels}
     result = {}
     # Interleaved rounds, best of each: step times on a shared 2-core machine drift.
-    for method in ("joint", "multiloss", "mlb") * 3:
+    for method in methods * rounds:
         torch.manual_seed(0)
         model = build_model({"n_classes": 6, "encoders": {"audio": {"name": "resnet18_audio", "width": width},
                                                            "visual": {"name": "resnet18_visual", "width": width}},
                              "fusion": {"name": "late_linear"}})
         bal = build_balancer(method, model)
+        if method == "pmr":  # prototypes from one pass, as at an epoch start
+            bal.on_epoch_start(model, 0, [{"inputs": batch_d["inputs"], "label": labels}])
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         for i in range(steps + 2):
             if i == 2:
@@ -160,12 +162,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "avbalance-bench-train"))
     ap.add_argument("--skip-loader", action="store_true", help="only the step-time comparison")
+    ap.add_argument("--all-methods", action="store_true", help="also every registered method's step time against joint")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     shards = build_shards(args.work, max(1, args.clips // 24))
+    from trainer.balancing import BALANCERS
+
     res = {"loader": loader_rates(shards, args.work, args.workers, args.batch, args.epochs) if not args.skip_loader else None,
            "step": step_times(args.steps, args.batch, width=32, image=112)}
+    if args.all_methods:
+        res["methods"] = step_times(args.steps, args.batch, width=16, image=64, methods=tuple(BALANCERS.names()), rounds=2)
     print(json.dumps(res, indent=2))
     if args.json:
         with open(args.json, "w") as fh:

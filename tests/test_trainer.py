@@ -29,16 +29,8 @@ TINY_CONFORMER = [
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    """108 clips (6 actors x 3 sentences) with clear cues in both modalities, split kfold1:
-    3 actors (54 clips) train, 1 validates, 2 (36 clips) test."""
-    base = tmp_path_factory.mktemp("train")
-    corpus, out = str(base / "corpus"), str(base / "out")
-    run_cli("synth", "cremad", "--out", corpus, "--actors", "6", "--sentences", "3", "--seed", "11",
-            "--audio-signal", "1.0", "--video-signal", "1.0", check=True)
-    run_cli("preprocess", "cremad", "--root", corpus, "--out", out, "--split", "kfold1", "--workers", "2",
-            "--face-fps", "1", "--face-size", "224", "--allow-random-weights", check=True)
-    return os.path.join(out, "shards", "kfold1")
+def shards(train_shards) -> str:
+    return train_shards
 
 
 def train(shards: str, out: str, config: str, *extra: str, check: bool = True):
