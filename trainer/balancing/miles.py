@@ -49,8 +49,8 @@ from typing import Any, Mapping
 from torch import nn
 
 from avbalance.errors import UserError
-from trainer.balancing.base import modality_param_groups, register
-from trainer.balancing.multiloss import MultiLoss
+from trainer.balancing.base import register
+from trainer.balancing.lr_scales import PerModalityLR
 
 
 def miles_imbalance(unimodal_accuracy: Mapping[str, float], fused_accuracy: float | None = None) -> float:
@@ -67,7 +67,7 @@ def miles_imbalance(unimodal_accuracy: Mapping[str, float], fused_accuracy: floa
 
 
 @register("miles")
-class MILES(MultiLoss):
+class MILES(PerModalityLR):
     """Per-modality lr scales: the dominant modality's is cut to ``mu`` when the imbalance exceeds ``tau``.
 
     ``log()`` gives ``lr_scale/<m>`` and ``imbalance``.
@@ -90,33 +90,10 @@ class MILES(MultiLoss):
         self.scale: dict[str, float] = {}
         self.imbalance = 0.0
         self.dominant = ""
-        self._groups: list[dict[str, Any]] = []
 
     def configure(self, model: nn.Module) -> None:
         for m in model.modalities:
             self.scale.setdefault(m, 1.0)
-
-    def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
-        groups = modality_param_groups(model, base_lr)
-        for g in groups:
-            if g["name"] in self.scale:
-                g["lr_scale"] = self.scale[g["name"]]
-        self._groups = groups
-        return groups
-
-    def attach_optimizer(self, optimizer: Any) -> None:
-        super().attach_optimizer(optimizer)
-        self._apply()
-
-    def _apply(self) -> None:
-        """Write the scales onto every group dict the optimizer or its schedule may hold."""
-        groups = list(self._groups)
-        if self.optimizer is not None:
-            groups += [g for g in self.optimizer.param_groups if all(g is not h for h in groups)]
-        for g in groups:
-            name = g.get("name")
-            if name in self.scale:
-                g["lr_scale"] = self.scale[name]
 
     def on_epoch_end(self, model: nn.Module, epoch: int, val_metrics: Mapping[str, Any]) -> None:
         accs = dict(val_metrics.get("unimodal_accuracy") or {})

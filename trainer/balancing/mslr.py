@@ -38,12 +38,12 @@ from typing import Any, Mapping
 from torch import nn
 
 from avbalance.errors import UserError
-from trainer.balancing.base import modality_param_groups, register
-from trainer.balancing.multiloss import MultiLoss
+from trainer.balancing.base import register
+from trainer.balancing.lr_scales import PerModalityLR
 
 
 @register("mslr")
-class MSLR(MultiLoss):
+class MSLR(PerModalityLR):
     """Per-modality learning-rate scales, cut by ``decay`` when a modality's val accuracy stalls.
 
     ``log()`` gives ``lr_scale/<m>``.
@@ -81,7 +81,6 @@ class MSLR(MultiLoss):
         self.initial: dict[str, float] = {str(m): float(v) for m, v in scales.items()}
         self.scale: dict[str, float] = {}
         self.history: dict[str, list[float]] = {}
-        self._groups: list[dict[str, Any]] = []
 
     def configure(self, model: nn.Module) -> None:
         unknown = set(self.initial) - set(model.modalities)
@@ -92,28 +91,6 @@ class MSLR(MultiLoss):
         for m in model.modalities:
             self.scale.setdefault(m, self.initial.get(m, 1.0))
             self.history.setdefault(m, [])
-
-    def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
-        groups = modality_param_groups(model, base_lr)
-        for g in groups:
-            if g["name"] in self.scale:
-                g["lr_scale"] = self.scale[g["name"]]
-        self._groups = groups
-        return groups
-
-    def attach_optimizer(self, optimizer: Any) -> None:
-        super().attach_optimizer(optimizer)
-        self._apply()
-
-    def _apply(self) -> None:
-        """Write the scales onto every group dict the optimizer or its schedule may hold."""
-        groups = list(self._groups)
-        if self.optimizer is not None:
-            groups += [g for g in self.optimizer.param_groups if all(g is not h for h in groups)]
-        for g in groups:
-            name = g.get("name")
-            if name in self.scale:
-                g["lr_scale"] = self.scale[name]
 
     def on_epoch_end(self, model: nn.Module, epoch: int, val_metrics: Mapping[str, Any]) -> None:
         accs = val_metrics.get("unimodal_accuracy") or {}
