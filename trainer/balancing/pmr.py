@@ -39,28 +39,17 @@ Choices and departures:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from avbalance.errors import UserError
+from trainer.balancing.agm import eval_mode
 from trainer.balancing.base import Balancer, register, to_floats
 from trainer.distributed import all_reduce_mean
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    flags = [(sub, sub.training) for sub in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for sub, flag in flags:
-            sub.training = flag
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -108,7 +97,7 @@ class PMR(Balancer):
         sums: dict[str, torch.Tensor] = {}
         counts: torch.Tensor | None = None
         batches = loader if self.max_batches is None else itertools.islice(loader, self.max_batches)
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             for batch in batches:
                 label = batch["label"].to(device)
                 out = model(_to_device(batch["inputs"], device))
