@@ -16,7 +16,9 @@ from trainer.checkpoint import load_checkpoint
 from trainer.config import load_config
 from trainer.loop import train
 
-STATEFUL = {"mlb", "ogm_ge", "agm", "mslr", "pmr", "cggm", "miles"}
+STATEFUL = {"mlb", "ogm_ge", "agm", "mslr", "pmr", "cggm", "miles", "relearning"}
+# Options that make a method act inside a 2-epoch run (re-learning re-initialises at epoch 1).
+ACTIVE = {"relearning": ["balancing.every=1"]}
 TINY = ["model.encoders.audio.width=4", "model.encoders.visual.width=4", "data.image_size=32", "data.frames=1",
         "data.batch_size=8", "data.workers=0", "data.samples_per_epoch=16", "train.log_every=1", "train.patience=0"]
 
@@ -24,10 +26,11 @@ TINY = ["model.encoders.audio.width=4", "model.encoders.visual.width=4", "data.i
 @pytest.mark.parametrize("method", BALANCERS.names())
 def test_method_trains_and_resumes(train_shards, tmp_path, method):
     out = str(tmp_path / "run")
-    first = load_config(None, [*TINY, f"balancing.name={method}", "train.epochs=1"])
+    extra = ACTIVE.get(method, [])
+    first = load_config(None, [*TINY, f"balancing.name={method}", *extra, "train.epochs=1"])
     train(first, train_shards, out)
     saved = load_checkpoint(os.path.join(out, "last.pt"))["balancer"]
-    second = load_config(None, [*TINY, f"balancing.name={method}", "train.epochs=2"])
+    second = load_config(None, [*TINY, f"balancing.name={method}", *extra, "train.epochs=2"])
     test = train(second, train_shards, out, resume=True)
     assert 0.0 <= test["accuracy"] <= 1.0
     records = read_jsonl(os.path.join(out, "metrics.jsonl"))
@@ -43,6 +46,9 @@ def test_method_trains_and_resumes(train_shards, tmp_path, method):
     assert final["state"]["epoch"] == 2
     if method in STATEFUL:
         assert json.dumps(_plain(final["balancer"]), sort_keys=True) != "{}"
+    if method == "relearning":  # the resumed run diagnosed and re-initialised once, at epoch 1
+        assert final["balancer"]["reinits"] == 1
+        assert any("alpha/audio" in r for r in steps if r["epoch"] == 1)
 
 
 def _plain(x):

@@ -44,3 +44,25 @@ def test_summarize_keys_and_unimodal_accuracy():
     assert out["unimodal_accuracy"]["audio"] == 1.0
     assert out["samples"] == 50 and len(out["confusion"]) == 6
     assert set(out["agreement"]) == {"both_right", "only_audio", "only_visual", "both_wrong"}
+
+
+def test_share_accuracy_only_for_decomposable_heads():
+    labels = np.array([0, 1, 2, 0])
+    fused = np.eye(3)[[0, 1, 2, 0]]
+    shares = {"audio": np.eye(3)[[0, 1, 1, 1]], "visual": np.eye(3)[[2, 2, 2, 0]]}
+    out = summarize(labels, fused, {"audio": fused, "visual": fused}, 3, share_logits=shares)
+    assert out["share_accuracy"] == {"audio": 0.5, "visual": 0.5}
+    assert "share_accuracy" not in summarize(labels, fused, {"audio": fused, "visual": fused}, 3)
+
+
+def test_drop_records_after_forgets_the_killed_epoch(tmp_path):
+    import json
+
+    from trainer.loop import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"kind": "train", "epoch": 0, "step": 1}, {"kind": "val", "epoch": 0, "step": 2},
+               {"kind": "train", "epoch": 1, "step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tra')  # cut by the kill
+    drop_records_after(str(path), step=2, epoch=1)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == records[:2]

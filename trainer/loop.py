@@ -106,20 +106,27 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, n_classes: in
     """Metrics over a whole part, gathered from every rank."""
     core = model.module if isinstance(model, DDP) else model
     core.eval()
-    labels, fused, uni = [], [], {m: [] for m in core.modalities}
+    # A decomposable head (late_linear) also gives each modality's share of the fused logits:
+    # how much the fused classifier itself relies on it, whether or not its head is trained.
+    decomposable = getattr(core.fusion, "decomposable", False)
+    labels, fused, uni, share = [], [], {m: [] for m in core.modalities}, {m: [] for m in core.modalities}
     for batch in loader:
         batch = to_device(batch, device)
         with autocast():
             out = core(batch["inputs"])
+            parts = core.fusion.per_modality_logits(out.features, split_bias=True) if decomposable else {}
         labels.append(batch["label"])
         fused.append(out.fused.float())
         for m in uni:
             uni[m].append(out.unimodal[m].float())
+            if decomposable:
+                share[m].append(parts[m].float())
     core.train()
     empty = torch.zeros(0, n_classes, device=device)
     cat = lambda xs, e: distributed.gather_rows(torch.cat(xs) if xs else e).cpu().numpy()  # noqa: E731
     y = cat(labels, torch.zeros(0, dtype=torch.long, device=device))
-    return summarize(y, cat(fused, empty), {m: cat(v, empty) for m, v in uni.items()}, n_classes)
+    shares = {m: cat(v, empty) for m, v in share.items()} if decomposable else None
+    return summarize(y, cat(fused, empty), {m: cat(v, empty) for m, v in uni.items()}, n_classes, share_logits=shares)
 
 
 class MetricsLog:
@@ -147,6 +154,26 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def drop_records_after(path: str, step: int, epoch: int) -> None:
+    """Forget what a killed run logged after its last checkpoint: a resumed run logs it again."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        lines = [ln for ln in fh if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        if rec.get("step", 0) <= step and rec.get("epoch", 0) < epoch:
+            keep.append(ln if ln.endswith("\n") else ln + "\n")
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w", encoding="utf-8") as fh:
+            fh.writelines(keep)
+        os.replace(path + ".tmp", path)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -204,14 +231,17 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
         balancer.load_state_dict(ckpt["balancer"])
         set_rng_state(ckpt["rng"])
         state = ckpt["state"]
+        if dist_info.main:
+            drop_records_after(os.path.join(out, "metrics.jsonl"), state["step"], state["epoch"])
 
     log = MetricsLog(out, dist_info.main)
     n_classes = cfg["model"]["n_classes"]
     patience = cfg["train"]["patience"]
+    val_loader, _ = make_loader(shards, val_part, dcfg, train=False)  # deterministic: built once
     for epoch in range(state["epoch"], cfg["train"]["epochs"]):
         loader, _ = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,
                                 world_size=dist_info.world_size, seed=cfg["seed"], epoch=epoch)
-        balancer.on_epoch_start(model, epoch, loader)
+        balancer.on_epoch_start(model, epoch, loader, val_loader)
         tick, seen = time.perf_counter(), 0
         for batch in loader:
             batch = to_device(batch, device)
@@ -240,12 +270,12 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
                 log.write(record)
 
         # Validate, let the method react, keep the best, stop early when it stops improving.
-        val_loader, _ = make_loader(shards, val_part, dcfg, train=False)
         val = evaluate(ddp or model, val_loader, device, n_classes, autocast)
         balancer.on_epoch_end(model, epoch, val)
         log.write({"kind": "val", "epoch": epoch, "step": state["step"], "part": val_part, "accuracy": val["accuracy"],
                    "macro_f1": val["macro_f1"], "ece": val["ece"],
-                   **{f"accuracy_{m}": a for m, a in val["unimodal_accuracy"].items()}})
+                   **{f"accuracy_{m}": a for m, a in val["unimodal_accuracy"].items()},
+                   **{f"share_accuracy_{m}": a for m, a in val.get("share_accuracy", {}).items()}})
         improved = val["accuracy"] > state["best_acc"]
         if improved:
             state.update(best_acc=val["accuracy"], best_epoch=epoch, bad_epochs=0)

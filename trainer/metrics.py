@@ -62,8 +62,13 @@ def agreement(labels: np.ndarray, fused: np.ndarray, a: np.ndarray, b: np.ndarra
     }
 
 
-def summarize(labels: np.ndarray, fused_logits: np.ndarray, unimodal_logits: dict[str, np.ndarray], n_classes: int) -> dict:
-    """Every metric of the SPEC's list, as plain JSON-able values."""
+def summarize(labels: np.ndarray, fused_logits: np.ndarray, unimodal_logits: dict[str, np.ndarray], n_classes: int,
+              share_logits: dict[str, np.ndarray] | None = None) -> dict:
+    """Every metric of the SPEC's list, as plain JSON-able values.
+
+    ``share_logits`` (decomposable heads only): each modality's additive share of the fused
+    logits; their accuracies are reported as ``share_accuracy``.
+    """
     preds = fused_logits.argmax(axis=1)
     conf = confusion(labels, preds, n_classes)
     probs = softmax(fused_logits)
@@ -78,6 +83,9 @@ def summarize(labels: np.ndarray, fused_logits: np.ndarray, unimodal_logits: dic
         "reliability": bins,
         "confusion": conf.tolist(),
     }
+    if share_logits is not None:
+        out["share_accuracy"] = {m: float((l.argmax(axis=1) == labels).mean()) if len(labels) else 0.0
+                                 for m, l in share_logits.items()}
     names = list(uni_preds)
     if len(names) >= 2:
         out["agreement"] = agreement(labels, preds, uni_preds[names[0]], uni_preds[names[1]], (names[0], names[1]))

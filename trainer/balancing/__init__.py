@@ -8,7 +8,9 @@ from __future__ import annotations
 from trainer.balancing.base import BALANCERS, Balancer, build_balancer, modality_param_groups
 
 # Imported for their side effect (registration).
-from trainer.balancing import agm, cggm, joint, miles, mlb, mmcosine, mmpareto, mnl, mslr, multiloss, ogm_ge, pmr  # noqa: E402,F401
+from trainer.balancing import (  # noqa: E402,F401
+    agm, cggm, joint, miles, mlb, mmcosine, mmpareto, mnl, msam, mslr, multiloss, ogm_ge, pmr, relearning,
+)
 from trainer.balancing.mlb import mlb_coefficients, mlb_ratios  # noqa: E402
 
 __all__ = [

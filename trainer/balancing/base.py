@@ -13,7 +13,7 @@ Around it: ``build_balancer`` (construct with the config's keyword arguments, ``
 model, ``configure`` it) runs before the optimizer is built from ``param_groups`` (a module
 ``configure`` adds must go to the model's device); ``attach_optimizer(optimizer)`` right
 after that; on resume the model's weights load after ``configure``, then ``load_state_dict``.
-Each epoch: ``on_epoch_start(model, epoch, loader)`` ... steps ... validation ...
+Each epoch: ``on_epoch_start(model, epoch, loader, val_loader)`` ... steps ... validation ...
 ``on_epoch_end(model, epoch, val_metrics)`` (the evaluation dict, e.g. ``accuracy`` and
 ``unimodal_accuracy: {m: acc}``). ``log()`` after a step gives the coefficients.
 ``compute_loss`` may receive the DDP wrapper as ``model`` (call it for extra forwards; reach
@@ -39,6 +39,11 @@ How the methods plug in (none needs a change to a loop that calls every hook abo
   cosine (normalised, scaled) head over the same features, before the optimizer exists.
 - PMR: ``on_epoch_start`` walks ``loader`` without gradients to compute class prototypes per
   modality (kept in ``state_dict``); ``compute_loss`` adds prototype-distance losses.
+- Re-learning: ``on_epoch_start`` walks ``loader`` and ``val_loader`` for encoder features,
+  scores them by clustering purity and softly re-initialises encoders in place.
+- M-SAM: ``compute_loss`` scores modalities with masked forwards (Shapley values of the
+  accuracy); ``after_backward`` runs a second forward/backward at SAM-perturbed weights on
+  the bare model and mixes the two gradients, restoring the weights before the step.
 """
 
 from __future__ import annotations
@@ -192,8 +197,9 @@ class Balancer:
         """Edit the (unscaled) gradients in place, before clipping and the optimizer step."""
 
     # -- every epoch -------------------------------------------------------------------
-    def on_epoch_start(self, model: nn.Module, epoch: int, loader: Any = None) -> None:
-        """Before the epoch's first step; ``loader`` yields training batches (e.g. for prototypes)."""
+    def on_epoch_start(self, model: nn.Module, epoch: int, loader: Any = None, val_loader: Any = None) -> None:
+        """Before the epoch's first step; ``loader`` yields this epoch's training batches (e.g. for
+        prototypes), ``val_loader`` the validation part's (e.g. for a diagnosis)."""
 
     def on_epoch_end(self, model: nn.Module, epoch: int, val_metrics: Mapping[str, Any]) -> None:
         """After validation, with its metrics."""

@@ -118,7 +118,7 @@ class OGMGE(Balancer):
     def active(self) -> bool:
         return self.modulation_starts <= self.epoch <= self.modulation_ends
 
-    def on_epoch_start(self, model: nn.Module, epoch: int, loader: Any = None) -> None:
+    def on_epoch_start(self, model: nn.Module, epoch: int, loader: Any = None, val_loader: Any = None) -> None:
         self.epoch = int(epoch)
 
     @torch.no_grad()

@@ -90,7 +90,7 @@ class PMR(Balancer):
         self._last: dict[str, dict[str, float]] = {}
 
     # -- prototypes ------------------------------------------------------------------------
-    def on_epoch_start(self, model: nn.Module, epoch: int, loader: Any = None) -> None:
+    def on_epoch_start(self, model: nn.Module, epoch: int, loader: Any = None, val_loader: Any = None) -> None:
         if loader is None:
             return
         device = next(model.parameters()).device
