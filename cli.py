@@ -132,8 +132,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    raise UserError(f"`{args.command}` is not implemented yet in this version of avbalance.", exit_code=3)
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from experiments.sweep import load_sweep, plan_lines, run_sweep
+
+    sweep = load_sweep(args.config, out=args.out)
+    if args.dry_run:
+        print("\n".join(plan_lines(sweep)))
+        print(f"sweep: {len(sweep.runs)} runs, {len(sweep.unsupported)} unsupported combinations; runs in {sweep.out}")
+        return 0
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else []
+    records = run_sweep(sweep, jobs=args.jobs, devices=devices, only=args.only)
+    failed = [r for r in records.values() if r.get("status") == "failed"]
+    done = sum(r.get("status") == "done" for r in records.values())
+    print(f"sweep: {done}/{len(sweep.runs)} runs finished, {len(failed)} failed; status in "
+          f"{os.path.join(sweep.out, 'sweep.json')}; report: python cli.py report --runs {sweep.out} --out REPORT_DIR")
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from experiments.report import write_report
+
+    path = write_report(args.runs, args.out)
+    print(f"report: {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,13 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.set_defaults(func=cmd_evaluate)
 
-    for name, text in [
-        ("sweep", "run a grid of training runs from one YAML file"),
-        ("report", "draw the comparison report from a folder of runs"),
-    ]:
-        p = sub.add_parser(name, help=text + " (not implemented yet)", description=text)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=cmd_not_yet)
+    p = sub.add_parser("sweep", help="run a grid of training runs (methods x fusions x presets x splits x seeds) from one YAML file")
+    p.add_argument("--config", required=True, help="sweep file, e.g. experiments/sweeps/cremad_paper.yaml")
+    p.add_argument("--out", help="folder for the runs (default: the file's `out`)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1); threads are split between them")
+    p.add_argument("--devices", help="comma-separated GPU ids, one per parallel run in turn, e.g. 0,1,2,3")
+    p.add_argument("--only", metavar="GLOB", help="run only the runs whose id matches, e.g. 'resnet_ogm/mlb-*'")
+    p.add_argument("--dry-run", action="store_true", help="list every run and its state (new, resume, done) and stop")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="draw the comparison report (report.html and PNGs) from a folder of runs")
+    p.add_argument("--runs", required=True, help="a folder holding run folders (searched recursively), e.g. a sweep's out")
+    p.add_argument("--out", required=True, help="report folder: report.html, the PNGs and summary.json")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
