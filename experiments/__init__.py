@@ -1,0 +1,1 @@
+"""Experiments: sweeps of training runs and the report that compares them."""

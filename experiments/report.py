@@ -1,0 +1,217 @@
+"""``write_report(runs, out)``: the comparison report of a folder of runs — report.html (figures
+embedded), the PNGs themselves and summary.json (every run's row and every aggregated number)."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+import math
+import os
+import urllib.parse
+from typing import Any
+
+from experiments import aggregate as agg
+from experiments.collect import Run, collect_runs, human_accuracy
+from experiments.figures import FIGURES
+
+STD_NOTE = "std: population standard deviation (numpy's default, ddof=0) over the finished runs"
+CAPTIONS = {
+    "accuracy.png": ("Test accuracy by method and fusion",
+                     "Test accuracy of the fused prediction for every method (x axis) and fusion (bar colour), mean over "
+                     "the finished runs of each setting (folds and seeds aggregated), error bars ± std. A small number "
+                     "above a bar is its run count when below 5; the dotted line is chance."),
+    "coefficients.png": ("Balancing coefficients",
+                         "Per-step traces of each method's per-modality coefficients (every logged key of the form "
+                         "name/modality; for MLB s: score, r: ratio, k: gradient multiplier), mean over the method's "
+                         "runs of one fusion (late_linear when run) with the min–max band. The last panel draws MLB's "
+                         "rule k(r) = 1 + (β−1)·tanh(α(r−1)), β = β_max if r > 1 else 2, for each (α, β_max) used, "
+                         "with the observed (r, k) pairs on top (x axis cut at the 99th percentile of r)."),
+    "agreement.png": ("Agreement of the unimodal heads",
+                      "Per method (late_linear fusion when run, else its first fusion; test clips summed over its "
+                      "runs): the share of clips on which each unimodal head is right or wrong, and the fused model's "
+                      "accuracy inside each cell — the fused model's use of the heads when they disagree."),
+    "reliability.png": ("Calibration",
+                        "Reliability diagrams of the fused prediction per method (same fusion choice): accuracy per "
+                        "confidence bin, bins pooled over the method's runs, against the diagonal of perfect "
+                        "calibration; red dots: the bin's mean confidence. ECE in each title is the mean over runs."),
+    "human.png": ("Models next to human raters",
+                  "Per setting: each method's audio head, visual head and fused test accuracy (mean over runs, "
+                  "late_linear fusion when run) next to the CREMA-D crowd raters' voice-only, face-only and "
+                  "audio-visual accuracy on the same test clips (hatched; averaged over the settings' test sets)."),
+    "curves.png": ("Validation curves",
+                   "Validation accuracy per epoch of the fused model, of each modality's head and, with a "
+                   "decomposable fusion (late_linear), of each modality's additive share of the fused logits; mean over "
+                   "the finished runs (folds/seeds) of each method with a ± std band; one row per setting. Joint "
+                   "training does not train the heads (they stay near chance): its share curves show what the fused "
+                   "classifier learnt from each modality."),
+}
+STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f0f0f0}
+td.l,th.l{text-align:left}tr.unfinished{color:#999}img{max-width:100%;border:1px solid #eee}
+figure{margin:1em 0 2.5em}figcaption{max-width:60em;margin-top:0.4em}"""
+
+
+def _rel(path: str, out: str) -> str:
+    return os.path.relpath(path, os.path.abspath(out)).replace(os.sep, "/")
+
+
+def run_row(run: Run, out: str) -> dict[str, Any]:
+    """One run's line of the report: what it is, its test numbers (None while unfinished), links."""
+    t = run.test or {}
+    return {
+        "id": run.id, "folder": run.path, "preset": run.preset, "split": run.split, "split_kind": run.split_kind,
+        "setting": run.setting, "block": run.block, "method": run.method, "fusion": run.fusion, "seed": run.seed,
+        "status": run.status, "epochs": run.epochs, "samples": t.get("samples"), "accuracy": t.get("accuracy"),
+        "macro_f1": t.get("macro_f1"), "unimodal_accuracy": t.get("unimodal_accuracy", {}), "ece": t.get("ece"),
+        "best_epoch": t.get("best_epoch"), "best_val_accuracy": t.get("best_val_accuracy"),
+        "human": human_accuracy(run.shards, run.test_part) if run.finished else None,
+        "config": _rel(os.path.join(run.path, "config.yaml"), out),
+        "metrics": _rel(os.path.join(run.path, "metrics.jsonl"), out),
+    }
+
+
+def build_summary(runs: list[Run], runs_dir: str, out: str, figures: dict[str, str | None]) -> dict[str, Any]:
+    """Everything the report shows, as JSON-able values."""
+    methods = agg.by_method(runs)
+    curves = {}
+    for setting in agg.settings(agg.finished(runs)):
+        here = agg.by_method([r for r in runs if r.setting == setting])
+        curves[setting] = {m: {"fusion": f, "runs": [r.id for r in g], "curves": agg.val_curves(g)} for m, (f, g) in here.items()}
+    return {
+        "generated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "runs_dir": os.path.abspath(runs_dir),
+        "n_runs": len(runs), "n_finished": len(agg.finished(runs)), "n_unfinished": len(runs) - len(agg.finished(runs)),
+        "std": STD_NOTE,
+        "runs": [run_row(r, out) for r in runs],
+        "accuracy_table": agg.accuracy_table(runs),
+        "human": agg.human_by_setting(runs),
+        "heads_vs_human": agg.head_comparison(runs),
+        "agreement": {m: {"fusion": f, **(agg.agreement(g) or {})} for m, (f, g) in methods.items()},
+        "reliability": {m: {"fusion": f, **(agg.reliability(g) or {})} for m, (f, g) in methods.items()},
+        "coefficients": {m: {"fusion": f, "runs": [r.id for r in g], "traces": agg.coefficient_traces(g)}
+                         for m, (f, g) in methods.items()},
+        "mlb_rule": [{k: g[k] for k in ("alpha", "beta_max", "runs")} for g in agg.mlb_settings(agg.finished(runs))],
+        "val_curves": curves,
+        "figures": {name: (os.path.basename(p) if p else None) for name, p in figures.items()},
+    }
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities (not JSON) as None, everywhere in a JSON-able value."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _cells(values: list[str], tag: str = "td", left: int = 0) -> str:
+    return "".join(f"<{tag}{' class=l' if i < left else ''}>{html.escape(v)}</{tag}>" for i, v in enumerate(values))
+
+
+def _link(href: str, text: str) -> str:
+    return f'<a href="{html.escape(urllib.parse.quote(href))}">{html.escape(text)}</a>'
+
+
+def accuracy_tables_html(summary: dict[str, Any]) -> str:
+    """Per setting: methods x fusions, 'mean ± std (n)' of the test accuracy in %."""
+    parts = []
+    for setting in dict.fromkeys(r["setting"] for r in summary["accuracy_table"]):
+        rows = [r for r in summary["accuracy_table"] if r["setting"] == setting]
+        fusions = agg.fusion_order(r["fusion"] for r in rows)
+        human = summary["human"].get(setting)
+        note = ("human raters: " + ", ".join(f"{p} {_pct(human[p])} %" for p in ("voice", "face", "audiovisual"))
+                + f" ({human['clips']} clips)") if human else "human raters: n/a (shards not found)"
+        parts.append(f"<h3>{html.escape(setting)}</h3><p>{html.escape(note)}</p><table>"
+                     f"<tr>{_cells(['method', *fusions], 'th', 1)}</tr>")
+        for method in agg.method_order(r["method"] for r in rows):
+            cells = [method]
+            for fusion in fusions:
+                r = next((r for r in rows if r["method"] == method and r["fusion"] == fusion), None)
+                a = r and r["accuracy"]
+                cells.append(f"{_pct(a['mean'])} ± {_pct(a['std'])} (n={r['n']})" if r else "")
+            parts.append(f"<tr>{_cells(cells, left=1)}</tr>")
+        parts.append("</table>")
+    return "\n".join(parts) or "<p>No finished run: nothing to aggregate.</p>"
+
+
+def runs_table_html(summary: dict[str, Any]) -> str:
+    rows = summary["runs"]
+    modalities = sorted({m for r in rows for m in r["unimodal_accuracy"]})
+    head = ["id", "preset", "split", "method", "fusion", "seed", "status", "epochs", "test acc. %", "macro-F1",
+            *[f"{m} head acc. %" for m in modalities], "ECE", "best epoch", "files"]
+    out = [f"<table><tr>{_cells(head, 'th', 7)}</tr>"]
+    for r in rows:
+        values = [r["id"], r["preset"], r["split"], r["method"], r["fusion"], str(r["seed"]), r["status"],
+                  str(r["epochs"]), _pct(r["accuracy"]), _num(r["macro_f1"]),
+                  *[_pct(r["unimodal_accuracy"].get(m)) for m in modalities], _num(r["ece"]), _num(r["best_epoch"])]
+        links = f"{_link(r['config'], 'config.yaml')} {_link(r['metrics'], 'metrics.jsonl')}"
+        out.append(f"<tr class={r['status']}>{_cells(values, left=7)}<td class=l>{links}</td></tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def figure_html(name: str, path: str | None) -> str:
+    title, caption = CAPTIONS[name]
+    if path is None:
+        return (f"<h2>{html.escape(title)}</h2><p><i>{html.escape(name)}: nothing to draw for these runs.</i> "
+                f"{html.escape(caption)}</p>")
+    with open(path, "rb") as fh:
+        data = base64.b64encode(fh.read()).decode("ascii")
+    return (f"<h2>{html.escape(title)}</h2><figure><img src=\"data:image/png;base64,{data}\" alt=\"{html.escape(name)}\">"
+            f"<figcaption><b>{html.escape(name)}.</b> {html.escape(caption)}</figcaption></figure>")
+
+
+def render_html(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
+    head = (f"Generated {summary['generated']} from {summary['runs_dir']}: {summary['n_runs']} runs "
+            f"({summary['n_finished']} finished, {summary['n_unfinished']} unfinished; unfinished runs are listed "
+            f"but left out of every aggregate). {STD_NOTE}.")
+    return "\n".join([
+        "<!DOCTYPE html>", "<html lang=en><head><meta charset=utf-8><title>avbalance report</title>",
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>avbalance report: modality balancing methods compared</h1>", f"<p>{html.escape(head)}</p>",
+        "<h2>Accuracy by method and fusion</h2>",
+        "<p>Test accuracy of the fused model in %, mean ± std (n runs), per setting (sweep block, preset family "
+        "and split kind: kfold1..K and vavl1..5 are aggregated).</p>",
+        accuracy_tables_html(summary),
+        *[figure_html(name, path) for name, path in figures.items()],
+        "<h2>Runs</h2>", "<p>Every run found, by setting, method and fusion; links point to its config.yaml and metrics.jsonl. "
+        "epochs: epochs validated; best epoch counts from 0 (as in the logs).</p>",
+        runs_table_html(summary),
+        "</body></html>",
+    ])
+
+
+def write_report(runs: str, out: str) -> str:
+    """Collect the runs under ``runs`` (recursively) and write the PNGs, report.html and
+    summary.json into ``out``; returns the path of report.html. UserError when there is no run."""
+    found = agg.run_order(collect_runs(runs))
+    os.makedirs(out, exist_ok=True)
+    figures: dict[str, str | None] = {}
+    for name, draw in FIGURES.items():
+        figures[name] = draw(found, out)
+        stale = os.path.join(out, name)
+        if figures[name] is None and os.path.exists(stale):
+            os.remove(stale)  # left by an earlier report of other runs
+    summary = build_summary(found, runs, out, figures)
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(_finite(summary), fh, indent=1, allow_nan=False)
+    path = os.path.join(out, "report.html")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(render_html(summary, figures))
+    return path
