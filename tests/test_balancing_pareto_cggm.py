@@ -9,39 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from avbalance.errors import UserError
 from trainer.balancing import BALANCERS, build_balancer
 from trainer.balancing.cggm import cggm_coefficients
 from trainer.balancing.mmpareto import pareto_alpha
-from trainer.fusion import FUSIONS
-from trainer.fusion.late import LateLinear  # noqa: F401  (registers late_linear)
-from trainer.model import MultimodalModel
 
-N_CLASSES = 4
-MODS = ("audio", "visual")
-
-
-class TinyEncoder(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.out_dim = out_dim
-        self.proj = nn.Linear(in_dim, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.proj(x))
-
-
-def make(seed: int = 0, batch_size: int = 6, dim: int = 5, in_dim: int = 3):
-    torch.manual_seed(seed)
-    encoders = {m: TinyEncoder(in_dim + i, dim) for i, m in enumerate(MODS)}
-    model = MultimodalModel(encoders, FUSIONS.get("late_linear")({m: dim for m in MODS}, N_CLASSES), N_CLASSES)
-    batch = {
-        "inputs": {m: {"x": torch.randn(batch_size, in_dim + i)} for i, m in enumerate(MODS)},
-        "label": torch.arange(batch_size) % N_CLASSES,
-    }
-    return model, batch
+from tiny_model import MODS, make  # the shared tiny model and batch
 
 
 def step_grads(model, balancer, batch):
