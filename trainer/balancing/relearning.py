@@ -159,10 +159,12 @@ class Relearning(Balancer):
         n_classes = model.n_classes
         train_z, train_y = encoder_features(model, loader, self.max_batches)
         val_z, val_y = encoder_features(model, val_loader, self.max_batches)
-        train_y = gather_rows(torch.from_numpy(train_y)).numpy()
+        device = next(model.parameters()).device  # NCCL gathers device tensors only
+        gather = lambda a: gather_rows(torch.from_numpy(a).to(device)).cpu().numpy()  # noqa: E731
+        train_y = gather(train_y)
         last: dict[str, dict[str, float]] = {"alpha": {}, "purity_train": {}, "purity_val": {}}
         for m in model.modalities:
-            z_train = gather_rows(torch.from_numpy(train_z[m])).numpy()
+            z_train = gather(train_z[m])
             p_train = cluster_purity(z_train, train_y, n_classes, self.seed)
             p_val = cluster_purity(val_z[m], val_y, n_classes, self.seed)
             alpha = reinit_strength(p_train, p_val, self.lam)
