@@ -14,6 +14,7 @@ from torch import nn
 from avbalance.errors import UserError
 from trainer.balancing import BALANCERS, Balancer, build_balancer, mlb_coefficients, mlb_ratios
 from trainer.balancing.base import modality_param_groups
+from tiny_model import TinyEncoder  # the shared Linear + tanh test encoder
 
 N_CLASSES = 4
 
@@ -52,18 +53,6 @@ class TinyMLP(TinyLate):
     def __init__(self, dims: Mapping[str, int], n_classes: int) -> None:
         super().__init__(dims, n_classes)
         self.fc = nn.Sequential(nn.Linear(sum(dims.values()), 8), nn.ReLU(), nn.Linear(8, n_classes))
-
-
-class TinyEncoder(nn.Module):
-    """Linear + tanh, called as ``encoder(x=...)``."""
-
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.out_dim = out_dim
-        self.proj = nn.Linear(in_dim, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.proj(x))
 
 
 class TinyModel(nn.Module):

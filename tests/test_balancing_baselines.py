@@ -19,20 +19,9 @@ from trainer.fusion.mlp import MidMLP  # noqa: F401  (registers mid_mlp)
 from trainer.fusion import FUSIONS
 from trainer.loop import build_schedule
 from trainer.model import MultimodalModel
+from tiny_model import TinyEncoder  # the shared Linear + tanh test encoder
 
 N_CLASSES = 4
-
-
-class TinyEncoder(nn.Module):
-    """Linear + tanh, called as ``encoder(x=...)``."""
-
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.out_dim = out_dim
-        self.proj = nn.Linear(in_dim, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.proj(x))
 
 
 def make(modalities=("audio", "visual"), fusion: str = "late_linear", in_dim: int = 3, dim: int = 5,

@@ -17,18 +17,9 @@ from trainer.fusion import FUSIONS
 from trainer.fusion.late import LateLinear  # noqa: F401  (registers late_linear)
 from trainer.loop import build_schedule
 from trainer.model import MultimodalModel
+from tiny_model import TinyEncoder  # the shared Linear + tanh test encoder
 
 N_CLASSES = 4
-
-
-class TinyEncoder(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.out_dim = out_dim
-        self.proj = nn.Linear(in_dim, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.proj(x))
 
 
 def make(modalities=("audio", "visual"), dim: int = 5, batch_size: int = 6, seed: int = 0):
