@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from avbalance.errors import UserError
 from trainer.balancing import build_balancer

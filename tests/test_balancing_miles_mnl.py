@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from avbalance.errors import UserError
 from trainer.balancing import BALANCERS, build_balancer
