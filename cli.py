@@ -33,7 +33,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     cfg = SynthConfig(
         out=args.out, actors=args.actors, sentences=args.sentences, seed=args.seed,
-        audio_signal=args.audio_signal, video_signal=args.video_signal, workers=args.workers,
+        audio_signal=args.audio_signal, video_signal=args.video_signal,
+        audio_clear=args.audio_clear, video_clear=args.video_clear, workers=args.workers,
     )
     summary = synth_cremad(cfg)
     print(f"synth: wrote {summary['clips']} clips from {len(summary['actors'])} actors to {args.out}")
@@ -172,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--audio-signal", type=float, default=1.0, help="strength of the emotion cue in the voice, 0 = none (default 1.0)")
     p.add_argument("--video-signal", type=float, default=0.6, help="strength of the emotion cue on the face, 0 = none (default 0.6)")
+    p.add_argument("--audio-clear", type=float, default=1.0,
+                   help="share of clips whose voice shows the emotion at full strength; the others carry a faint cue, "
+                        "drawn independently of the face (default 1.0)")
+    p.add_argument("--video-clear", type=float, default=1.0,
+                   help="share of clips whose face shows the emotion at full strength, independent of the voice (default 1.0)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.set_defaults(func=cmd_synth)
 

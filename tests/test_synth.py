@@ -137,3 +137,48 @@ def test_bad_synth_arguments_are_user_errors(tmp_path):
         synth_cremad(SynthConfig(out=str(tmp_path), actors=0))
     with pytest.raises(UserError, match="--video-signal"):
         synth_cremad(SynthConfig(out=str(tmp_path), video_signal=-1))
+
+
+def test_clarity_is_drawn_independently_per_modality():
+    from pipelines.synth.cremad import FAINT, clip_clarity
+
+    cfg = SynthConfig(out="unused", audio_clear=0.7, video_clear=0.4, seed=2)
+    draws = [clip_clarity(cfg, f"{1001 + i}_DFA_ANG_XX") for i in range(3000)]
+    audio = np.array([d["audio"] == 1.0 for d in draws])
+    visual = np.array([d["visual"] == 1.0 for d in draws])
+    assert audio.mean() == pytest.approx(0.7, abs=0.03)
+    assert visual.mean() == pytest.approx(0.4, abs=0.03)
+    # independent: both clear as often as the product of the shares says
+    assert (audio & visual).mean() == pytest.approx(0.28, abs=0.03)
+    faint = [d[m] for d in draws for m in ("audio", "visual") if d[m] < 1.0]
+    assert min(faint) >= 0.0 and max(faint) < FAINT
+    assert np.std(faint) > 0.03  # a spread of faint strengths, not one value
+
+
+def test_clear_share_changes_the_rendered_cue(tmp_path):
+    """With video_clear 0 every face carries at most a faint cue: frames of different emotions
+    stay close; with 1 they differ clearly."""
+    def spread(video_clear: float) -> float:
+        out = tmp_path / f"v{video_clear}"
+        synth_cremad(SynthConfig(out=str(out), actors=1, sentences=1, workers=1, video_signal=1.0, video_clear=video_clear))
+        last = {}
+        for e in ("ANG", "HAP", "NEU"):
+            with av.open(str(out / "VideoFlash" / f"1001_DFA_{e}_XX.flv")) as c:
+                last[e] = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)][-1].astype(float)
+        return float(np.mean([np.abs(last[e] - last["NEU"]).mean() for e in ("ANG", "HAP")]))
+
+    assert spread(1.0) > 3 * spread(0.0)
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    synth_cremad(SynthConfig(out=str(tmp_path / "a"), actors=1, sentences=1, workers=1, video_clear=0.5))
+    with pytest.raises(UserError, match="other settings.*video_clear 0.5 -> 0.9"):
+        synth_cremad(SynthConfig(out=str(tmp_path / "a"), actors=1, sentences=1, workers=1, video_clear=0.9))
+    # more actors only add clips: allowed
+    synth_cremad(SynthConfig(out=str(tmp_path / "a"), actors=2, sentences=1, workers=1, video_clear=0.5))
+    assert len(os.listdir(tmp_path / "a" / "VideoFlash")) == 12
+
+
+def test_bad_clear_share_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="--audio-clear"):
+        synth_cremad(SynthConfig(out=str(tmp_path), audio_clear=1.5))

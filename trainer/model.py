@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import zlib
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 from torch import nn
@@ -110,6 +111,19 @@ def _build(registry: Any, kind: str, spec: Mapping[str, Any], *args: Any) -> nn.
     return factory(*args, **options)
 
 
+def _seeded_per_modality(modality: str, make: Callable[[], nn.Module]) -> nn.Module:
+    """Build one encoder from a random stream of its own: (the run's seed, the modality name).
+
+    So a modality's encoder starts from the same weights in every model that has it (a
+    unimodal control, joint training, any balancing method, with the other modality's
+    encoder bigger or smaller): comparisons between methods are paired down to the init.
+    """
+    seed = (torch.initial_seed() * 1_000_003 + zlib.crc32(modality.encode())) % (2**63)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
 def build_model(cfg: Mapping[str, Any]) -> MultimodalModel:
     """Build from ``{"n_classes": C, "encoders": {m: {"name": ..., **kw}}, "fusion": {"name": ..., **kw}}``.
 
@@ -121,7 +135,7 @@ def build_model(cfg: Mapping[str, Any]) -> MultimodalModel:
     n_classes = int(cfg["n_classes"])
     if not isinstance(cfg["encoders"], Mapping) or not cfg["encoders"]:
         raise UserError("model config 'encoders' must map modality names to encoder configs")
-    encoders = {m: _build(ENCODERS, "encoder", spec) for m, spec in cfg["encoders"].items()}
+    encoders = {m: _seeded_per_modality(m, lambda: _build(ENCODERS, "encoder", spec)) for m, spec in cfg["encoders"].items()}
     dims = {m: int(e.out_dim) for m, e in encoders.items()}
     fusion = _build(FUSIONS, "fusion", cfg["fusion"], dims, n_classes)
     return MultimodalModel(encoders, fusion, n_classes)

@@ -48,7 +48,8 @@ def actor_look(rng: np.random.Generator) -> ActorLook:
         dx=float(rng.uniform(-30, 30)),
         dy=float(rng.uniform(-15, 15)),
         mirror=bool(rng.integers(0, 2)),
-        gains=tuple(float(g) for g in rng.uniform(0.8, 1.15, size=3)),
+        # a mild colour cast: strong enough to tell actors apart, too weak to pass for an emotion's tint
+        gains=tuple(float(g) for g in rng.uniform(0.9, 1.1, size=3)),
     )
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from avbalance.errors import UserError
 from trainer.encoders import ENCODERS
 from trainer.encoders.conformer import masked_mean
 from trainer.encoders.resnet import ResNet18Trunk
@@ -15,11 +17,16 @@ class ResNet18Audio(nn.Module):
     """Spectrogram (B, 1, F, T) or (B, F, T) -> global average pool -> (B, 8 * width).
 
     The pipeline's spectrograms have a fixed size (the clip tiled to 3 s), so there is no
-    mask. Half-precision input is cast to the weights' dtype.
+    mask. Half-precision input is cast to the weights' dtype. ``input_pool`` > 1 averages
+    the spectrogram over ``input_pool`` x ``input_pool`` cells first: a cheaper, coarser
+    input for CPU studies (the controlled-imbalance study uses 2); 1 is the paper's input.
     """
 
-    def __init__(self, width: int = 64, in_channels: int = 1) -> None:
+    def __init__(self, width: int = 64, in_channels: int = 1, input_pool: int = 1) -> None:
         super().__init__()
+        if input_pool < 1:
+            raise UserError(f"resnet18_audio: input_pool must be a whole number >= 1, not {input_pool!r}")
+        self.input_pool = input_pool
         self.trunk = ResNet18Trunk(in_channels=in_channels, width=width)
         self.out_dim = self.trunk.out_channels
 
@@ -27,6 +34,8 @@ class ResNet18Audio(nn.Module):
         if x.dim() == 3:
             x = x.unsqueeze(1)
         x = x.to(self.trunk.stem[0].weight.dtype)
+        if self.input_pool > 1:
+            x = F.avg_pool2d(x, self.input_pool, ceil_mode=True)
         return self.trunk(x).mean(dim=(2, 3))
 
 
