@@ -118,9 +118,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(cfg, args.shards, args.out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         uni = ", ".join(f"{m} {a:.3f}" for m, a in metrics["unimodal_accuracy"].items())
-        print(f"train: test accuracy {metrics['accuracy']:.3f} (macro-F1 {metrics['macro_f1']:.3f}; heads: {uni}) "
-              f"from epoch {metrics['best_epoch']}; run in {args.out}")
+        print(f"train: test accuracy {metrics['accuracy']:.3f} (macro-F1 {metrics['macro_f1']:.3f}; heads: {uni}; "
+              f"linear probes: {_probes(metrics)}) from epoch {metrics['best_epoch']}; run in {args.out}")
     return 0
+
+
+def _probes(metrics: dict) -> str:
+    return ", ".join(f"{m} {'n/a' if a is None else format(a, '.3f')}" for m, a in metrics.get("probe_accuracy", {}).items())
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -129,7 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     m = evaluate_run(args.run, args.split, shards=args.shards, checkpoint=args.checkpoint)
     uni = ", ".join(f"{k} {v:.3f}" for k, v in m["unimodal_accuracy"].items())
     print(f"evaluate: {args.split}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, ECE {m['ece']:.3f}, "
-          f"heads: {uni} -> {os.path.join(args.run, 'eval_' + args.split + '.json')}")
+          f"heads: {uni}; linear probes: {_probes(m)} -> {os.path.join(args.run, 'eval_' + args.split + '.json')}")
     return 0
 
 

@@ -125,6 +125,14 @@ def preset_family(config: dict[str, Any]) -> str:
     return "+".join(encoders) or name or "unknown"
 
 
+def method_label(config: dict[str, Any]) -> str:
+    """The balancing method's name; a one-modality model is its unimodal control, ``<m>_only``."""
+    modalities = list(config.get("data", {}).get("modalities") or config.get("model", {}).get("encoders") or {})
+    if len(modalities) == 1:
+        return f"{modalities[0]}_only"
+    return str(config.get("balancing", {}).get("name", "unknown"))
+
+
 def read_run(folder: str, root: str) -> Run:
     """Read one run folder; ``sweep_run.json`` (when present) names it, else its config does."""
     folder = os.path.abspath(folder)
@@ -140,7 +148,7 @@ def read_run(folder: str, root: str) -> Run:
         path=folder,
         id=str(sweep.get("id") or (os.path.basename(folder) if rel == "." else rel.replace(os.sep, "/"))),
         preset=str(sweep.get("preset") or preset_family(config)),
-        method=str(sweep.get("method") or config.get("balancing", {}).get("name", "unknown")),
+        method=str(sweep.get("method") or method_label(config)),
         fusion=str(sweep.get("fusion") or config.get("model", {}).get("fusion", {}).get("name", "unknown")),
         split=str(sweep.get("split") or os.path.basename(os.path.normpath(shards)) or "unknown"),
         seed=int(sweep.get("seed", config.get("seed", 0))),

@@ -97,17 +97,38 @@ def _preset_path(preset: str, method: str, base_dir: str) -> str:
     return os.path.join(REPO, "trainer", "configs", f"{preset}_{method}.yaml")
 
 
-def unsupported_reason(method: str, fusion: str) -> str | None:
-    """Why ``method`` cannot run with ``fusion`` (its ``requires`` against the fusion), or None."""
+def preset_balancing(config: str) -> tuple[str, list[str]]:
+    """The balancing method a preset file trains with, and its modalities (in order).
+
+    A sweep's method name is the preset's suffix: ``audio_only`` names the preset
+    ``<family>_audio_only.yaml``, a one-modality model trained with ``joint``.
+    """
+    from trainer.config import load_config
+
+    cfg = load_config(config)
+    return str(cfg["balancing"].get("name")), list(cfg["model"]["encoders"])
+
+
+def unsupported_reason(method: str, fusion: str, config: str | None = None) -> str | None:
+    """Why ``method`` (the preset ``config`` when given) cannot run with ``fusion``, or None:
+    the method's ``requires`` and minimum modalities, and the fusion's, against the model."""
     from trainer.balancing import BALANCERS
     from trainer.fusion import FUSIONS
 
-    if method not in BALANCERS:
-        raise UserError(f"unknown balancing method {method!r}; known: {', '.join(BALANCERS.names())}")
+    balancer, modalities = preset_balancing(config) if config else (method, None)
+    if balancer not in BALANCERS:
+        raise UserError(f"unknown balancing method {balancer!r}{f' (in {config})' if config else ''}; "
+                        f"known: {', '.join(BALANCERS.names())}")
     if fusion not in FUSIONS:
         raise UserError(f"unknown fusion {fusion!r}; known: {', '.join(FUSIONS.names())}")
-    if "decomposable_head" in BALANCERS.get(method).requires and not getattr(FUSIONS.get(fusion), "decomposable", False):
-        return f"{method} needs a decomposable fusion head; {fusion} is not"
+    cls, fusion_cls = BALANCERS.get(balancer), FUSIONS.get(fusion)
+    if "decomposable_head" in cls.requires and not getattr(fusion_cls, "decomposable", False):
+        return f"{balancer} needs a decomposable fusion head; {fusion} is not"
+    if modalities is not None:
+        if len(modalities) < cls.min_modalities:
+            return f"{balancer} needs at least {cls.min_modalities} modalities; {method} has {len(modalities)}"
+        if len(modalities) < getattr(fusion_cls, "min_modalities", 1):
+            return f"{fusion} needs at least {fusion_cls.min_modalities} modalities; {method} has {len(modalities)}"
     return None
 
 
@@ -150,7 +171,7 @@ def load_sweep(path: str, out: str | None = None) -> Sweep:
             if not os.path.isfile(config):
                 raise UserError(f"{where}: no preset for method {method!r}: {config} does not exist")
             for fusion in _list(block, "fusions", where):
-                reason = unsupported_reason(method, fusion)
+                reason = unsupported_reason(str(method), fusion, config)
                 for split in _list(block, "splits", where):
                     for seed in _list(block, "seeds", where):
                         run_id = f"{name}/{method}-{fusion}/{split}-s{int(seed)}"

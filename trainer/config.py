@@ -3,6 +3,12 @@
 Every key must exist in the defaults (or sit under a free-form section: the encoder, fusion
 and balancing arguments, checked by the constructors), and every override must keep the
 default's type: a typo fails loudly instead of being ignored.
+
+``data.modalities`` decides which modalities the model has. Whatever sets it (a preset, the
+file a preset extends, ``--set data.modalities={visual: frames}``) replaces the whole mapping
+instead of merging into it, and ``model.encoders`` keeps only the encoders of those
+modalities: so one ``--set`` turns a two-modality preset into a one-modality model.
+(``--set data.modalities.face=face_feats`` adds one modality to the mapping.)
 """
 
 from __future__ import annotations
@@ -130,13 +136,40 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def select_modalities(cfg: dict, modalities: Any) -> dict:
+    """``cfg`` with ``data.modalities`` replaced by ``modalities`` and ``model.encoders`` narrowed
+    to the same modalities (an encoder for a modality the data no longer feeds is dropped)."""
+    if not isinstance(modalities, dict) or not modalities:
+        raise UserError(f"data.modalities must map at least one modality to its source, e.g. {{visual: frames}}; "
+                        f"got {modalities!r}")
+    out = copy.deepcopy(cfg)
+    out.setdefault("data", {})["modalities"] = copy.deepcopy(modalities)
+    encoders = out.get("model", {}).get("encoders")
+    if isinstance(encoders, dict):
+        out["model"]["encoders"] = {m: e for m, e in encoders.items() if m in modalities}
+    return out
+
+
+def _modalities_of(layer: dict) -> Any:
+    """The ``data.modalities`` a config layer sets, or None."""
+    data = layer.get("data")
+    return data.get("modalities") if isinstance(data, dict) else None
+
+
 def load_config(path: str | None, overrides: list[str] = ()) -> dict:
     """Defaults <- YAML file (with optional ``base:`` file it extends) <- --set overrides."""
     cfg = copy.deepcopy(DEFAULTS)
     if path:
-        cfg = merge(cfg, _read_yaml(path))
+        layer = _read_yaml(path)
+        cfg = merge(cfg, layer)
+        if _modalities_of(layer) is not None:
+            cfg = select_modalities(cfg, _modalities_of(layer))
     for text in overrides:
-        cfg = merge(cfg, parse_override(text))
+        layer = parse_override(text)
+        cfg = merge(cfg, layer)
+        # data.modalities (or data) itself replaces the mapping; data.modalities.<m> adds to it.
+        if text.split("=", 1)[0].strip() in ("data", "data.modalities") and _modalities_of(layer) is not None:
+            cfg = select_modalities(cfg, _modalities_of(layer))
     return cfg
 
 
@@ -153,7 +186,10 @@ def _read_yaml(path: str) -> dict:
     base = data.pop("base", None)
     if base:
         parent = _read_yaml(os.path.join(os.path.dirname(path), base))
+        modalities = _modalities_of(data)
         data = _deep_update(parent, data)
+        if modalities is not None:  # the preset's modalities replace its base's
+            data = select_modalities(data, modalities)
     return data
 
 

@@ -12,12 +12,13 @@ import yaml
 from avbalance.errors import UserError
 from trainer.checkpoint import load_checkpoint
 from trainer.data import make_loader
-from trainer.loop import data_config, evaluate
+from trainer.loop import data_config, evaluate, probe_model
 from trainer.model import build_model
 
 
 def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkpoint: str = "best") -> dict:
-    """Metrics of ``run``'s best (or last) checkpoint on ``part``; written to eval_<part>.json."""
+    """Metrics of ``run``'s best (or last) checkpoint on ``part``, with the linear probes (fit on
+    the run's train part, scored on ``part``; features in probe_<part>.npz); written to eval_<part>.json."""
     cfg_path = os.path.join(run, "config.yaml")
     ckpt_path = os.path.join(run, f"{checkpoint}.pt")
     if not os.path.exists(cfg_path) or not os.path.exists(ckpt_path):
@@ -28,7 +29,11 @@ def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkp
     model = build_model(cfg["model"])
     model.load_state_dict(load_checkpoint(ckpt_path)["model"])
     loader, _ = make_loader(shards, part, data_config(cfg), train=False)
-    metrics = evaluate(model, loader, torch.device("cpu"), cfg["model"]["n_classes"], nullcontext)
+    features: dict = {}
+    metrics = evaluate(model, loader, torch.device("cpu"), cfg["model"]["n_classes"], nullcontext, features=features)
+    # The probes learn from the run's own train part, even when --shards evaluates on another set.
+    metrics["probe_accuracy"] = probe_model(model, cfg["data"].get("shards") or shards, cfg, torch.device("cpu"),
+                                            nullcontext, part, features, os.path.join(run, f"probe_{part}.npz"))
     metrics.update(part=part, checkpoint=checkpoint, shards=shards)
     with open(os.path.join(run, f"eval_{part}.json"), "w", encoding="utf-8") as fh:
         json.dump(metrics, fh, indent=2)

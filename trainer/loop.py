@@ -26,6 +26,7 @@ from trainer.config import save_config
 from trainer.data import DataConfig, make_loader, read_index
 from trainer.metrics import summarize
 from trainer.model import build_model
+from trainer.probe import run_probes
 
 
 def data_config(cfg: dict) -> DataConfig:
@@ -102,14 +103,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: torch.device, n_classes: int, autocast) -> dict:
-    """Metrics over a whole part, gathered from every rank."""
+def evaluate(model: torch.nn.Module, loader, device: torch.device, n_classes: int, autocast,
+             features: dict | None = None) -> dict:
+    """Metrics over a whole part, gathered from every rank. A ``features`` dict, when given,
+    receives each modality's pooled encoder features and the labels (numpy), for the probes."""
     core = model.module if isinstance(model, DDP) else model
     core.eval()
     # A decomposable head (late_linear) also gives each modality's share of the fused logits:
     # how much the fused classifier itself relies on it, whether or not its head is trained.
     decomposable = getattr(core.fusion, "decomposable", False)
     labels, fused, uni, share = [], [], {m: [] for m in core.modalities}, {m: [] for m in core.modalities}
+    feats: dict[str, list] = {m: [] for m in core.modalities}
     for batch in loader:
         batch = to_device(batch, device)
         with autocast():
@@ -119,6 +123,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, n_classes: in
         fused.append(out.fused.float())
         for m in uni:
             uni[m].append(out.unimodal[m].float())
+            if features is not None:
+                feats[m].append(out.features[m].float())
             if decomposable:
                 share[m].append(parts[m].float())
     core.train()
@@ -126,7 +132,22 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, n_classes: in
     cat = lambda xs, e: distributed.gather_rows(torch.cat(xs) if xs else e).cpu().numpy()  # noqa: E731
     y = cat(labels, torch.zeros(0, dtype=torch.long, device=device))
     shares = {m: cat(v, empty) for m, v in share.items()} if decomposable else None
+    if features is not None:
+        features.update({m: cat(v, torch.zeros(0, core.dims[m], device=device)) for m, v in feats.items()}, label=y)
     return summarize(y, cat(fused, empty), {m: cat(v, empty) for m, v in uni.items()}, n_classes, share_logits=shares)
+
+
+def probe_model(model: torch.nn.Module, shards: str, cfg: dict, device: torch.device, autocast, part: str,
+                part_features: dict, out: str | None) -> dict:
+    """Linear-probe accuracy per modality (trainer/probe.py): the frozen encoders' features of
+    the train part (one more evaluation pass) against ``part``'s, already collected."""
+    def collect(name: str) -> dict:
+        found: dict = {}
+        loader, _ = make_loader(shards, name, data_config(cfg), train=False)
+        evaluate(model, loader, device, cfg["model"]["n_classes"], autocast, features=found)
+        return found
+
+    return run_probes(collect, cfg["data"]["train_part"], part, part_features, out)
 
 
 class MetricsLog:
@@ -295,11 +316,16 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     # Test the best checkpoint.
     model.load_state_dict(load_checkpoint(best_path)["model"])
     test_loader, _ = make_loader(shards, cfg["data"]["test_part"], dcfg, train=False)
-    test = evaluate(ddp or model, test_loader, device, n_classes, autocast)
+    test_features: dict = {}
+    test = evaluate(ddp or model, test_loader, device, n_classes, autocast, features=test_features)
+    test_part = cfg["data"]["test_part"]
+    test["probe_accuracy"] = probe_model(ddp or model, shards, cfg, device, autocast, test_part, test_features,
+                                         os.path.join(out, f"probe_{test_part}.npz") if dist_info.main else None)
     test.update(best_epoch=state["best_epoch"], best_val_accuracy=state["best_acc"], val_part=val_part)
     if dist_info.main:
         log.write({"kind": "test", "epoch": state["best_epoch"], "step": state["step"], "accuracy": test["accuracy"],
-                   "macro_f1": test["macro_f1"], **{f"accuracy_{m}": a for m, a in test["unimodal_accuracy"].items()}})
+                   "macro_f1": test["macro_f1"], **{f"accuracy_{m}": a for m, a in test["unimodal_accuracy"].items()},
+                   "probe_accuracy": test["probe_accuracy"]})
         with open(os.path.join(out, f"eval_{cfg['data']['test_part']}.json"), "w", encoding="utf-8") as fh:
             json.dump(test, fh, indent=2)
     log.close()

@@ -159,6 +159,8 @@ class Balancer:
 
     name: ClassVar[str] = "balancer"
     requires: ClassVar[frozenset[str]] = frozenset()
+    # Balancing weighs modalities against each other: every method but ``joint`` needs two.
+    min_modalities: ClassVar[int] = 2
 
     def __init__(self) -> None:
         self.optimizer: torch.optim.Optimizer | None = None
@@ -166,7 +168,13 @@ class Balancer:
     # -- build time --------------------------------------------------------------------
     @classmethod
     def check(cls, model: nn.Module) -> None:
-        """Raise UserError if ``model`` lacks anything in ``requires``."""
+        """Raise UserError if ``model`` has too few modalities or lacks anything in ``requires``."""
+        have = list(getattr(model, "modalities", []))
+        if len(have) < cls.min_modalities:
+            raise UserError(f"{cls.name} balances modalities against each other and needs at least "
+                            f"{cls.min_modalities} modalities; this model has {len(have)} ({', '.join(have)}). "
+                            "Train a one-modality control with balancing.name=joint (presets "
+                            "<family>_audio_only.yaml, <family>_visual_only.yaml)")
         for req in sorted(cls.requires):
             if req not in REQUIREMENTS:
                 raise ValueError(f"{cls.name}: unknown requirement {req!r}; known: {sorted(REQUIREMENTS)}")

@@ -7,4 +7,9 @@ from trainer.balancing.base import Balancer, register
 
 @register("joint")
 class Joint(Balancer):
-    """Loss = CE(fused); parts ``ce_fused``. The unimodal heads get no gradient."""
+    """Loss = CE(fused); parts ``ce_fused``. The unimodal heads get no gradient.
+
+    The one method defined for a one-modality model (the unimodal controls).
+    """
+
+    min_modalities = 1

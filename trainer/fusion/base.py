@@ -14,10 +14,12 @@ class Fusion(nn.Module):
     """Holds ``modalities`` (ordered), ``dims`` and ``n_classes``; subclasses set ``decomposable``."""
 
     decomposable: bool = False
+    min_modalities: int = 1  # how many modalities the fusion needs (the sweep reads it before building)
 
-    def __init__(self, dims: Mapping[str, int], n_classes: int, min_modalities: int = 1) -> None:
+    def __init__(self, dims: Mapping[str, int], n_classes: int, min_modalities: int | None = None) -> None:
         super().__init__()
         name = type(self).__name__
+        min_modalities = type(self).min_modalities if min_modalities is None else min_modalities
         if len(dims) < min_modalities:
             raise UserError(f"{name} needs at least {min_modalities} modalities, got {list(dims)}")
         if n_classes < 1 or any(int(d) < 1 for d in dims.values()):

@@ -24,11 +24,12 @@ class FiLMFusion(Fusion):
     """
 
     decomposable = False
+    min_modalities = 2  # one modality modulates another
 
     def __init__(
         self, dims: Mapping[str, int], n_classes: int, mode: str = "source", conditioner: str | None = None
     ) -> None:
-        super().__init__(dims, n_classes, min_modalities=2)
+        super().__init__(dims, n_classes)
         mods = self.modalities
         if mode == "source":
             source = conditioner if conditioner is not None else mods[0]
