@@ -13,6 +13,7 @@ A sweep file::
         fusions: [late_linear, film]
         seeds: [0]
         set: [train.epochs=100]           # overrides for this block (optional)
+        shards: other/shards/{split}      # this block's own shard sets (optional)
 
 Each run lives in ``<out>/<block>/<method>-<fusion>/<split>-s<seed>/`` and is one
 ``cli.py train`` process (so a crash or a kill loses one run, not the sweep). A run is
@@ -43,7 +44,7 @@ from avbalance.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO, "cli.py")
-BLOCK_KEYS = {"name", "preset", "splits", "methods", "fusions", "seeds", "set"}
+BLOCK_KEYS = {"name", "preset", "splits", "methods", "fusions", "seeds", "set", "shards"}
 
 
 @dataclass(frozen=True)
@@ -144,9 +145,11 @@ def load_sweep(path: str, out: str | None = None) -> Sweep:
     if not isinstance(doc, dict) or not isinstance(doc.get("blocks"), list) or not doc["blocks"]:
         raise UserError(f"{path}: expected a mapping with a non-empty `blocks` list")
     base_dir = os.path.dirname(os.path.abspath(path))
-    shards_tpl = doc.get("shards")
-    if not isinstance(shards_tpl, str) or "{split}" not in shards_tpl:
-        raise UserError(f"{path}: `shards` must be a path template containing {{split}}, e.g. data/shards/{{split}}")
+    def shards_template(value: Any, where: str) -> str:
+        if not isinstance(value, str) or "{split}" not in value:
+            raise UserError(f"{where}: `shards` must be a path template containing {{split}}, e.g. data/shards/{{split}}")
+        return value
+
     sweep = Sweep(path=path, out=out or doc.get("out") or "")
     if not sweep.out:
         raise UserError(f"{path}: no `out` folder; set it in the file or pass --out")
@@ -166,6 +169,8 @@ def load_sweep(path: str, out: str | None = None) -> Sweep:
         if not preset:
             raise UserError(f"{where}: missing `preset` (e.g. resnet)")
         extra = [str(s) for s in block.get("set") or []]
+        # A block may read its own shards (e.g. a corpus made with other settings).
+        shards_tpl = shards_template(block.get("shards", doc.get("shards")), where if "shards" in block else path)
         for method in _list(block, "methods", where):
             config = _preset_path(preset, method, base_dir)
             if not os.path.isfile(config):
