@@ -102,7 +102,7 @@ def build_summary(runs: list[Run], runs_dir: str, out: str, figures: dict[str, s
         "accuracy_table": agg.accuracy_table(runs),
         "human": agg.human_by_setting(runs),
         "heads_vs_human": agg.head_comparison(runs),
-        "agreement": {m: {"fusion": f, **(agg.agreement(g) or {})} for m, (f, g) in methods.items()},
+        "agreement": {m: {"fusion": f, "runs": [r.id for r in g], **(agg.agreement(g) or {})} for m, (f, g) in methods.items()},
         "reliability": {m: {"fusion": f, **(agg.reliability(g) or {})} for m, (f, g) in methods.items()},
         "coefficients": {m: {"fusion": f, "runs": [r.id for r in g], "traces": agg.coefficient_traces(g)}
                          for m, (f, g) in methods.items()},
