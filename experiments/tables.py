@@ -110,7 +110,7 @@ def study_rows(s: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
         tables.append((head, rows))
     if s["phenomenon"]:
         rows = [[m, f"joint − {s['controls'][m]['method']}", str(p["n"]), diff(p)] for m, p in s["phenomenon"].items()]
-        tables.append((["modality", "probe accuracy", "pairs", "difference (points)"], rows))
+        tables.append((["modality", "phenomenon check", "pairs", "probe accuracy difference (points)"], rows))
     return tables
 
 
