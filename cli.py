@@ -7,7 +7,8 @@
     python cli.py train --config FILE --shards DIR --out RUN_DIR
     python cli.py evaluate --run RUN_DIR [--split test]
     python cli.py sweep --config FILE
-    python cli.py report --runs DIR --out DIR
+    python cli.py report --runs DIR --out DIR [--markdown]
+    python cli.py report --summary FILE --markdown
     python cli.py export h5 --shards DIR --out FILE.h5
 
 Bad input ends with a one-paragraph message and a non-zero exit, never a traceback.
@@ -155,10 +156,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from experiments import tables
     from experiments.report import write_report
 
+    if args.summary:  # tables from a saved summary, no runs needed
+        if args.runs or args.out or not args.markdown:
+            raise UserError("--summary FILE prints the study tables of a saved summary.json: use it with --markdown "
+                            "and without --runs/--out")
+        print(tables.markdown(tables.load_summary(args.summary)), end="")
+        return 0
+    if not args.runs or not args.out:
+        raise UserError("report needs --runs DIR and --out DIR (or --summary FILE --markdown for the tables of a saved report)")
     path = write_report(args.runs, args.out)
+    summary = tables.load_summary(os.path.join(args.out, "summary.json"))
     print(f"report: {path}")
+    if args.markdown:
+        print(tables.markdown(summary), end="")
+    else:
+        print("\n".join(tables.short_lines(summary)))
     return 0
 
 
@@ -251,8 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="draw the comparison report (report.html and PNGs) from a folder of runs")
-    p.add_argument("--runs", required=True, help="a folder holding run folders (searched recursively), e.g. a sweep's out")
-    p.add_argument("--out", required=True, help="report folder: report.html, the PNGs and summary.json")
+    p.add_argument("--runs", help="a folder holding run folders (searched recursively), e.g. a sweep's out")
+    p.add_argument("--out", help="report folder: report.html, the PNGs and summary.json")
+    p.add_argument("--markdown", action="store_true", help="print the study tables as GitHub markdown")
+    p.add_argument("--summary", metavar="FILE", help="with --markdown: print the tables of a saved summary.json (no runs needed)")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -1,5 +1,5 @@
 """The numbers the report shows, computed once from the runs (figures draw them, summary.json
-stores them). Only finished runs count; std is numpy's default (population, ddof=0)."""
+stores them). Only finished runs count; std is the sample std (ddof=1), None below 2 runs."""
 
 from __future__ import annotations
 
@@ -9,16 +9,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from experiments.collect import Run, human_accuracy
+from experiments.collect import Run, data_info, human_accuracy
 
 METHOD_FIRST = ("joint", "multiloss", "mlb")
 FUSION_ORDER = ("late_linear", "mid_mlp", "film", "gated", "tf")
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
-    """joint, multiloss, mlb, then the others alphabetically."""
+    """The unimodal controls (``<m>_only``), joint, multiloss, mlb, then the others alphabetically."""
     methods = set(methods)
-    return [m for m in METHOD_FIRST if m in methods] + sorted(methods - set(METHOD_FIRST))
+    controls = sorted(m for m in methods if m.endswith("_only"))
+    first = controls + [m for m in METHOD_FIRST if m in methods]
+    return first + sorted(methods - set(first))
 
 
 def fusion_order(fusions: Iterable[str]) -> list[str]:
@@ -42,12 +44,18 @@ def settings(runs: Iterable[Run]) -> list[str]:
     return sorted({r.setting for r in runs})
 
 
+def sample_std(xs: list[float]) -> float | None:
+    """The sample standard deviation (ddof=1); None below 2 values."""
+    return float(np.std(xs, ddof=1)) if len(xs) >= 2 else None
+
+
 def stats(values: Iterable[float | None]) -> dict[str, Any]:
-    """mean, std (ddof=0) and n of the values that are not None; mean/std None when there is none."""
+    """mean, std (ddof=1) and n of the values that are not None; mean None when there is none,
+    std None below 2 values."""
     xs = [float(v) for v in values if v is not None]
     if not xs:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(xs)), "std": float(np.std(xs)), "n": len(xs)}
+    return {"mean": float(np.mean(xs)), "std": sample_std(xs), "n": len(xs)}
 
 
 def accuracy_table(runs: list[Run]) -> list[dict[str, Any]]:
@@ -139,7 +147,7 @@ def val_curves(runs: list[Run]) -> dict[str, dict[str, list]]:
         epochs = sorted({e for recs in per_run for e, rec in recs.items() if q in rec})
         values = [[recs[e][q] for recs in per_run if e in recs and q in recs[e]] for e in epochs]
         out[q] = {"epochs": epochs, "mean": [float(np.mean(v)) for v in values],
-                  "std": [float(np.std(v)) for v in values], "n": [len(v) for v in values]}
+                  "std": [sample_std(v) or 0.0 for v in values], "n": [len(v) for v in values]}
     return out
 
 
@@ -182,11 +190,35 @@ def mlb_settings(runs: list[Run]) -> list[dict[str, Any]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def human_by_setting(runs: list[Run]) -> dict[str, dict[str, Any] | None]:
-    """Per setting: the raters' accuracy per presentation, averaged over the distinct test sets
-    (shard folder, part) of its finished runs; None when no test set's shards can be read."""
+def data_by_setting(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """Per setting: what its finished runs' shard sets were made from (``collect.data_info``):
+    corpus, ``synthetic`` (True/False; None when unknown or mixed), the synth settings when
+    they agree, ``face_weights_random`` (True when any set's face features are from random weights)."""
     out = {}
     for setting in settings(finished(runs)):
+        infos = [data_info(s) for s in sorted({r.shards for r in finished(runs) if r.setting == setting and r.shards})]
+        infos = [i for i in infos if i is not None]
+        kinds = {i["synthetic"] for i in infos}
+        synths = [i["synth"] for i in infos if i["synth"]]
+        random = {i["face_weights_random"] for i in infos} - {None}
+        out[setting] = {"corpus": ", ".join(sorted({str(i["corpus"]) for i in infos})) or None,
+                        "synthetic": kinds.pop() if len(kinds) == 1 else None,
+                        "synth": synths[0] if synths and all(s == synths[0] for s in synths) else None,
+                        "face_weights_random": (True in random) if random else None,
+                        "shard_sets": len(infos)}
+    return out
+
+
+def human_by_setting(runs: list[Run]) -> dict[str, dict[str, Any] | None]:
+    """Per setting: the raters' accuracy per presentation, averaged over the distinct test sets
+    (shard folder, part) of its finished runs; None when no test set's shards can be read, and
+    on synthetic data (its clips borrow CREMA-D's names, not its ratings)."""
+    out = {}
+    data = data_by_setting(runs)
+    for setting in settings(finished(runs)):
+        if data[setting]["synthetic"]:
+            out[setting] = None
+            continue
         test_sets = sorted({(r.shards, r.test_part) for r in finished(runs) if r.setting == setting and r.shards})
         found = [h for h in (human_accuracy(s, p) for s, p in test_sets) if h is not None]
         if not found:

@@ -170,6 +170,26 @@ def collect_runs(root: str) -> list[Run]:
     return runs
 
 
+def data_info(shards: str | None) -> dict[str, Any] | None:
+    """What a shard set was made from, from its ``shards.json``: ``corpus``; ``synthetic``
+    (the index's own flag when it has one, else whether the corpus folder it was made from holds
+    the ``synth.json`` that ``cli.py synth`` writes; None when that folder is gone); ``synth``
+    (the synth settings); ``face_weights_random`` (face features from random weights; None
+    without face features). None when the shard set cannot be read."""
+    index = _read_json(os.path.join(shards, "shards.json")) if shards else None
+    if index is None:
+        return None
+    root = (index.get("config") or {}).get("root")
+    synth = _read_json(os.path.join(root, "synth.json")) if root else None
+    if "synthetic" in index:
+        synthetic = bool(index["synthetic"])
+    else:
+        synthetic = True if synth else (False if root and os.path.isdir(root) else None)
+    weights = index.get("face_weights")
+    return {"corpus": index.get("corpus"), "synthetic": synthetic, "synth": (synth or {}).get("config"),
+            "face_weights_random": bool(weights.get("random_init")) if isinstance(weights, dict) else None}
+
+
 _HUMAN_CACHE: dict[tuple[str, str, float], dict[str, Any] | None] = {}
 
 

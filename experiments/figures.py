@@ -17,6 +17,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from experiments import aggregate as agg  # noqa: E402
+from experiments import study as st  # noqa: E402
 from experiments.collect import Run  # noqa: E402
 
 DPI = 110
@@ -99,7 +100,7 @@ def accuracy_figure(runs: list[Run], out: str) -> str | None:
         for j, fusion in enumerate(fusions):
             for r in (r for r in rows if r["fusion"] == fusion):
                 x = methods.index(r["method"]) - 0.4 + bar * (j + 0.5)
-                mean, std = 100 * r["accuracy"]["mean"], 100 * r["accuracy"]["std"]
+                mean, std = 100 * r["accuracy"]["mean"], 100 * (r["accuracy"]["std"] or 0.0)
                 ax.bar(x, mean, bar, yerr=std if r["n"] > 1 else None, color=colours[fusion], capsize=2,
                        error_kw={"elinewidth": 0.8})
                 if r["n"] < FEW:
@@ -240,7 +241,10 @@ def reliability_figure(runs: list[Run], out: str) -> str | None:
 def human_figure(runs: list[Run], out: str) -> str | None:
     """Per setting: each method's audio head, visual head and fused accuracy next to the human
     raters' voice-only, face-only and audio-visual accuracy on the same test clips."""
-    heads, human = agg.head_comparison(runs), agg.human_by_setting(runs)
+    human = agg.human_by_setting(runs)
+    data = agg.data_by_setting(runs)
+    # Synthetic clips borrow CREMA-D's names, not its raters: no comparison to draw there.
+    heads = {k: v for k, v in agg.head_comparison(runs).items() if not data[k]["synthetic"]}
     if not heads:
         return None
     n_groups = max(len(m) for m in heads.values()) + 1
@@ -276,6 +280,64 @@ def human_figure(runs: list[Run], out: str) -> str | None:
     _legend(fig, handles)
     fig.suptitle("Model heads next to human raters")
     return _save(fig, out, "human.png")
+
+
+def _ci_err(stat: dict[str, Any]) -> list[list[float]] | None:
+    """Matplotlib's asymmetric yerr (in %) from a t interval, None without a CI."""
+    if not stat.get("ci"):
+        return None
+    return [[100 * (stat["mean"] - stat["ci"][0])], [100 * (stat["ci"][1] - stat["mean"])]]
+
+
+def imbalance_figure(runs: list[Run], out: str) -> str | None:
+    """Per setting: each method's linear-probe accuracy per modality (bars, 95 % CI) against the
+    unimodal controls' (dashed line, CI band, in the modality's colour), next to its fused
+    accuracy (grey bar)."""
+    found = st.study(runs)
+    if not found:
+        return None
+    groups = max(len(s["controls"]) + len(s["methods"]) for s in found.values())
+    width = min(16.0, max(5.5, 1.0 * groups + 2.0))
+    fig, axes = _grid(len(found), 1 if width > 8 else 2, width, 3.8)
+    modalities = list(dict.fromkeys(m for s in found.values() for m in (s["modalities"] or list(s["controls"]))))
+    colours = _colours(modalities)
+    chance = _chance(agg.finished(runs))
+    for ax, (setting, s) in zip(axes, found.items()):
+        mods = s["modalities"] or list(s["controls"])
+        rows = [(c["method"], {m: c["probe"]}, c["fused"]) for m, c in s["controls"].items()]
+        rows += [(r["method"], r["probe"], r["fused"]) for r in s["methods"]]
+        bar = 0.8 / (len(mods) + 1)
+        for i, (method, probes, fused) in enumerate(rows):
+            bars = [(probes.get(m), colours[m]) for m in mods] + [(fused, "#8c8c8c")]
+            for j, (stat, colour) in enumerate(bars):
+                if stat and stat.get("mean") is not None:
+                    x = i - 0.4 + bar * (j + 0.5)
+                    ax.bar(x, 100 * stat["mean"], bar, yerr=_ci_err(stat), color=colour, capsize=2,
+                           error_kw={"elinewidth": 0.8})
+        for m, c in s["controls"].items():
+            p = c["probe"]
+            if p.get("mean") is None:
+                continue
+            ax.axhline(100 * p["mean"], color=colours[m], ls="--", lw=1.1)
+            if p.get("ci"):
+                ax.axhspan(100 * p["ci"][0], 100 * p["ci"][1], color=colours[m], alpha=0.12, lw=0)
+        if chance:
+            ax.axhline(chance, color="grey", ls=":", lw=1)
+        _xticks(ax, [r[0] for r in rows])
+        ax.set_xlim(-0.6, len(rows) - 0.4)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("test accuracy (%)")
+        n = sorted({r["n"] for r in s["methods"]} | {c["n"] for c in s["controls"].values()})
+        ax.set_title(f"{setting} ({'/'.join(map(str, n))} runs per method)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    handles = [Patch(color=colours[m], label=f"{m}: linear probe") for m in modalities]
+    handles += [Line2D([], [], color=colours[m], ls="--", label=f"{m}: unimodal control's probe") for m in modalities]
+    handles.append(Patch(color="#8c8c8c", label="fused prediction"))
+    if chance:
+        handles.append(Line2D([], [], color="grey", ls=":", label=f"chance ({chance:.1f} %)"))
+    _legend(fig, handles)
+    fig.suptitle("Probe accuracy per encoder vs its unimodal control (95 % CI)")
+    return _save(fig, out, "imbalance.png")
 
 
 def _span(axes: list[plt.Axes]) -> tuple[float, float]:
@@ -339,6 +401,7 @@ def curves_figure(runs: list[Run], out: str) -> str | None:
 
 
 FIGURES: dict[str, Callable[[list[Run], str], str | None]] = {
+    "imbalance.png": imbalance_figure,
     "accuracy.png": accuracy_figure,
     "coefficients.png": coefficients_figure,
     "agreement.png": agreement_figure,

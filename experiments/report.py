@@ -13,11 +13,20 @@ import urllib.parse
 from typing import Any
 
 from experiments import aggregate as agg
+from experiments import tables
 from experiments.collect import Run, collect_runs, human_accuracy
 from experiments.figures import FIGURES
+from experiments.study import study
 
-STD_NOTE = "std: population standard deviation (numpy's default, ddof=0) over the finished runs"
+STD_NOTE = ("std: sample standard deviation (ddof=1) over the finished runs, n/a below 2; CI: t-based 95 % "
+            "confidence interval of the mean")
 CAPTIONS = {
+    "imbalance.png": ("Modality imbalance: linear probes against unimodal controls",
+                      "Per method (its late_linear runs when run), the linear-probe test accuracy of each modality's "
+                      "frozen encoder (coloured bars) and the fused prediction's accuracy (grey), mean over runs with "
+                      "t-based 95 % CIs. Dashed lines and bands: the probe accuracy of the same modality's encoder "
+                      "trained alone (the unimodal control, method <m>_only), mean and CI. A multimodal encoder's "
+                      "probe below its control's line is a modality the multimodal training left under-trained."),
     "accuracy.png": ("Test accuracy by method and fusion",
                      "Test accuracy of the fused prediction for every method (x axis) and fusion (bar colour), mean over "
                      "the finished runs of each setting (folds and seeds aggregated), error bars ± std. A small number "
@@ -58,7 +67,7 @@ def _rel(path: str, out: str) -> str:
     return os.path.relpath(path, os.path.abspath(out)).replace(os.sep, "/")
 
 
-def run_row(run: Run, out: str) -> dict[str, Any]:
+def run_row(run: Run, out: str, synthetic: bool = False) -> dict[str, Any]:
     """One run's line of the report: what it is, its test numbers (None while unfinished), links."""
     t = run.test or {}
     return {
@@ -67,7 +76,8 @@ def run_row(run: Run, out: str) -> dict[str, Any]:
         "status": run.status, "epochs": run.epochs, "samples": t.get("samples"), "accuracy": t.get("accuracy"),
         "macro_f1": t.get("macro_f1"), "unimodal_accuracy": t.get("unimodal_accuracy", {}), "ece": t.get("ece"),
         "best_epoch": t.get("best_epoch"), "best_val_accuracy": t.get("best_val_accuracy"),
-        "human": human_accuracy(run.shards, run.test_part) if run.finished else None,
+        "probe_accuracy": t.get("probe_accuracy", {}),
+        "human": human_accuracy(run.shards, run.test_part) if run.finished and not synthetic else None,
         "config": _rel(os.path.join(run.path, "config.yaml"), out),
         "metrics": _rel(os.path.join(run.path, "metrics.jsonl"), out),
     }
@@ -76,6 +86,7 @@ def run_row(run: Run, out: str) -> dict[str, Any]:
 def build_summary(runs: list[Run], runs_dir: str, out: str, figures: dict[str, str | None]) -> dict[str, Any]:
     """Everything the report shows, as JSON-able values."""
     methods = agg.by_method(runs)
+    data = agg.data_by_setting(runs)
     curves = {}
     for setting in agg.settings(agg.finished(runs)):
         here = agg.by_method([r for r in runs if r.setting == setting])
@@ -85,11 +96,13 @@ def build_summary(runs: list[Run], runs_dir: str, out: str, figures: dict[str, s
         "runs_dir": os.path.abspath(runs_dir),
         "n_runs": len(runs), "n_finished": len(agg.finished(runs)), "n_unfinished": len(runs) - len(agg.finished(runs)),
         "std": STD_NOTE,
-        "runs": [run_row(r, out) for r in runs],
+        "data": data,
+        "runs": [run_row(r, out, bool((data.get(r.setting) or {}).get("synthetic"))) for r in runs],
+        "study": study(runs),
         "accuracy_table": agg.accuracy_table(runs),
         "human": agg.human_by_setting(runs),
         "heads_vs_human": agg.head_comparison(runs),
-        "agreement": {m: {"fusion": f, **(agg.agreement(g) or {})} for m, (f, g) in methods.items()},
+        "agreement": {m: {"fusion": f, "runs": [r.id for r in g], **(agg.agreement(g) or {})} for m, (f, g) in methods.items()},
         "reliability": {m: {"fusion": f, **(agg.reliability(g) or {})} for m, (f, g) in methods.items()},
         "coefficients": {m: {"fusion": f, "runs": [r.id for r in g], "traces": agg.coefficient_traces(g)}
                          for m, (f, g) in methods.items()},
@@ -136,7 +149,9 @@ def accuracy_tables_html(summary: dict[str, Any]) -> str:
         fusions = agg.fusion_order(r["fusion"] for r in rows)
         human = summary["human"].get(setting)
         note = ("human raters: " + ", ".join(f"{p} {_pct(human[p])} %" for p in ("voice", "face", "audiovisual"))
-                + f" ({human['clips']} clips)") if human else "human raters: n/a (shards not found)"
+                + f" ({human['clips']} clips)") if human else (
+            "human raters: left out (synthetic data)" if (summary.get("data", {}).get(setting) or {}).get("synthetic")
+            else "human raters: n/a (shards not found)")
         parts.append(f"<h3>{html.escape(setting)}</h3><p>{html.escape(note)}</p><table>"
                      f"<tr>{_cells(['method', *fusions], 'th', 1)}</tr>")
         for method in agg.method_order(r["method"] for r in rows):
@@ -150,31 +165,62 @@ def accuracy_tables_html(summary: dict[str, Any]) -> str:
     return "\n".join(parts) or "<p>No finished run: nothing to aggregate.</p>"
 
 
+def study_html(summary: dict[str, Any]) -> str:
+    """The study tables (tables.study_rows) per setting, as HTML."""
+    parts = []
+    for setting, s in (summary.get("study") or {}).items():
+        parts.append(f"<h3>{html.escape(setting)}</h3>")
+        for head, rows in tables.study_rows(s):
+            parts.append(f"<table><tr>{_cells(head, 'th', 1)}</tr>")
+            parts += [f"<tr>{_cells([c.replace('**', '') for c in r], left=1)}</tr>" for r in rows]
+            parts.append("</table>")
+    if not parts:
+        return "<p>No run has linear-probe accuracies (runs from before the probes): no study table.</p>"
+    return "\n".join([*parts, f"<p>{html.escape(tables.LEGEND)} {html.escape(tables.DIFF_LEGEND.replace('**bold**', 'bold'))}</p>"])
+
+
+def data_html(summary: dict[str, Any]) -> str:
+    """Per setting, one line saying what the runs were trained on."""
+    items = [f"<li><b>{html.escape(k)}</b>: {html.escape(tables.describe_data(v).replace('`', ''))}</li>"
+             for k, v in (summary.get("data") or {}).items()]
+    return f"<ul>{''.join(items)}</ul>" if items else "<p>No finished run.</p>"
+
+
 def runs_table_html(summary: dict[str, Any]) -> str:
     rows = summary["runs"]
     modalities = sorted({m for r in rows for m in r["unimodal_accuracy"]})
+    probed = sorted({m for r in rows for m in r.get("probe_accuracy") or {}})
     head = ["id", "preset", "split", "method", "fusion", "seed", "status", "epochs", "test acc. %", "macro-F1",
-            *[f"{m} head acc. %" for m in modalities], "ECE", "best epoch", "files"]
+            *[f"{m} head acc. %" for m in modalities], *[f"{m} probe acc. %" for m in probed], "ECE", "best epoch",
+            "files"]
     out = [f"<table><tr>{_cells(head, 'th', 7)}</tr>"]
     for r in rows:
         values = [r["id"], r["preset"], r["split"], r["method"], r["fusion"], str(r["seed"]), r["status"],
                   str(r["epochs"]), _pct(r["accuracy"]), _num(r["macro_f1"]),
-                  *[_pct(r["unimodal_accuracy"].get(m)) for m in modalities], _num(r["ece"]), _num(r["best_epoch"])]
+                  *[_pct(r["unimodal_accuracy"].get(m)) for m in modalities],
+                  *[_pct((r.get("probe_accuracy") or {}).get(m)) for m in probed], _num(r["ece"]), _num(r["best_epoch"])]
         links = f"{_link(r['config'], 'config.yaml')} {_link(r['metrics'], 'metrics.jsonl')}"
         out.append(f"<tr class={r['status']}>{_cells(values, left=7)}<td class=l>{links}</td></tr>")
     out.append("</table>")
     return "\n".join(out)
 
 
-def figure_html(name: str, path: str | None) -> str:
+def figure_html(name: str, path: str | None, missing: str = "nothing to draw for these runs") -> str:
     title, caption = CAPTIONS[name]
     if path is None:
-        return (f"<h2>{html.escape(title)}</h2><p><i>{html.escape(name)}: nothing to draw for these runs.</i> "
+        return (f"<h2>{html.escape(title)}</h2><p><i>{html.escape(name)}: {html.escape(missing)}.</i> "
                 f"{html.escape(caption)}</p>")
     with open(path, "rb") as fh:
         data = base64.b64encode(fh.read()).decode("ascii")
     return (f"<h2>{html.escape(title)}</h2><figure><img src=\"data:image/png;base64,{data}\" alt=\"{html.escape(name)}\">"
             f"<figcaption><b>{html.escape(name)}.</b> {html.escape(caption)}</figcaption></figure>")
+
+
+def _missing(name: str, summary: dict[str, Any]) -> str:
+    data = summary.get("data") or {}
+    if name == "human.png" and data and all(v.get("synthetic") for v in data.values()):
+        return "left out: the runs are on synthetic data, whose clips have no human ratings"
+    return "nothing to draw for these runs"
 
 
 def render_html(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
@@ -185,11 +231,17 @@ def render_html(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
         "<!DOCTYPE html>", "<html lang=en><head><meta charset=utf-8><title>avbalance report</title>",
         f"<style>{STYLE}</style></head><body>",
         "<h1>avbalance report: modality balancing methods compared</h1>", f"<p>{html.escape(head)}</p>",
+        "<h2>Data</h2>", data_html(summary),
+        "<h2>Imbalance study: linear probes, unimodal controls, differences to joint</h2>",
+        "<p>Each method's fused accuracy and each encoder's linear-probe accuracy (logistic regression on the frozen "
+        "encoder's features of the train part, scored on the test part), the probe as a share of the unimodal "
+        "control's, and every method minus joint paired over (split, seed).</p>",
+        study_html(summary),
         "<h2>Accuracy by method and fusion</h2>",
-        "<p>Test accuracy of the fused model in %, mean ± std (n runs), per setting (sweep block, preset family "
+        "<p>Test accuracy of the fused model in %, mean ± sample std (n runs), per setting (sweep block, preset family "
         "and split kind: kfold1..K and vavl1..5 are aggregated).</p>",
         accuracy_tables_html(summary),
-        *[figure_html(name, path) for name, path in figures.items()],
+        *[figure_html(name, path, _missing(name, summary)) for name, path in figures.items()],
         "<h2>Runs</h2>", "<p>Every run found, by setting, method and fusion; links point to its config.yaml and metrics.jsonl. "
         "epochs: epochs validated; best epoch counts from 0 (as in the logs).</p>",
         runs_table_html(summary),

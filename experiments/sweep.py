@@ -9,7 +9,7 @@ A sweep file::
       - name: resnet_ogm                  # a block is one sub-grid
         preset: resnet                    # trainer/configs/resnet_<method>.yaml, or a path with {method}
         splits: [ogm]
-        methods: [joint, multiloss, mlb]
+        methods: [audio_only, visual_only, joint, mlb]   # preset suffixes: the controls too
         fusions: [late_linear, film]
         seeds: [0]
         set: [train.epochs=100]           # overrides for this block (optional)
@@ -18,9 +18,10 @@ A sweep file::
 Each run lives in ``<out>/<block>/<method>-<fusion>/<split>-s<seed>/`` and is one
 ``cli.py train`` process (so a crash or a kill loses one run, not the sweep). A run is
 finished when its ``eval_<test part>.json`` exists: a re-run skips it, resumes a run with a
-``last.pt`` and restarts one killed before its first checkpoint. Combinations a method
-refuses (OGM-GE and MMCosine on a non-decomposable fusion) are listed as unsupported and not
-run. ``sweep.json`` in ``out`` records every run's status and is rewritten after each run.
+``last.pt`` and restarts one killed before its first checkpoint. Combinations that cannot
+run (OGM-GE and MMCosine on a non-decomposable fusion, a one-modality control with a fusion
+that needs two) are listed as unsupported and not run: the sweep reads each preset's
+balancing method and modalities to tell. ``sweep.json`` in ``out`` records every run's status and is rewritten after each run.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The report: tiny real runs (joint and MLB, two seeds each) plus one killed run, reported;
-the figures, the HTML and summary.json checked against the runs' own evaluation files."""
+"""The report: tiny real runs (joint, MLB and the two unimodal controls, two seeds each) plus
+one killed run, reported; the figures, the HTML, summary.json and the study tables checked
+against the runs' own evaluation files and independent numpy/scipy computations."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import tarfile
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 from avbalance.errors import UserError
+from experiments import tables
 from experiments.collect import human_accuracy
 from experiments.figures import FIGURES
 from experiments.report import write_report
+from tests.conftest import REPO, run_cli
 from trainer.config import load_config
 from trainer.loop import train
 
@@ -28,7 +32,22 @@ RUNS = {
     "grid/joint_s1": ("joint", 1, None),
     "grid/deeper/mlb_s0": ("mlb", 0, "sweep/mlb-s0"),
     "mlb_s1": ("mlb", 1, None),
+    "grid/audio_only_s0": ("audio_only", 0, "sweep/audio_only-s0"),
+    "audio_only_s1": ("audio_only", 1, None),  # labelled audio_only from its config (one modality)
+    "visual_only_s0": ("visual_only", 0, None),
+    "visual_only_s1": ("visual_only", 1, None),
 }
+SOURCES = {"audio": "spec", "visual": "frames"}
+
+
+def overrides(method: str) -> list[str]:
+    """TINY for a method; a unimodal control keeps only its modality (``--set data.modalities``)."""
+    if not method.endswith("_only"):
+        return [*TINY, f"balancing.name={method}"]
+    m = method[: -len("_only")]
+    # one epoch: the controls only need to exist for the pairing (and the suite stays fast)
+    return [f"data.modalities={{{m}: {SOURCES[m]}}}", *[t for t in TINY if "encoders" not in t or f".{m}." in t],
+            "train.epochs=1"]
 KILLED = "killed_mlb"
 
 
@@ -37,7 +56,7 @@ def runs_root(train_shards, tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("runs"))
     for folder, (method, seed, run_id) in RUNS.items():
         out = os.path.join(root, folder)
-        train(load_config(None, [*TINY, f"balancing.name={method}", f"seed={seed}"]), train_shards, out)
+        train(load_config(None, [*overrides(method), f"seed={seed}"]), train_shards, out)
         if run_id:
             with open(os.path.join(out, "sweep_run.json"), "w", encoding="utf-8") as fh:
                 json.dump({"id": run_id, "preset": "resnet", "method": method, "fusion": "late_linear",
@@ -71,13 +90,18 @@ def eval_of(runs_root: str, folder: str) -> dict:
         return json.load(fh)
 
 
+# Synthetic shards carry no human ratings: that figure is left out.
+DRAWN = [name for name in FIGURES if name != "human.png"]
+
+
 def test_report_writes_every_figure(report):
     path, _ = report
     out = os.path.dirname(path)
     assert os.path.basename(path) == "report.html" and os.path.exists(path)
-    for name in FIGURES:
+    for name in DRAWN:
         with open(os.path.join(out, name), "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n", name
+    assert not os.path.exists(os.path.join(out, "human.png"))
     assert os.path.exists(os.path.join(out, "summary.json"))
 
 
@@ -86,7 +110,8 @@ def test_html_embeds_figures_and_links_runs(report, runs_root):
     out = os.path.dirname(path)
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
-    assert text.count('<img src="data:image/png;base64,') == len(FIGURES)
+    assert text.count('<img src="data:image/png;base64,') == len(DRAWN)
+    assert "left out: the runs are on synthetic data" in text
     assert "<link" not in text and "<script" not in text  # self-contained
     for name in FIGURES:
         assert name in text
@@ -103,31 +128,32 @@ def test_summary_rows_equal_the_runs_evaluations(report, runs_root):
     _, summary = report
     rows = {r["id"]: r for r in summary["runs"]}
     assert set(rows) == set(run_ids())
-    assert summary["n_runs"] == 5 and summary["n_finished"] == 4
+    assert summary["n_runs"] == len(RUNS) + 1 and summary["n_finished"] == len(RUNS)
     for folder, (method, seed, run_id) in RUNS.items():
         row, ev = rows[run_id or folder], eval_of(runs_root, folder)
         assert (row["method"], row["seed"], row["fusion"], row["split"], row["preset"]) == (
             method, seed, "late_linear", "kfold1", "resnet")
         assert row["status"] == "finished"
-        for key in ("accuracy", "macro_f1", "ece", "unimodal_accuracy", "best_epoch"):
+        for key in ("accuracy", "macro_f1", "ece", "unimodal_accuracy", "best_epoch", "probe_accuracy"):
             assert row[key] == ev[key], key
 
 
-def test_aggregates_are_numpy_mean_and_std_of_finished_runs(report, runs_root):
+def test_aggregates_are_numpy_mean_and_sample_std_of_finished_runs(report, runs_root):
     _, summary = report
     table = summary["accuracy_table"]
-    assert [(r["method"], r["fusion"], r["n"]) for r in table] == [("joint", "late_linear", 2), ("mlb", "late_linear", 2)]
+    assert [(r["method"], r["fusion"], r["n"]) for r in table] == [
+        (m, "late_linear", 2) for m in ("audio_only", "visual_only", "joint", "mlb")]
     for row in table:
         folders = [f for f, (m, _, _) in RUNS.items() if m == row["method"]]
         evals = [eval_of(runs_root, f) for f in folders]
         for key in ("accuracy", "macro_f1", "ece"):
             values = [e[key] for e in evals]
             assert row[key]["mean"] == pytest.approx(np.mean(values))
-            assert row[key]["std"] == pytest.approx(np.std(values))
-        for m in ("audio", "visual"):
+            assert row[key]["std"] == pytest.approx(np.std(values, ddof=1))
+        for m in evals[0]["unimodal_accuracy"]:
             values = [e["unimodal_accuracy"][m] for e in evals]
             assert row["unimodal_accuracy"][m]["mean"] == pytest.approx(np.mean(values))
-            assert row["unimodal_accuracy"][m]["std"] == pytest.approx(np.std(values))
+            assert row["unimodal_accuracy"][m]["std"] == pytest.approx(np.std(values, ddof=1))
         assert KILLED not in row["runs"]
 
 
@@ -141,15 +167,22 @@ def test_unfinished_run_is_listed_not_aggregated(report):
         assert "<tr class=unfinished>" in fh.read()
 
 
-def test_human_accuracy_in_summary(report, train_shards):
-    _, summary = report
-    expected = human_accuracy(train_shards, "test")
-    assert expected is not None and expected["clips"] == 36
-    for row in summary["runs"]:
-        assert row["human"] == (expected if row["status"] == "finished" else None)
+def test_data_is_described_and_human_raters_left_out_on_synthetic_data(report, train_shards):
+    path, summary = report
+    assert human_accuracy(train_shards, "test")["clips"] == 36  # the shards carry (borrowed) votes ...
+    assert all(row["human"] is None for row in summary["runs"])  # ... which a synthetic corpus must not use
     (setting,) = summary["human"]
-    for p in ("voice", "face", "audiovisual"):
-        assert summary["human"][setting][p] == pytest.approx(expected[p])
+    assert summary["human"][setting] is None
+    with open(os.path.join(train_shards, "shards.json"), encoding="utf-8") as fh:
+        root = json.load(fh)["config"]["root"]
+    with open(os.path.join(root, "synth.json"), encoding="utf-8") as fh:
+        synth = json.load(fh)["config"]
+    data = summary["data"][setting]
+    assert data["synthetic"] is True and data["face_weights_random"] is True and data["corpus"] == "cremad"
+    assert data["synth"] == synth and synth["video_signal"] == 1.0
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    assert "synthetic CREMA-D-shaped corpus" in text and "face features from random weights" in text
 
 
 def test_empty_folder_is_a_user_error(tmp_path):
@@ -187,3 +220,139 @@ def test_human_accuracy_counts_votes_per_presentation(tmp_path):
                    "voice": pytest.approx(1 / 3), "face": pytest.approx(2 / 3), "audiovisual": 1.0}
     assert human_accuracy(str(tmp_path / "gone"), "test") is None
     assert human_accuracy(str(shards), "val") is None  # no such part
+
+
+# --- the imbalance study ----------------------------------------------------------------------
+
+def _evals(runs_root: str, method: str) -> dict[int, dict]:
+    """seed -> eval_test.json of ``method``'s runs (all on kfold1)."""
+    return {seed: eval_of(runs_root, f) for f, (m, seed, _) in RUNS.items() if m == method}
+
+
+def _interval(values: list[float]) -> tuple[float, float, float]:
+    """mean and scipy's t-based 95 % interval, computed independently of the report."""
+    res = sps.ttest_1samp(values, 0.0)
+    ci = res.confidence_interval(0.95)
+    return float(np.mean(values)), float(ci.low), float(ci.high)
+
+
+def _check(stat: dict, values: list[float]) -> None:
+    assert stat["n"] == len(values)
+    assert stat["mean"] == pytest.approx(np.mean(values))
+    assert stat["std"] == pytest.approx(np.std(values, ddof=1))
+    if np.ptp(values) < 1e-12:  # equal values: a zero-width interval (scipy gives nan there)
+        assert stat["ci"] == pytest.approx([np.mean(values)] * 2)
+        return
+    _, low, high = _interval(values)
+    assert stat["ci"] == pytest.approx([low, high])
+
+
+def test_study_numbers_match_the_runs(report, runs_root):
+    _, summary = report
+    (setting,) = summary["study"]
+    s = summary["study"][setting]
+    assert s["modalities"] == ["audio", "visual"]
+    control = {m: _evals(runs_root, f"{m}_only") for m in ("audio", "visual")}
+    for m in ("audio", "visual"):
+        c = s["controls"][m]
+        assert c["method"] == f"{m}_only" and c["n"] == 2
+        _check(c["probe"], [control[m][k]["probe_accuracy"][m] for k in (0, 1)])
+        assert list(control[m][0]["probe_accuracy"]) == [m]  # a control probes its one modality
+    rows = {r["method"]: r for r in s["methods"]}
+    assert list(rows) == ["joint", "mlb"]
+    joint, mlb = _evals(runs_root, "joint"), _evals(runs_root, "mlb")
+    for method, ev in (("joint", joint), ("mlb", mlb)):
+        row = rows[method]
+        _check(row["fused"], [ev[k]["accuracy"] for k in (0, 1)])
+        for m in ("audio", "visual"):
+            _check(row["probe"][m], [ev[k]["probe_accuracy"][m] for k in (0, 1)])
+            frac = [ev[k]["probe_accuracy"][m] / control[m][k]["probe_accuracy"][m] for k in (0, 1)]
+            _check(row["fraction"][m], frac)
+    assert "vs_joint" not in rows["joint"]
+    vs = rows["mlb"]["vs_joint"]
+    _check(vs["fused"], [mlb[k]["accuracy"] - joint[k]["accuracy"] for k in (0, 1)])
+    for m in ("audio", "visual"):
+        d = [mlb[k]["probe_accuracy"][m] - joint[k]["probe_accuracy"][m] for k in (0, 1)]
+        _check(vs["probe"][m], d)
+        assert vs["probe"][m]["pairs"] == [["kfold1", 0], ["kfold1", 1]]
+        low, high = vs["probe"][m]["ci"]
+        assert vs["probe"][m]["helps"] == (low > 0) and vs["probe"][m]["hurts"] == (high < 0)
+        _check(s["phenomenon"][m], [joint[k]["probe_accuracy"][m] - control[m][k]["probe_accuracy"][m] for k in (0, 1)])
+
+
+def test_paired_difference_helps_only_when_the_ci_excludes_zero():
+    from experiments.study import paired_difference
+
+    base = {("f", k): 0.5 for k in range(5)}
+    clear = paired_difference({("f", k): 0.6 + 0.01 * k for k in range(5)}, base)
+    assert clear["helps"] and not clear["hurts"] and clear["ci"][0] > 0
+    noisy = paired_difference({("f", k): 0.5 + (0.1 if k % 2 else -0.1) for k in range(5)}, base)
+    assert not noisy["helps"] and not noisy["hurts"] and noisy["ci"][0] < 0 < noisy["ci"][1]
+    worse = paired_difference({("f", k): 0.4 - 0.01 * k for k in range(5)}, base)
+    assert worse["hurts"] and not worse["helps"]
+    # only keys both sides have count; one pair gives no interval
+    one = paired_difference({("f", 0): 0.7, ("g", 0): 0.1}, {("f", 0): 0.5})
+    assert one["n"] == 1 and one["ci"] is None and not one["helps"]
+
+
+def test_markdown_tables_from_the_saved_summary(report):
+    path, summary = report
+    summary_path = os.path.join(os.path.dirname(path), "summary.json")
+    proc = run_cli("report", "--summary", summary_path, "--markdown", check=True)
+    assert proc.stdout == tables.markdown(summary)
+    (setting,) = summary["study"]
+    s = summary["study"][setting]
+    mlb = next(r for r in s["methods"] if r["method"] == "mlb")
+    fused = mlb["fused"]
+    expected = f"{100 * fused['mean']:.1f} ± {100 * (fused['ci'][1] - fused['ci'][0]) / 2:.1f}"
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| mlb | 2 |"))
+    assert line.split(" | ")[2] == expected
+    assert "| audio_only | 2 |" in proc.stdout and "| visual_only | 2 |" in proc.stdout
+    assert "| mlb | 2 | " + tables.diff(mlb["vs_joint"]["fused"]) in proc.stdout  # the paired table
+    assert "joint − visual_only" in proc.stdout and "synthetic CREMA-D-shaped corpus" in proc.stdout
+    bad = run_cli("report", "--summary", summary_path)  # without --markdown
+    assert bad.returncode == 2 and "--markdown" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_report_command_ends_with_the_short_table(runs_root, tmp_path):
+    proc = run_cli("report", "--runs", runs_root, "--out", str(tmp_path / "rep"), check=True)
+    lines = proc.stdout.strip().splitlines()
+    with open(tmp_path / "rep" / "summary.json", encoding="utf-8") as fh:
+        summary = json.load(fh)
+    assert lines[-len(tables.short_lines(summary)):] == tables.short_lines(summary)
+    last = {ln.split()[0]: ln.split() for ln in lines[-4:]}
+    assert list(last) == ["audio_only", "visual_only", "joint", "mlb"]
+    mlb = next(r for r in next(iter(summary["study"].values()))["methods"] if r["method"] == "mlb")
+    assert last["mlb"][1] == f"{100 * mlb['fused']['mean']:.1f}"
+    assert last["mlb"][-3] == f"{100 * mlb['probe']['visual']['mean']:.1f}"
+
+
+def _blocks_ok(readme: str) -> list[str]:
+    """Paths of the README's study-table blocks that differ from what their summary generates."""
+    with open(readme, encoding="utf-8") as fh:
+        text = fh.read()
+    base = os.path.dirname(os.path.abspath(readme))
+    return [p for p, body in tables.blocks(text)
+            if body != tables.markdown(tables.load_summary(os.path.join(base, p)))]
+
+
+def test_readme_tables_equal_their_generated_tables():
+    """Every `<!-- study-table:begin FILE -->` block in README.md is exactly what
+    `python cli.py report --summary FILE --markdown` prints."""
+    assert _blocks_ok(os.path.join(REPO, "README.md")) == []
+
+
+def test_readme_block_check_catches_a_hand_edit(report, tmp_path):
+    path, summary = report
+    os.makedirs(tmp_path / "docs")
+    shutil.copy(os.path.join(os.path.dirname(path), "summary.json"), tmp_path / "docs" / "summary.json")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- study-table:begin docs/summary.json -->\nold\n<!-- study-table:end -->\ntail\n")
+    assert _blocks_ok(str(readme)) == ["docs/summary.json"]
+    assert tables.main(["--check", str(readme)]) == 1
+    assert tables.main([str(readme)]) == 0  # regenerates the block in place
+    assert _blocks_ok(str(readme)) == [] and readme.read_text().endswith("<!-- study-table:end -->\ntail\n")
+    text = readme.read_text()
+    mlb_line = next(ln for ln in text.splitlines() if ln.startswith("| mlb | 2 |"))
+    readme.write_text(text.replace(mlb_line, mlb_line.replace(" | 2 | ", " | 3 | ", 1)))  # a hand-typed change
+    assert _blocks_ok(str(readme)) == ["docs/summary.json"]

@@ -1,0 +1,185 @@
+"""The study tables, rendered from a report's ``summary.json`` alone (no run folders needed):
+GitHub markdown (``cli.py report --summary FILE --markdown``), HTML cells for report.html, the
+short plain table ``report`` ends with, and the README blocks generated from committed summaries.
+
+A README block is::
+
+    <!-- study-table:begin docs/results/study/summary.json -->
+    ...exactly what `python cli.py report --summary docs/results/study/summary.json --markdown` prints...
+    <!-- study-table:end -->
+
+``python -m experiments.tables README.md`` rewrites every block from its summary;
+``python -m experiments.tables --check README.md`` exits 1 when one is stale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from typing import Any
+
+from avbalance.errors import UserError
+
+BLOCK = re.compile(r"(<!-- study-table:begin (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- study-table:end -->)", re.S)
+LEGEND = ("Accuracies in %, mean ± half-width of the t-based 95 % CI over runs (splits × seeds); n: runs. "
+          "probe: linear-probe accuracy of the frozen encoder; / control: probe accuracy as % of the unimodal "
+          "control's of the same split and seed.")
+DIFF_LEGEND = ("Method minus joint, paired over (split, seed), in points (fractions: % of the control), "
+               "mean [95 % CI]; **bold**: the CI excludes 0 (the method helps when positive, hurts when negative).")
+
+
+def load_summary(path: str) -> dict[str, Any]:
+    """A report's summary.json; UserError when missing or not one."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            summary = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"--summary {path}: cannot read a report summary ({err}); `python cli.py report` writes one") from None
+    if not isinstance(summary, dict) or "study" not in summary:
+        raise UserError(f"--summary {path}: no `study` section; write it again with this version's `python cli.py report`")
+    return summary
+
+
+def pct(stat: dict[str, Any] | None) -> str:
+    """'62.3 ± 4.1' (mean ± CI half-width, in %), '62.3' without a CI, '–' without a value."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    if not stat.get("ci"):
+        return f"{100 * stat['mean']:.1f}"
+    return f"{100 * stat['mean']:.1f} ± {100 * (stat['ci'][1] - stat['ci'][0]) / 2:.1f}"
+
+
+def diff(stat: dict[str, Any] | None, bold: str = "**") -> str:
+    """'+3.1 [−0.5, 6.7]' in points; wrapped in ``bold`` when the CI excludes 0."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    text = f"{100 * stat['mean']:+.1f}"
+    if stat.get("ci"):
+        text += f" [{100 * stat['ci'][0]:+.1f}, {100 * stat['ci'][1]:+.1f}]"
+    return f"{bold}{text}{bold}" if stat.get("helps") or stat.get("hurts") else text
+
+
+def describe_data(data: dict[str, Any] | None) -> str:
+    """One line: what the runs were trained on."""
+    if not data or data.get("synthetic") is None:
+        what = f"corpus {data['corpus']}, synthetic or real unknown" if data and data.get("corpus") else "unknown data"
+    elif data["synthetic"]:
+        synth = data.get("synth") or {}
+        knobs = ", ".join(f"{k} {v}" for k, v in sorted(synth.items()))
+        what = "synthetic CREMA-D-shaped corpus (`cli.py synth`" + (f": {knobs}" if knobs else "") + "), not CREMA-D"
+    else:
+        what = f"real corpus ({data.get('corpus') or 'unknown'})"
+    if data and data.get("face_weights_random"):
+        what += "; face features from random weights"
+    return what
+
+
+def study_rows(s: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
+    """The setting's tables as (header, rows) of plain strings: per-method numbers, differences
+    to joint, and the phenomenon check (joint against the unimodal controls)."""
+    mods = s["modalities"] or list(s["controls"])
+    head = ["method", "n", "fused acc."]
+    for m in mods:
+        head += [f"{m} probe"] + ([f"{m} / {s['controls'][m]['method']}"] if m in s["controls"] else [])
+    main = []
+    for m, c in s["controls"].items():
+        row = [c["method"], str(c["n"]), pct(c["fused"])]
+        for m2 in mods:
+            row += [pct(c["probe"]) if m2 == m else "–"] + (["(control)" if m2 == m else "–"] if m2 in s["controls"] else [])
+        main.append(row)
+    for r in s["methods"]:
+        row = [r["method"], str(r["n"]), pct(r["fused"])]
+        for m in mods:
+            row += [pct(r["probe"].get(m))] + ([pct(r["fraction"].get(m))] if m in s["controls"] else [])
+        main.append(row)
+    tables = [(head, main)]
+    compared = [r for r in s["methods"] if "vs_joint" in r]
+    if compared:
+        head = ["method − joint", "pairs", "Δ fused acc."]
+        for m in mods:
+            head += [f"Δ {m} probe"] + ([f"Δ {m} / control"] if m in s["controls"] else [])
+        rows = []
+        for r in compared:
+            v = r["vs_joint"]
+            row = [r["method"], str(v["fused"]["n"]), diff(v["fused"])]
+            for m in mods:
+                row += [diff(v["probe"].get(m))] + ([diff(v["fraction"].get(m))] if m in s["controls"] else [])
+            rows.append(row)
+        tables.append((head, rows))
+    if s["phenomenon"]:
+        rows = [[m, f"joint − {s['controls'][m]['method']}", str(p["n"]), diff(p)] for m, p in s["phenomenon"].items()]
+        tables.append((["modality", "phenomenon check", "pairs", "probe accuracy difference (points)"], rows))
+    return tables
+
+
+def _markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "--:" for i in range(len(head))) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """Every setting's study tables as GitHub markdown, from a summary alone (deterministic)."""
+    study, data = summary.get("study") or {}, summary.get("data") or {}
+    if not study:
+        return "No run with linear-probe accuracies: no study table.\n"
+    out = []
+    for setting, s in study.items():
+        out += [f"**{setting}** — data: {describe_data(data.get(setting))}.", ""]
+        for head, rows in study_rows(s):
+            out += _markdown_table(head, rows) + [""]
+        out += [LEGEND + (" " + DIFF_LEGEND if any("vs_joint" in r for r in s["methods"]) or s["phenomenon"] else ""), ""]
+    return "\n".join(out)
+
+
+def short_lines(summary: dict[str, Any]) -> list[str]:
+    """A plain table for the terminal: fused and probe accuracy per modality per method."""
+    lines = []
+    for setting, s in (summary.get("study") or {}).items():
+        mods = s["modalities"] or list(s["controls"])
+        rows = [[c["method"], pct(c["fused"]), *[pct(c["probe"]) if m == cm else "–" for m in mods]]
+                for cm, c in s["controls"].items()]
+        rows += [[r["method"], pct(r["fused"]), *[pct(r["probe"].get(m)) for m in mods]] for r in s["methods"]]
+        head = ["method", "fused %", *[f"{m} probe %" for m in mods]]
+        widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+        lines.append(f"{setting} (mean ± 95 % CI over runs):")
+        for row in [head, *rows]:
+            lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    return lines
+
+
+def render_blocks(text: str, base: str) -> str:
+    """``text`` with every study-table block regenerated from its summary (paths relative to ``base``)."""
+    def fill(match: re.Match) -> str:
+        summary = load_summary(os.path.join(base, match.group("path")))
+        return match.group(1) + markdown(summary) + match.group(4)
+
+    return BLOCK.sub(fill, text)
+
+
+def blocks(text: str) -> list[tuple[str, str]]:
+    """(summary path, body) of every study-table block in ``text``."""
+    return [(m.group("path"), m.group("body")) for m in BLOCK.finditer(text)]
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    paths = [a for a in argv if a != "--check"] or ["README.md"]
+    stale = []
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        new = render_blocks(text, os.path.dirname(os.path.abspath(path)))
+        if new != text:
+            stale.append(path)
+            if not check:
+                with open(path, "w", encoding="utf-8") as fh:
+                    fh.write(new)
+    verb = "stale" if check else "updated"
+    print(f"study tables {verb}: {', '.join(stale) or 'none'}")
+    return 1 if check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
