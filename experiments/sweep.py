@@ -111,6 +111,16 @@ def preset_balancing(config: str) -> tuple[str, list[str]]:
     return str(cfg["balancing"].get("name")), list(cfg["model"]["encoders"])
 
 
+def for_modalities(overrides: list[str], modalities: list[str]) -> list[str]:
+    """The overrides that apply to a model of ``modalities``: a sweep-wide setting of another
+    modality's encoder (``model.encoders.visual.width=16``) is left out of a one-modality run
+    rather than adding an encoder that the data does not feed."""
+    def applies(text: str) -> bool:
+        key = text.split("=", 1)[0].strip().split(".")
+        return not (len(key) >= 3 and key[:2] == ["model", "encoders"] and key[2] not in modalities)
+    return [o for o in overrides if applies(o)]
+
+
 def unsupported_reason(method: str, fusion: str, config: str | None = None) -> str | None:
     """Why ``method`` (the preset ``config`` when given) cannot run with ``fusion``, or None:
     the method's ``requires`` and minimum modalities, and the fusion's, against the model."""
@@ -188,7 +198,8 @@ def load_sweep(path: str, out: str | None = None) -> Sweep:
                             sweep.unsupported.append({"id": run_id, "reason": reason})
                             continue
                         shards = os.path.abspath(shards_tpl.format(split=split))
-                        overrides = (f"model.fusion.name={fusion}", f"seed={int(seed)}", *common, *extra)
+                        overrides = (f"model.fusion.name={fusion}", f"seed={int(seed)}",
+                                     *for_modalities([*common, *extra], preset_balancing(config)[1]))
                         sweep.runs.append(RunSpec(run_id, name, preset, str(method), str(fusion), str(split), int(seed),
                                                   config, shards, overrides))
     return sweep

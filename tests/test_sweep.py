@@ -122,3 +122,18 @@ def test_a_killed_sweep_skips_finished_runs(train_shards, tmp_path):
     messages.clear()
     run_sweep(load_sweep(path), report=messages.append)
     assert "2 finished, 0 to run" in messages[0]
+
+
+def test_sweep_wide_encoder_settings_skip_one_modality_runs(tmp_path):
+    """A sweep-wide `model.encoders.visual.width` reaches the runs that have a visual encoder
+    and is left out of the audio-only control (instead of adding an encoder without data)."""
+    from experiments.sweep import load_sweep
+
+    path = tmp_path / "s.yaml"
+    path.write_text("out: runs\nshards: sh/{split}\nset: [model.encoders.visual.width=8, model.encoders.audio.width=4]\n"
+                    "blocks:\n  - {name: b, preset: resnet, splits: [kfold1], seeds: [0], methods: [audio_only, joint], "
+                    "fusions: [late_linear]}\n")
+    runs = {r.method: r for r in load_sweep(str(path)).runs}
+    assert "model.encoders.visual.width=8" not in runs["audio_only"].overrides
+    assert "model.encoders.audio.width=4" in runs["audio_only"].overrides
+    assert {"model.encoders.visual.width=8", "model.encoders.audio.width=4"} <= set(runs["joint"].overrides)
