@@ -211,7 +211,7 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     # Model, balancing method, optimizer, schedule.
     model = build_model(cfg["model"]).to(device)
     balancing = dict(cfg["balancing"])
-    balancer = build_balancer(balancing.pop("name"), model, **balancing)
+    balancer = build_balancer(balancing.pop("name"), model, total_epochs=cfg["train"]["epochs"], **balancing)
     optimizer = build_optimizer(cfg, balancer.param_groups(model, cfg["optim"]["lr"]))
     balancer.attach_optimizer(optimizer)  # methods with per-modality learning rates adjust it
     schedule = build_schedule(cfg, optimizer, steps_per_epoch * cfg["train"]["epochs"])

@@ -9,8 +9,8 @@ One training step, as the loop runs it::
     balancer.after_backward(model, out, batch)      # edit .grad in place
     clip_grad_norm_(...); scaler.step(optimizer); scaler.update()
 
-Around it: ``build_balancer`` (construct with the config's keyword arguments, ``check`` the
-model, ``configure`` it) runs before the optimizer is built from ``param_groups`` (a module
+Around it: ``build_balancer`` (construct with the config's keyword arguments, set
+``total_epochs`` to the run's ``train.epochs``, ``check`` the model, ``configure`` it) runs before the optimizer is built from ``param_groups`` (a module
 ``configure`` adds must go to the model's device); ``attach_optimizer(optimizer)`` right
 after that; on resume the model's weights load after ``configure``, then ``load_state_dict``.
 Each epoch: ``on_epoch_start(model, epoch, loader, val_loader)`` ... steps ... validation ...
@@ -162,6 +162,9 @@ class Balancer:
 
     def __init__(self) -> None:
         self.optimizer: torch.optim.Optimizer | None = None
+        # The run's epoch count (``train.epochs``), set by ``build_balancer``; None when unknown.
+        # Methods with an epoch window scale their paper's window to it (``window.py``).
+        self.total_epochs: int | None = None
 
     # -- build time --------------------------------------------------------------------
     @classmethod
@@ -219,10 +222,11 @@ class Balancer:
         return {}
 
 
-def build_balancer(name: str, model: nn.Module, **kwargs: Any) -> Balancer:
-    """``BALANCERS.get(name)(**kwargs)``, then ``check(model)`` and ``configure(model)``.
+def build_balancer(name: str, model: nn.Module, total_epochs: int | None = None, **kwargs: Any) -> Balancer:
+    """``BALANCERS.get(name)(**kwargs)``, then ``total_epochs``, ``check(model)`` and ``configure(model)``.
 
-    Bad options raise UserError naming the accepted ones.
+    ``total_epochs`` is the run's ``train.epochs`` (None when unknown). Bad options raise
+    UserError naming the accepted ones.
     """
     cls = BALANCERS.get(name)
     try:
@@ -231,6 +235,7 @@ def build_balancer(name: str, model: nn.Module, **kwargs: Any) -> Balancer:
         accepted = list(inspect.signature(cls).parameters)
         raise UserError(f"bad options for balancing method {name!r}: {err}; accepted: {accepted}") from None
     balancer = cls(**kwargs)
+    balancer.total_epochs = None if total_epochs is None else int(total_epochs)
     balancer.check(model)
     balancer.configure(model)
     return balancer
