@@ -69,13 +69,15 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 def coalition_values(model: nn.Module, inputs: Mapping[str, Any], modalities: Sequence[str],
-                     full: torch.Tensor, detach: bool = True) -> dict[frozenset, torch.Tensor]:
+                     full: torch.Tensor | None, detach: bool = True) -> dict[frozenset, torch.Tensor]:
     """v(S) for every S subset of ``modalities``: fused logits with the others dropped (float32).
 
-    v(all) is ``full`` (not recomputed); the other 2^M - 1 subsets cost one forward each.
-    ``detach=False`` keeps every value in the autograd graph.
+    v(all) is ``full`` when given (not recomputed), else one more forward; the other 2^M - 1
+    subsets cost one forward each. ``detach=False`` keeps every value in the autograd graph.
     """
     keep_graph = (lambda t: t.float()) if not detach else (lambda t: t.detach().float())
+    if full is None:
+        full = model(inputs).fused
     values: dict[frozenset, torch.Tensor] = {frozenset(modalities): keep_graph(full)}
     for size in range(len(modalities)):
         for keep in itertools.combinations(modalities, size):
