@@ -136,6 +136,19 @@ def test_ogm_window_and_options() -> None:
         build_balancer("ogm_ge", model, alpha=0)
 
 
+def test_ogm_after_backward_with_bf16_features() -> None:
+    """The loop runs the forward under bf16 autocast on CUDA and after_backward outside it."""
+    model, batch = make()
+    balancer = build_balancer("ogm_ge", model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch["inputs"])
+        loss, _ = balancer.compute_loss(model, batch, out)
+    assert out.features["audio"].dtype == torch.bfloat16
+    loss.backward()
+    balancer.after_backward(model, out, batch)
+    assert set(balancer.log()) == {"ratio/audio", "ratio/visual", "k/audio", "k/visual"}
+
+
 def test_ogm_default_window_is_the_reference_share_of_the_run() -> None:
     model, _ = make()
     # GeWu-Lab/OGM-GE_CVPR2022 main.py: epochs 0..50 of 100 (inclusive)

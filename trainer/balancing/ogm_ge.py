@@ -126,7 +126,8 @@ class OGMGE(EpochWindow, Balancer):
             return
         modalities = list(model.modalities)
         label = batch["label"].view(-1, 1)
-        logits = _split_logits(model.fusion, {m: out.features[m].detach() for m in modalities})
+        # float32: under bf16 autocast the features are bf16 while this runs outside autocast
+        logits = _split_logits(model.fusion, {m: out.features[m].detach().float() for m in modalities})
         scores = torch.stack(
             [logits[m].float().softmax(dim=-1).gather(1, label).sum() for m in modalities]
         )
