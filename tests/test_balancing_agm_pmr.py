@@ -19,6 +19,7 @@ from torch import nn
 from tests.test_balancing import TinyLate, TinyMLP, grads, make
 from trainer.balancing import BALANCERS, build_balancer
 from trainer.balancing.agm import agm_coefficients, agm_logits, coalition_values, shapley_logits
+from trainer.balancing.pmr import tenth_of
 
 
 class Counting(nn.Module):
@@ -255,6 +256,8 @@ def test_pmr_prototypes_match_reference() -> None:
     for m in ("audio", "visual"):
         assert torch.allclose(balancer.prototypes[m][:3], second[m][:3], atol=1e-6)
         assert torch.equal(balancer.prototypes[m][3], torch.zeros(5))  # unseen class keeps its prototype
+    assert tenth_of(type("Loader", (), {"nsamples": 35})()) == 3  # a webdataset loader cut by with_epoch
+    assert tenth_of(iter([])) is None  # no length: every batch
     # max_batches given: that many batches
     balancer = build_balancer("pmr", model, max_batches=1)
     balancer.on_epoch_start(model, 0, loader)

@@ -26,11 +26,15 @@ How the methods plug in (none needs a change to a loop that calls every hook abo
   true class, scales the dominant encoder's gradients by ``1 - tanh(alpha * rho)`` and adds
   Gaussian noise matching each gradient's spread (GE); ``on_epoch_start`` records the epoch so
   modulation can stop after ``modulation_ends``.
-- AGM: ``compute_loss`` runs extra forwards ``model(batch["inputs"], drop={m})`` (features of
-  m zeroed) to score each modality's contribution, keeps running means (``state_dict``), and
-  rescales each modality's share of the gradient, e.g. with ``out.features[m].register_hook``.
-  Stateful updates must happen only when ``model.training`` (``compute_loss`` may also be used
-  for a validation loss).
+- CGGM: ``param_groups`` puts the unimodal heads in their own group (``cls_lr``).
+- AGM: ``compute_loss`` runs extra forwards ``bare(batch["inputs"], drop=S)`` (features of the
+  dropped modalities zeroed) in eval mode *with* gradients, builds per-modality shares of the
+  fused logits, registers a gradient hook on each share (its coefficient) and returns CE of
+  their sum; it keeps running means (``state_dict``); ``after_backward`` clips the gradients
+  when a fusion gradient leaves [-1, 1]. Stateful updates happen only when ``model.training``
+  (``compute_loss`` may also be used for a validation loss).
+- Epoch windows (OGM-GE, PMR, AGM): ``on_epoch_start`` records the epoch; the window's
+  default end is the reference's scaled to ``total_epochs`` (``window.py``).
 - MSLR: ``param_groups`` returns one group per modality (``modality_param_groups``, each group
   tagged ``"name"``) plus the shared one; ``on_epoch_end`` reads per-modality validation
   accuracy from ``val_metrics`` and sets those groups' ``"lr_scale"`` on ``self.optimizer``
