@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--face-min-size", type=int, default=40, help="MTCNN minimum face size in pixels (default 40)")
     p.add_argument("--face-margin", type=float, default=0.2, help="crop side = max(w, h) x (1 + margin) (default 0.2)")
     p.add_argument("--face-size", type=int, default=260, help="face crop size: 260 (EfficientNet-B2) or 224")
-    p.add_argument("--face-weights", help="EfficientNet-B2 weights: a timm state dict (.pth or .safetensors)")
+    p.add_argument("--face-weights", help="EfficientNet-B2 weights: a timm state dict (.pth or .safetensors) or a "
+                   "Hugging Face model id (hf-hub:timm/efficientnet_b2.ra_in1k), downloaded once into the HF cache")
     p.add_argument("--allow-random-weights", action="store_true", help="tests/demos only: seeded random EfficientNet-B2 weights")
     p.add_argument("--keep-face-crops", action="store_true", help="also store the face crops (faces.jpg)")
     p.add_argument("--spec", choices=("logmel", "linear"), default="logmel", help="spectrogram: 128-bin log-Mel or the reference linear 257 x 188")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,6 +136,30 @@ def test_ogm_window_and_options() -> None:
         build_balancer("ogm_ge", model, alpha=0)
 
 
+def test_ogm_after_backward_with_bf16_features() -> None:
+    """The loop runs the forward under bf16 autocast on CUDA and after_backward outside it."""
+    model, batch = make()
+    balancer = build_balancer("ogm_ge", model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch["inputs"])
+        loss, _ = balancer.compute_loss(model, batch, out)
+    assert out.features["audio"].dtype == torch.bfloat16
+    loss.backward()
+    balancer.after_backward(model, out, batch)
+    assert set(balancer.log()) == {"ratio/audio", "ratio/visual", "k/audio", "k/visual"}
+
+
+def test_ogm_default_window_is_the_reference_share_of_the_run() -> None:
+    model, _ = make()
+    # GeWu-Lab/OGM-GE_CVPR2022 main.py: epochs 0..50 of 100 (inclusive)
+    assert build_balancer("ogm_ge", model, total_epochs=100).modulation_ends == 50
+    balancer = build_balancer("ogm_ge", model, total_epochs=50)
+    assert (balancer.modulation_starts, balancer.modulation_ends) == (0, 25)
+    balancer.on_epoch_start(model, 26)
+    assert not balancer.active()
+    assert build_balancer("ogm_ge", model).modulation_ends == 50  # run length unknown: the reference's
+
+
 @pytest.mark.parametrize("name", ["ogm_ge", "mmcosine"])
 def test_refuses_non_decomposable_fusion(name: str) -> None:
     model, _ = make(fusion="mid_mlp")
@@ -186,68 +211,91 @@ def _scales(optimizer):
     return {g["name"]: g.get("lr_scale", 1.0) for g in optimizer.param_groups}
 
 
-def test_mslr_groups_and_scales_across_epochs() -> None:
-    model, batch = make()
-    balancer = build_balancer("mslr", model, decay=0.5, min_scale=0.2)
+def _reference_mslr(accs: list[dict[str, float]], init: dict[str, float]) -> list[dict[str, float]]:
+    """lihong2303/AGM_ICCV2023 run/CREMAD_main.py: the coefficient each epoch's end leaves for
+    the next epoch, mslr_coeff = init * (acc / mean(last 5 accuracies)) once 5 are remembered."""
+    memory = {m: [] for m in init}
+    ratio = {m: 1.0 for m in init}
+    out = []
+    for acc in accs:
+        for m in init:
+            if len(memory[m]) < 5:
+                memory[m].append(acc[m])
+            else:
+                ratio[m] = acc[m] / np.mean(memory[m])
+                memory[m] = memory[m][1:] + [acc[m]]
+        out.append({m: init[m] * ratio[m] for m in init})
+    return out
+
+
+def test_mslr_scales_follow_the_reference() -> None:
+    model, _ = make()
+    balancer = build_balancer("mslr", model)
     optimizer = _optimizer(balancer, model)
     assert [g["name"] for g in optimizer.param_groups] == ["audio", "visual", "shared"]
+    assert _scales(optimizer) == pytest.approx({"audio": 0.9, "visual": 1.1, "shared": 1.0})  # reference start
     schedule = build_schedule({"optim": {"schedule": "none", "warmup_steps": 0}}, optimizer, 100)
-
-    steps = [
-        ({"audio": 0.50, "visual": 0.50}, {"audio": 1.0, "visual": 1.0}),  # first epoch: record only
-        ({"audio": 0.60, "visual": 0.50}, {"audio": 1.0, "visual": 0.5}),  # visual did not improve
-        ({"audio": 0.55, "visual": 0.40}, {"audio": 0.5, "visual": 0.25}),
-        ({"audio": 0.70, "visual": 0.30}, {"audio": 0.5, "visual": 0.2}),  # floor at min_scale
-    ]
-    for epoch, (accs, want) in enumerate(steps):
-        balancer.on_epoch_end(model, epoch, {"accuracy": 0.5, "unimodal_accuracy": accs})
-        assert _scales(optimizer) == {**want, "shared": 1.0}
-        assert balancer.log() == {f"lr_scale/{m}": v for m, v in want.items()}
+    g = torch.Generator().manual_seed(0)
+    accs = [{"audio": 0.3 + 0.05 * e + 0.03 * float(torch.rand(1, generator=g)),
+             "visual": 0.4 - 0.02 * e + 0.1 * float(torch.rand(1, generator=g))} for e in range(9)]
+    want = _reference_mslr(accs, {"audio": 0.9, "visual": 1.1})
+    seen_up = seen_down = False
+    for epoch, (acc, w) in enumerate(zip(accs, want)):
+        # late_linear is decomposable: the accuracy of each modality's additive share is read
+        balancer.on_epoch_end(model, epoch, {"accuracy": 0.5, "share_accuracy": acc,
+                                             "unimodal_accuracy": {"audio": 0.0, "visual": 0.0}})
+        assert _scales(optimizer) == pytest.approx({**w, "shared": 1.0}, rel=1e-9), epoch
         optimizer.step()
         schedule.step()  # the schedule honours lr_scale
         assert {g["name"]: g["lr"] for g in optimizer.param_groups} == pytest.approx(
-            {"audio": 0.1 * want["audio"], "visual": 0.1 * want["visual"], "shared": 0.1}
-        )
-    assert balancer.history == {"audio": [0.5, 0.6, 0.55, 0.7], "visual": [0.5, 0.5, 0.4, 0.3]}
+            {"audio": 0.1 * w["audio"], "visual": 0.1 * w["visual"], "shared": 0.1})
+        seen_up |= w["audio"] > 0.9
+        seen_down |= w["visual"] < 1.1
+    assert seen_up and seen_down  # it goes up and down, not only down
 
     # round trip through a weights_only checkpoint into a fresh balancer and optimizer
     buf = io.BytesIO()
     torch.save(balancer.state_dict(), buf)
     buf.seek(0)
-    fresh = build_balancer("mslr", model, decay=0.5, min_scale=0.2)
+    fresh = build_balancer("mslr", model)
     optimizer2 = _optimizer(fresh, model)
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert fresh.history == balancer.history and fresh.scale == balancer.scale
-    assert _scales(optimizer2) == {"audio": 0.5, "visual": 0.2, "shared": 1.0}
+    assert _scales(optimizer2) == pytest.approx({**want[-1], "shared": 1.0})
 
 
-def test_mslr_growth_window_and_initial_scales() -> None:
+def test_mslr_options() -> None:
     model, _ = make()
-    balancer = build_balancer("mslr", model, growth=2.0, window=2, scales={"visual": 0.5})
+    balancer = build_balancer("mslr", model, window=2, scales={"visual": 0.5})
     optimizer = _optimizer(balancer, model)
     assert _scales(optimizer) == {"audio": 1.0, "visual": 0.5, "shared": 1.0}
-    seq = [
-        ({"audio": 0.5, "visual": 0.5}, {"audio": 1.0, "visual": 0.5}),
-        ({"audio": 0.4, "visual": 0.6}, {"audio": 0.5, "visual": 0.5}),   # visual up, capped at 0.5
-        ({"audio": 0.46, "visual": 0.5}, {"audio": 1.0, "visual": 0.25}),  # audio 0.46 > mean(0.5, 0.4)
-    ]
-    for epoch, (accs, want) in enumerate(seq):
-        balancer.on_epoch_end(model, epoch, {"unimodal_accuracy": accs})
-        assert _scales(optimizer) == {**want, "shared": 1.0}
-    balancer.on_epoch_end(model, 3, {"accuracy": 0.3})  # no unimodal accuracies: nothing changes
-    assert _scales(optimizer) == {"audio": 1.0, "visual": 0.25, "shared": 1.0}
+    for epoch, acc in enumerate(({"audio": 0.5, "visual": 0.5}, {"audio": 0.4, "visual": 0.6},
+                                 {"audio": 0.9, "visual": 0.55})):
+        balancer.on_epoch_end(model, epoch, {"share_accuracy": acc})
+    assert _scales(optimizer) == pytest.approx({"audio": 2.0, "visual": 0.5 * 0.55 / 0.55, "shared": 1.0})
+    balancer.on_epoch_end(model, 3, {"accuracy": 0.3})  # no per-modality accuracies: nothing changes
+    assert _scales(optimizer) == pytest.approx({"audio": 2.0, "visual": 0.5, "shared": 1.0})
     with pytest.raises(UserError, match="unknown modalities"):
         build_balancer("mslr", model, scales={"text": 1.0})
-    with pytest.raises(UserError, match="decay"):
-        build_balancer("mslr", model, decay=0)
+    with pytest.raises(UserError, match="window"):
+        build_balancer("mslr", model, window=0)
 
 
-def test_mslr_loss_trains_the_unimodal_heads() -> None:
+def test_mslr_loss_is_the_late_fusion_ce() -> None:
     model, batch = make()
-    balancer = build_balancer("mslr", model)
     out = model(batch["inputs"])
-    loss, parts = balancer.compute_loss(model, batch, out)
+    loss, parts = build_balancer("mslr", model).compute_loss(model, batch, out)
+    # the reference's criterion(out_a + out_v, label): no unimodal-head terms
+    assert set(parts) == {"ce_fused"}
+    assert loss.item() == pytest.approx(F.cross_entropy(out.fused, batch["label"]).item())
+    # a fusion with no additive shares: the heads are trained and their accuracy read
+    model, batch = make(fusion="mid_mlp")
+    balancer = build_balancer("mslr", model)
+    _, parts = balancer.compute_loss(model, batch, model(batch["inputs"]))
     assert set(parts) == {"ce_fused", "ce_audio", "ce_visual"}
+    for epoch in range(6):
+        balancer.on_epoch_end(model, epoch, {"unimodal_accuracy": {"audio": 0.2 + 0.1 * epoch, "visual": 0.5}})
+    assert balancer.scale["audio"] == pytest.approx(0.9 * 0.7 / 0.4)
 
 
 # -- every new method: two optimizer steps ---------------------------------------------------

@@ -10,8 +10,8 @@ import torch
 
 from avbalance.errors import UserError
 from trainer.balancing import BALANCERS, build_balancer
-from trainer.balancing.miles import miles_imbalance
-from trainer.balancing.mnl import negative_learning_loss, true_class_confidence
+from trainer.balancing.miles import miles_imbalance, utilization
+from trainer.balancing.mnl import guidance
 from trainer.fusion import FUSIONS
 from trainer.fusion.late import LateLinear  # noqa: F401  (registers late_linear)
 from trainer.loop import build_schedule
@@ -89,6 +89,23 @@ def test_miles_scales_with_the_real_schedule() -> None:
     assert _scales(optimizer) == {"audio": 1.0, "visual": 1.0, "shared": 1.0}
 
 
+def test_miles_default_tau_and_no_change_when_every_utilization_is_negative() -> None:
+    model, _ = make()
+    balancer = build_balancer("miles", model)
+    optimizer = _optimizer(balancer, model)
+    # d = 0.15: below the reference implementation's tau 0.2, so nothing is cut
+    balancer.on_epoch_end(model, 0, {"accuracy": 1.0, "unimodal_accuracy": {"audio": 0.65, "visual": 0.5}})
+    assert _scales(optimizer) == {"audio": 1.0, "visual": 1.0, "shared": 1.0}
+    balancer.on_epoch_end(model, 1, {"accuracy": 0.8, "unimodal_accuracy": {"audio": 0.7, "visual": 0.4}})
+    assert _scales(optimizer) == {"audio": 0.5, "visual": 1.0, "shared": 1.0}
+    # fused 0.35 below both unimodal accuracies: u_audio = (0.35 - 0.4) / 0.35 < 0 and
+    # u_visual = (0.35 - 0.7) / 0.35 < 0 -> no adjustment (the scales are not restored either)
+    balancer.on_epoch_end(model, 2, {"accuracy": 0.35, "unimodal_accuracy": {"audio": 0.7, "visual": 0.4}})
+    assert _scales(optimizer) == {"audio": 0.5, "visual": 1.0, "shared": 1.0}
+    assert utilization({"audio": 0.7, "visual": 0.4}, 0.35) == pytest.approx(
+        {"audio": (0.35 - 0.4) / 0.35, "visual": (0.35 - 0.7) / 0.35})
+
+
 def test_miles_compound_and_state_round_trip() -> None:
     model, _ = make()
     balancer = build_balancer("miles", model, tau=0.2, mu=0.5, compound=True, min_scale=0.2)
@@ -135,95 +152,90 @@ def test_miles_three_modalities_and_options() -> None:
 
 
 # -- MNL -------------------------------------------------------------------------------------
-def test_negative_learning_loss_by_hand() -> None:
-    weak = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
-    dom = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
-    label = torch.tensor([0, 2])
+def _reference_mnl(out, tgt: torch.Tensor, weight1: float) -> torch.Tensor:
+    """BaoquanGong/Multimodal-Negative-Learning train_latefusion.py ``model_forward`` (train),
+    with txt = audio and img = visual."""
+    F = torch.nn.functional
+    txt_logits, img_logits = out.unimodal["audio"], out.unimodal["visual"]
+    label = F.one_hot(tgt, num_classes=N_CLASSES)
+    prob_out = F.softmax(out.fused, dim=1)
+    prob_out_masked = prob_out.clone()
+    prob_out_masked[torch.arange(prob_out.size(0)), tgt] = -1
+    _, j_idx = prob_out_masked.max(dim=1)
+    rows = torch.arange(len(tgt))
+    xi_t = txt_logits[rows, tgt] - txt_logits[rows, j_idx]
+    xi_v = img_logits[rows, tgt] - img_logits[rows, j_idx]
+    label_probs_txt = F.softmax(txt_logits, dim=1)[rows, tgt]
+    label_probs_v = F.softmax(img_logits, dim=1)[rows, tgt]
+    loss = (F.cross_entropy(txt_logits, tgt) + F.cross_entropy(img_logits, tgt) + F.cross_entropy(out.fused, tgt))
+    valid_mask = (xi_t > xi_v) & (label_probs_txt > label_probs_v)
+    if valid_mask.any():
+        valid_mask = valid_mask.float().unsqueeze(1)
+        boosting_loss = -(label * img_logits.log_softmax(1) * valid_mask) \
+            - weight1 * (txt_logits.detach().softmax(1) * img_logits.log_softmax(1) * valid_mask) \
+            + weight1 * (label * txt_logits.detach().softmax(1) * img_logits.log_softmax(1) * valid_mask)
+        loss = loss + torch.mean(boosting_loss)
+    valid_mask = (xi_t <= xi_v) & (label_probs_txt <= label_probs_v)
+    if valid_mask.any():
+        valid_mask = valid_mask.float().unsqueeze(1)
+        boosting_loss = -(label * txt_logits.log_softmax(1) * valid_mask) \
+            - weight1 * (img_logits.detach().softmax(1) * txt_logits.log_softmax(1) * valid_mask) \
+            + weight1 * (label * img_logits.detach().softmax(1) * txt_logits.log_softmax(1) * valid_mask)
+        loss = loss + torch.mean(boosting_loss)
+    return loss
 
-    def softmax(row):
-        e = [math.exp(v) for v in row]
-        return [v / sum(e) for v in e]
 
-    total = 0.0
-    for b, y in enumerate(label.tolist()):
-        p = softmax(weak[b].tolist())
-        total += sum(dom[b, c].item() * -math.log(1 - p[c]) for c in range(3) if c != y)
-    want = total / 2
-    assert negative_learning_loss(weak, dom, label).item() == pytest.approx(want, rel=1e-6)
-    # classes the dominant modality rules out (q = 0) contribute nothing
-    dom_zero = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    assert negative_learning_loss(weak, dom_zero, label).item() == 0.0
-
-
-def _weak_and_dominant(model, batch):
-    out = model(batch["inputs"])
-    s = true_class_confidence(out, batch["label"], model.modalities).tolist()
-    weak, dominant = (model.modalities[0], model.modalities[1]) if s[0] < s[1] else (model.modalities[1], model.modalities[0])
-    return out, weak, dominant
-
-
-def test_mnl_loss_applies_only_to_the_weak_modality() -> None:
-    model, batch = make()
-    balancer = build_balancer("mnl", model, lam=0.5)
-    out, weak, dominant = _weak_and_dominant(model, batch)
-    loss, parts = balancer.compute_loss(model, batch, out)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mnl_step_matches_reference(seed: int) -> None:
+    model, batch = make(batch_size=16, seed=seed)
     label = batch["label"]
-    q = out.unimodal[dominant].detach().softmax(-1)
-    p = out.unimodal[weak].detach().softmax(-1)
-    by_hand = 0.0
-    for b, y in enumerate(label.tolist()):
-        by_hand += sum(q[b, c].item() * -math.log(1 - p[b, c].item()) for c in range(N_CLASSES) if c != y)
-    by_hand = 0.5 * by_hand / len(label)
-    assert parts[f"nl_{weak}"] == pytest.approx(by_hand, rel=1e-5)
-    assert parts[f"nl_{dominant}"] == 0.0
-    ce = parts["ce_fused"] + parts["ce_audio"] + parts["ce_visual"]
-    assert loss.item() == pytest.approx(ce + by_hand, rel=1e-5)
-    assert balancer.log() == pytest.approx(
-        {f"nl/{weak}": by_hand, f"nl/{dominant}": 0.0, f"weak/{weak}": 1.0, f"weak/{dominant}": 0.0}
-    )
-    # eval-mode calls leave the logged values alone
-    model.eval()
-    before = balancer.log()
-    balancer.compute_loss(model, {"label": label.flip(0)}, out)
-    assert balancer.log() == before
-
-
-def test_mnl_does_not_touch_the_dominant_gradients() -> None:
-    model, batch = make()
-    _, weak, dominant = _weak_and_dominant(model, batch)
-    grads = {}
-    for name in ("multiloss", "mnl"):
-        model.zero_grad(set_to_none=True)
-        out = model(batch["inputs"])
-        loss, _ = build_balancer(name, model).compute_loss(model, batch, out)
-        loss.backward()
-        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for n in grads["mnl"]:
-        same = torch.allclose(grads["mnl"][n], grads["multiloss"][n], atol=1e-7)
-        if n.startswith((f"encoders.{dominant}.", f"heads.{dominant}.", "fusion.")):
-            assert same, n
-        elif n.startswith(f"heads.{weak}."):
-            assert not same, n
-    # lam = 0 gives multiloss exactly
-    model.zero_grad(set_to_none=True)
     out = model(batch["inputs"])
-    loss, _ = build_balancer("mnl", model, lam=0.0).compute_loss(model, batch, out)
+    ref = _reference_mnl(out, label, 0.7)
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    balancer = build_balancer("mnl", model)  # lam 0.7, the reference's weight1
+    out = model(batch["inputs"])
+    loss, parts = balancer.compute_loss(model, batch, out)
     loss.backward()
-    assert all(torch.allclose(p.grad, grads["multiloss"][n]) for n, p in model.named_parameters())
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n
+    log = balancer.log()
+    assert 0 < log["weak/audio"] + log["weak/visual"] <= 1  # per sample: some guided, never both ways
+    assert parts["nl_audio"] > 0 or parts["nl_visual"] > 0
 
 
-def test_mnl_three_modalities_and_options() -> None:
+def test_mnl_guidance_per_sample_and_three_modalities() -> None:
+    label = torch.tensor([0, 0])
+    fused = torch.tensor([[2.0, 1.0, 0.0], [2.0, 0.0, 1.0]])  # wrong class j = 1, then 2
+    unimodal = {
+        "audio": torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),   # margins 3, -1
+        "visual": torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]]),  # margins 1, 2
+        "text": torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]),    # margins -1, 1
+    }
+    dom, guided = guidance(fused, unimodal, label, ["audio", "visual", "text"])
+    assert dom.tolist() == [0, 1]  # the largest margin per sample
+    assert guided.tolist() == [[False, True], [True, False], [True, True]]
     model, batch = make(("audio", "visual", "text"))
     balancer = build_balancer("mnl", model)
-    out = model(batch["inputs"])
-    s = true_class_confidence(out, batch["label"], model.modalities).tolist()
-    _, parts = balancer.compute_loss(model, batch, out)
-    top = max(range(3), key=lambda i: s[i])
-    for i, m in enumerate(model.modalities):
-        assert balancer.log()[f"weak/{m}"] == (0.0 if i == top else 1.0)
-        assert (parts[f"nl_{m}"] > 0) == (i != top)
+    loss, parts = balancer.compute_loss(model, batch, model(batch["inputs"]))
+    assert torch.isfinite(loss) and {"nl_audio", "nl_visual", "nl_text"} <= set(parts)
     with pytest.raises(UserError):
         build_balancer("mnl", model, lam=-1.0)
+
+
+def test_mnl_validation_loss_is_multiloss() -> None:
+    model, batch = make(batch_size=16)
+    balancer = build_balancer("mnl", model)
+    balancer.compute_loss(model, batch, model(batch["inputs"]))
+    before = balancer.log()
+    model.eval()
+    out = model(batch["inputs"])
+    loss, parts = balancer.compute_loss(model, batch, out)
+    ce = sum(torch.nn.functional.cross_entropy(x, batch["label"]) for x in (out.fused, *out.unimodal.values()))
+    assert loss.item() == pytest.approx(ce.item(), rel=1e-6)
+    assert set(parts) == {"ce_fused", "ce_audio", "ce_visual"} and balancer.log() == before
 
 
 # -- both: two optimizer steps, state round trip ---------------------------------------------

@@ -208,7 +208,9 @@ def test_cggm_step_coefficients_history_and_state_roundtrip() -> None:
     assert fresh.prev_acc == bal.prev_acc and fresh.step == bal.step == 1 and fresh.log() == bal.log()
 
 
-def test_cggm_direction_term_trains_heads_and_fusion_only() -> None:
+def test_cggm_direction_term_trains_the_fusion_only() -> None:
+    """zrguo/CGGM src/msatrain.py: ``cls_optimizer.zero_grad()`` follows ``raw_loss.backward()``,
+    so lamda * l_gm updates the fusion (its out_layer) and nothing else."""
     model, batch = make(seed=2)
     got = {}
     for lam in (0.0, 1.0):
@@ -217,12 +219,41 @@ def test_cggm_direction_term_trains_heads_and_fusion_only() -> None:
         loss, parts = bal.compute_loss(model, batch, model(batch["inputs"]))
         loss.backward()  # no after_backward: raw gradients
         got[lam] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for n in got[0.0]:
-        if n.startswith("encoders."):
-            torch.testing.assert_close(got[0.0][n], got[1.0][n])
     changed = [n for n in got[0.0] if not torch.allclose(got[0.0][n], got[1.0][n])]
-    assert changed and all(n.startswith(("heads.", "fusion.")) for n in changed)
+    assert changed and all(n.startswith("fusion.") for n in changed)
     assert 0.0 <= parts["l_gm"] <= 2 * 10.0 + 1e-6
+
+    # the fusion's extra gradient is dL_gm/dtheta_F with the heads' feature gradients constant
+    label = batch["label"]
+    with torch.no_grad():
+        out = model(batch["inputs"])
+    z = {m: out.features[m].clone().requires_grad_(True) for m in MODS}
+    g_f = torch.autograd.grad(F.cross_entropy(model.fusion(z), label), [z[m] for m in MODS], create_graph=True)
+    b = torch.tensor([bal.log()[f"B/{m}"] for m in MODS])
+    cos = []
+    for i, m in enumerate(MODS):
+        zm = out.features[m].clone().requires_grad_(True)
+        (g_m,) = torch.autograd.grad(F.cross_entropy(model.heads[m](zm), label), [zm])
+        cos.append(F.cosine_similarity(g_f[i].reshape(-1), g_m.reshape(-1), dim=0))
+    l_gm = (b.abs().sum() - (b * torch.stack(cos)).sum()) / len(MODS)
+    fusion = dict(model.fusion.named_parameters())
+    want = torch.autograd.grad(l_gm, list(fusion.values()))
+    for (n, _), w in zip(fusion.items(), want):
+        torch.testing.assert_close(got[1.0][f"fusion.{n}"] - got[0.0][f"fusion.{n}"], w, rtol=1e-4, atol=1e-6)
+
+
+def test_cggm_heads_get_their_own_rate() -> None:
+    model, _ = make()
+    groups = build_balancer("cggm", model).param_groups(model, 1e-3)
+    assert [g["name"] for g in groups] == ["model", "heads"]
+    heads = groups[1]
+    # reference: cls_optimizer = Adam(classifier.parameters(), lr=cls_lr 5e-4) next to lr 1e-3
+    assert heads["lr"] == pytest.approx(5e-4) and heads["weight_decay"] == 0.0
+    assert {id(p) for p in heads["params"]} == {id(p) for p in model.heads.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert build_balancer("cggm", model, cls_lr=2e-3).param_groups(model, 1e-3)[1]["lr"] == 2e-3
+    with pytest.raises(UserError, match="cls_lr"):
+        build_balancer("cggm", model, cls_lr=0.0)
 
 
 @pytest.mark.parametrize("name", ["mmpareto", "cggm"])

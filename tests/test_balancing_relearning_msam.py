@@ -88,11 +88,13 @@ def test_relearning_reinitialises_by_the_diagnosed_strength():
             p.add_(torch.randn_like(p) * 0.5)
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    balancer.on_epoch_start(model, 1, train, val)              # not due: nothing changes
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), trained[n])
+    for epoch in (1, 2):                                       # not due: nothing changes
+        balancer.on_epoch_start(model, epoch, train, val)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), trained[n])
 
-    balancer.on_epoch_start(model, 2, train, val)              # due: diagnose and re-initialise
+    # due at the start of epoch 3: the reference re-initialises after (0-based) epoch 2 % every == 0
+    balancer.on_epoch_start(model, 3, train, val)
     log = balancer.log()
     assert log["reinits"] == 1.0
     for m in MODS:
@@ -107,7 +109,7 @@ def test_relearning_reinitialises_by_the_diagnosed_strength():
             torch.testing.assert_close(p.detach(), trained[n])
 
     after = {n: p.detach().clone() for n, p in model.named_parameters()}
-    balancer.on_epoch_start(model, 4, train, val)              # ``times`` reached: no more
+    balancer.on_epoch_start(model, 5, train, val)              # ``times`` reached: no more
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), after[n])
 
@@ -117,7 +119,9 @@ def test_relearning_state_round_trip_keeps_the_initial_weights():
     train, val = _loaders(model)
     balancer = build_balancer("relearning", model, every=1, times=3)
     balancer.on_epoch_start(model, 0, train, val)
-    balancer.on_epoch_start(model, 1, train, val)
+    balancer.on_epoch_start(model, 1, train, val)              # after epoch 0: never (E > 0)
+    assert balancer.reinits == 0
+    balancer.on_epoch_start(model, 2, train, val)
     state = copy.deepcopy(balancer.state_dict())
     fresh = build_balancer("relearning", model, every=1, times=3)
     fresh.load_state_dict(state)
@@ -128,7 +132,29 @@ def test_relearning_state_round_trip_keeps_the_initial_weights():
     assert fresh.log() == balancer.log()
 
 
-@pytest.mark.parametrize("options", [{"lam": 0}, {"every": 0}, {"times": -1}, {"max_batches": 0}])
+def test_relearning_defaults_and_kmeans_follow_the_authors(monkeypatch):
+    """GeWu-Lab/Diagnosing_Relearning_ECCV2024 code/ours.py: --reinit_epoch 20 --reinit_num 3,
+    KMeans(n_clusters, random_state=0) with scikit-learn's n_init of the time, 10."""
+    model, _ = make()
+    balancer = build_balancer("relearning", model)
+    assert (balancer.every, balancer.times, balancer.lam) == (20, 3, 3.0)
+    assert [e for e in range(100) if balancer.due(e)] == [21, 41, 61, 81]  # after epochs 20, 40, 60, ...
+    import sklearn.cluster
+
+    seen = []
+    real = sklearn.cluster.KMeans
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sklearn.cluster, "KMeans", spy)
+    rng = np.random.default_rng(0)
+    cluster_purity(rng.normal(size=(30, 4)), np.arange(30) % 3, 3)
+    assert seen == [{"n_clusters": 3, "random_state": 0, "n_init": 10}]
+
+
+@pytest.mark.parametrize("options", [{"lam": 0}, {"every": 0}, {"times": -1}, {"max_batches": 0}, {"n_init": 0}])
 def test_relearning_rejects_bad_options(options):
     model, _ = make()
     with pytest.raises(UserError, match="relearning"):
@@ -154,6 +180,37 @@ def test_shapley_accuracy_by_hand():
     # v_a = 1/2 [(0.75 - 0.25) + (1 - 0.25)], v_v = 1/2 [(0.25 - 0.25) + (1 - 0.75)]
     torch.testing.assert_close(phi, torch.tensor([0.625, 0.125]))
     assert float(phi.sum()) == pytest.approx(1.0 - 0.25)      # efficiency: sum = acc(all) - acc(none)
+
+
+class TrainOnlyShift(nn.Module):
+    """Wraps a fusion; in train mode the logits are negated (as dropout or batch-norm can make
+    train-mode outputs differ from eval-mode ones)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, features):
+        out = self.inner(features)
+        return -out if self.training else out
+
+
+def test_msam_scores_every_coalition_in_eval_mode():
+    model, batch = make(seed=5, batch_size=8)
+    model.fusion = TrainOnlyShift(model.fusion)
+    balancer = build_balancer("msam", model)
+    balancer.compute_loss(model, batch, model(batch["inputs"]))
+    model.eval()
+    with torch.no_grad():
+        values = {frozenset(keep): model(batch["inputs"], drop={m for m in MODS if m not in keep}).fused
+                  for keep in ((), ("audio",), ("visual",), MODS)}
+    model.train()
+    train_acc = (model(batch["inputs"]).fused.argmax(-1) == batch["label"]).float().mean()
+    eval_acc = (values[frozenset(MODS)].argmax(-1) == batch["label"]).float().mean()
+    assert train_acc != eval_acc  # the test needs the two modes to disagree
+    want = shapley_accuracy(values, batch["label"], list(MODS))
+    got = torch.tensor([balancer.log()[f"shapley/{m}"] for m in MODS])
+    torch.testing.assert_close(got, want)
 
 
 def test_split_weights():
@@ -193,7 +250,7 @@ def test_msam_gradient_is_the_weighted_mix_of_sam_and_plain_gradients(fusion):
     loss, _ = balancer.compute_loss(model, batch, out)
     loss.backward()
     balancer.after_backward(model, out, batch)
-    assert len(calls) == 1 + 3 + 1   # the loop's forward, 2^M - 1 coalitions, the perturbed pass
+    assert len(calls) == 1 + 4 + 1   # the loop's forward, 2^M coalitions (all in eval mode), the perturbed pass
 
     log = balancer.log()
     dominant = max(MODS, key=lambda m: log[f"shapley/{m}"])

@@ -211,7 +211,7 @@ DIMS = {"audio": 8, "visual": 12, "text": 6}
 @pytest.mark.parametrize("name", FUSIONS.names())
 def test_fusion_forward_backward(name: str, n_mod: int) -> None:
     dims = dict(list(DIMS.items())[:n_mod])
-    kwargs = {"hidden": 16} if name in ("mid_mlp", "gated") else {"d": 16} if name == "tf" else {}
+    kwargs = {"hidden": 16} if name in ("mid_mlp", "gated", "gmu") else {"d": 16} if name == "tf" else {}
     fusion = FUSIONS.get(name)(dims, 5, **kwargs)
     assert isinstance(fusion.decomposable, bool)
     feats = {m: torch.randn(4, d, requires_grad=True) for m, d in dims.items()}
@@ -243,8 +243,35 @@ def test_late_linear_decomposes(n_mod: int) -> None:
 
 
 def test_non_decomposable_fusions() -> None:
-    for name in ("mid_mlp", "film", "gated", "tf"):
+    for name in ("mid_mlp", "film", "gated", "gmu", "tf"):
         assert FUSIONS.get(name).decomposable is False
+
+
+def test_gated_is_ogm_ge_gated_fusion() -> None:
+    """GeWu-Lab/OGM-GE_CVPR2022 models/fusion_modules.py GatedFusion (x_gate=True), in plain torch:
+    out_x = fc_x(x), out_y = fc_y(y), output = fc_out(sigmoid(out_x) * out_y)."""
+    fusion = FUSIONS.get("gated")({"audio": 8, "visual": 12}, 5, hidden=16)
+    fc_x, fc_y, fc_out = fusion.proj["audio"], fusion.proj["visual"], fusion.fc
+    x, y = torch.randn(4, 8), torch.randn(4, 12)
+    want = fc_out(torch.mul(torch.sigmoid(fc_x(x)), fc_y(y)))
+    torch.testing.assert_close(fusion({"audio": x, "visual": y}), want)
+    other = FUSIONS.get("gated")({"audio": 8, "visual": 12}, 5, hidden=16, gate="visual")
+    want = other.fc(torch.sigmoid(other.proj["visual"](y)) * other.proj["audio"](x))
+    torch.testing.assert_close(other({"audio": x, "visual": y}), want)
+    with pytest.raises(UserError, match="gate"):
+        FUSIONS.get("gated")({"audio": 8, "visual": 12}, 5, gate="text")
+    with pytest.raises(UserError):
+        FUSIONS.get("gated")({"audio": 8}, 5)
+
+
+def test_gmu_is_the_gated_multimodal_unit() -> None:
+    """Arevalo et al. 2017 for two modalities: h = z tanh(W_a a) + (1 - z) tanh(W_v v), z = sigmoid(...)."""
+    fusion = FUSIONS.get("gmu")({"audio": 8, "visual": 12}, 5, hidden=16)
+    a, v = torch.randn(4, 8), torch.randn(4, 12)
+    gates = fusion.gate(torch.cat([a, v], -1)).view(4, 2, 16)
+    z = torch.sigmoid(gates[:, 0] - gates[:, 1])
+    h = z * torch.tanh(fusion.proj["audio"](a)) + (1 - z) * torch.tanh(fusion.proj["visual"](v))
+    torch.testing.assert_close(fusion({"audio": a, "visual": v}), fusion.fc(h))
 
 
 def test_film_modes() -> None:

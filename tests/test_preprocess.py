@@ -183,6 +183,15 @@ def test_missing_weights_are_refused_clearly(small_corpus, tmp_path):
     assert proc.returncode == 2 and "--face-weights" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_face_weights_model_id_offline_is_refused_at_once(small_corpus, tmp_path):
+    start = time.time()
+    proc = run_cli("preprocess", "cremad", "--root", small_corpus, "--out", str(tmp_path / "o"), "--split", "ogm",
+                   "--face-weights", "hf-hub:avbalance-tests/not-a-cached-model")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "avbalance-tests/not-a-cached-model" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
+    assert time.time() - start < 30  # a network retry would take ~45 s
+
+
 def test_unknown_split_and_stage_are_refused(small_corpus, tmp_path):
     proc = run_cli("preprocess", "cremad", "--root", small_corpus, "--out", str(tmp_path / "o"), *FAST[:-2], "--split", "vavl9")
     assert proc.returncode == 2 and "vavl9" in proc.stderr

@@ -31,4 +31,4 @@ def test_preset_builds(path):
     name = options.pop("name")
     assert name in BALANCERS
     if overrides:  # the Conformer presets hold a full-size Wav2Vec2: their configs are checked only
-        build_balancer(name, build_model(cfg["model"]), **options)
+        build_balancer(name, build_model(cfg["model"]), total_epochs=cfg["train"]["epochs"], **options)

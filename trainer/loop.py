@@ -20,6 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from avbalance.errors import UserError
+from avbalance.hub import weight_sources
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import save_config
@@ -231,8 +232,12 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
 
     # Model, balancing method, optimizer, schedule.
     model = build_model(cfg["model"]).to(device)
+    sources = weight_sources(model)  # pretrained weights: the id or path given and the file's sha256
+    if sources and dist_info.main:
+        with open(os.path.join(out, "weights.json"), "w") as fh:
+            json.dump(sources, fh, indent=1, sort_keys=True)
     balancing = dict(cfg["balancing"])
-    balancer = build_balancer(balancing.pop("name"), model, **balancing)
+    balancer = build_balancer(balancing.pop("name"), model, total_epochs=cfg["train"]["epochs"], **balancing)
     optimizer = build_optimizer(cfg, balancer.param_groups(model, cfg["optim"]["lr"]))
     balancer.attach_optimizer(optimizer)  # methods with per-modality learning rates adjust it
     schedule = build_schedule(cfg, optimizer, steps_per_epoch * cfg["train"]["epochs"])

@@ -1,19 +1,22 @@
 """face_features: frozen timm EfficientNet-B2, global-pooled 1408-d per face crop, float16.
 
-Weights come from a local file (``--face-weights``: a timm state dict as ``.pth``/``.pt``
-or ``.safetensors``), never from a network. Without weights the stage refuses, unless
-``--allow-random-weights`` (tests, demos) asks for a seeded random init, which is then
-recorded in the shard index as the weights' identity.
+Weights (``--face-weights``) come from a local file (a timm state dict as ``.pth``/``.pt`` or
+``.safetensors``) or from a Hugging Face model id such as ``hf-hub:timm/efficientnet_b2.ra_in1k``,
+whose ``model.safetensors`` (or ``pytorch_model.bin``) is downloaded once into the Hugging Face
+cache (``avbalance/hub.py``; offline, a model that is not cached fails at once). The shard
+index records what was given (path or id) and the weights file's sha256. Without weights the
+stage refuses, unless ``--allow-random-weights`` (tests, demos) asks for a seeded random init,
+which is then recorded in the shard index as the weights' identity.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from avbalance.errors import UserError
+from avbalance.hub import fetch_file, model_id, sha256_file
 from pipelines.stages.base import STAGES, Stage, stable_hash
 
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI starts fast without it
@@ -27,28 +30,42 @@ RANDOM_SEED = 0
 @dataclass(frozen=True)
 class FaceFeaturesConfig:
     model: str = "efficientnet_b2"
-    weights: str | None = None  # path, or None with allow_random
+    weights: str | None = None  # path or Hugging Face model id, or None with allow_random
     weights_sha256: str = "random-init"  # identity used in cache keys and the index
     allow_random: bool = False
 
 
+LOCAL_HINT = ("download the weights file once, e.g. `hf download timm/efficientnet_b2.ra_in1k "
+              "model.safetensors --local-dir models/efficientnet_b2`, and pass "
+              "--face-weights models/efficientnet_b2/model.safetensors (any timm EfficientNet-B2 state dict, "
+              ".pth or .safetensors)")
+
+
+def resolve_weights(spec: str) -> str:
+    """The local weights file for ``--face-weights``: the path itself, or a model id's file in
+    the Hugging Face cache (downloaded on first use)."""
+    repo = model_id(spec)
+    if repo is None:
+        return spec
+    return fetch_file(repo, ("model.safetensors", "pytorch_model.bin"), "--face-weights", LOCAL_HINT)
+
+
 def weights_identity(path: str | None, allow_random: bool) -> str:
-    """sha256 of the weights file, or ``random-init-seed0``; refuses a missing file clearly."""
+    """sha256 of the weights file (a model id's is fetched first), or ``random-init-seed0``;
+    refuses a missing file clearly."""
     if path is None:
         if not allow_random:
             raise UserError(
                 "face features need EfficientNet-B2 weights: pass --face-weights PATH (a timm state dict, "
-                ".pth or .safetensors, e.g. ImageNet or face-emotion weights). For tests and demos only, "
-                "--allow-random-weights uses a seeded random init, recorded in the shard index."
+                ".pth or .safetensors) or a model id such as hf-hub:timm/efficientnet_b2.ra_in1k. For tests "
+                "and demos only, --allow-random-weights uses a seeded random init, recorded in the shard index."
             )
         return f"random-init-seed{RANDOM_SEED}"
-    if not os.path.isfile(path):
-        raise UserError(f"--face-weights {path} does not exist (weights are never downloaded)")
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    local = resolve_weights(path)
+    if not os.path.isfile(local):
+        raise UserError(f"--face-weights {path} does not exist (a local file, or a model id such as "
+                        "hf-hub:timm/efficientnet_b2.ra_in1k)")
+    return sha256_file(local)
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -77,7 +94,8 @@ def build_backbone(cfg: FaceFeaturesConfig, device: str) -> torch.nn.Module:
     torch.manual_seed(RANDOM_SEED)  # a random init is reproducible and named in the index
     model = timm.create_model(cfg.model, pretrained=False, num_classes=0)
     if cfg.weights:
-        state = {k: v for k, v in _read_state_dict(cfg.weights).items() if not k.startswith("classifier.")}
+        local = resolve_weights(cfg.weights)
+        state = {k: v for k, v in _read_state_dict(local).items() if not k.startswith("classifier.")}
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatches

@@ -1,46 +1,42 @@
 """``agm``: Adaptive Gradient Modulation (Li et al., "Boosting Multi-modal Model Performance
-with Adaptive Gradient Modulation", ICCV 2023).
+with Adaptive Gradient Modulation", ICCV 2023). Checked against the authors' code,
+lihong2303/AGM_ICCV2023: ``run/CREMAD_main.py`` (``train``: scores, running means, coefficients,
+gradient clipping) and ``model/CREMAD_net.py`` (``GradMod.forward``, its backward hooks).
 
-Works for any fusion (no decomposable head needed) and M >= 2 modalities. On every training
-step, for the modality set N (|N| = M):
+Works for any fusion and M >= 2 modalities. On every training step, for the modality set N:
 
-    v(S)  = fused logits with every modality outside S dropped (features zeroed),
-            for every S subset of N; v(N) = out.fused (the loop's forward), v({}) = all dropped
-    phi_m = sum_{S subset of N \\ {m}} |S|! (M - |S| - 1)! / M! * [v(S u {m}) - v(S)]
-            (Shapley value of modality m; efficiency: sum_m phi_m + v({}) = v(N))
-    s_m   = batch mean of log softmax(phi_m)[y]                 (= -CE(phi_m, y); detached)
-    r_m   = exp(s_m - mean_{j != m} s_j)                        (current relative strength)
-    rbar_m= exp(sbar_m - mean_{j != m} sbar_j)                  (the same from running means)
-    k_m   = clip(exp(alpha * (rbar_m - r_m)), 1 / k_max, k_max)
-    sbar_m <- momentum * sbar_m + (1 - momentum) * s_m          (after k is computed)
+    v(S)   = fused logits with every modality outside S dropped (features zeroed), for every
+             S subset of N; v(N) = out.fused (the loop's forward, train mode); the 2^M - 1
+             others run in eval mode *with* gradients, as the reference's masked forwards
+    phi_m  = sum_{S subset of N \\ {m}} |S|! (M - |S| - 1)! / M! * [v(S u {m}) - v(S)] + v({}) / M
+             (the Shapley value plus an equal share of v({}), so sum_m phi_m = v(N); for M = 2
+             this is the reference's m_a = (total - pad_audio + pad_visual) / 2)
+    s_m    = batch mean of log max(softmax(phi_m)[y], 1e-8)     (minus the reference's score)
+    r_m    = exp(s_m - mean_{j != m} s_j)                       (current relative strength)
+    rbar_m = the same from sbar, the plain mean of s_m over every training step so far
+             (carried across epochs; 0 before the first step, so rbar = 1 on step one)
+    k_m    = exp(alpha * min(rbar_m - r_m, max_diff))          (alpha 1, max_diff 10; no floor)
+    sbar_m <- sbar_m * (t - 1) / t + s_m / t                    (after k, every step)
+    loss   = CE(sum_m phi_m, y), with the gradient reaching phi_m multiplied by k_m
 
-and the gradient reaching encoder m through ``out.features[m]`` is multiplied by k_m (a
-tensor hook registered in ``compute_loss``). Loss = CE(fused). A modality doing better than
-its running relative strength (r_m > rbar_m) is damped (k_m < 1), one doing worse is boosted.
+so every parameter behind phi_m (encoders and the fusion, through all the forwards it
+appears in) gets modality m's scaled share. A modality doing better than its historical
+relative strength (r_m > rbar_m) is damped, one doing worse boosted. k is applied only in the
+window ``modulation_starts <= epoch <= modulation_ends`` (default: the reference's first 20
+of 100 epochs, scaled to the run's ``train.epochs``); outside it k = 1 and the running means
+still update. After backward, when any fusion gradient leaves [-1, 1], all gradients are
+clipped to norm ``clip_norm`` (1.0; the reference checks its fusion output layer), in every
+epoch, as the reference does for AGM.
 
-What comes from the paper (and its abstract): the adaptive modulation of each modality's
-gradient for arbitrary fusion, using Shapley-value mono-modal responses obtained by zero
-masking modalities in the fused model, an exponential coefficient with strength alpha and a
-running (historical) average of the modality scores as the reference point. The M = 2 case
-is phi_a = 1/2 [v(a,v) - v(v) + v(a) - v({})], needing 3 extra forwards.
+Departures (also in docs/methods.md):
 
-Choices where the paper / abstract is silent or where we could not check the reference code:
-
-- Score: the batch mean of the true-class log-probability of phi_m (-CE), in float32. The
-  generalisation to M > 2 compares s_m with the mean of the other modalities' scores.
-- Running means: exponential moving average with ``momentum`` (0.9), initialised with the
-  first training batch's scores (so k = 1 on the first step); k uses the running means from
-  *before* the current batch. Kept in ``state_dict``.
-- k is clipped to [1/k_max, k_max] (k_max = 5) so a single odd batch cannot blow up or stop
-  an encoder; alpha = 1.5 by default.
-- The 2^M - 1 extra forwards run under ``torch.no_grad`` and in eval mode (the model's
-  train/eval mode is restored afterwards), so dropout does not add noise to the scores and
-  batch-norm statistics are not updated with zero-masked inputs. They cost compute only.
-- k scales everything upstream of ``features[m]`` (encoder m); the unimodal heads are not in
-  the loss and the fusion's gradient is left alone.
-- Under DDP the scores are averaged over ranks before k, so every rank applies the same k.
-- Not in training mode (e.g. a validation loss): plain CE(fused), no extra forwards, no
-  state change, no hooks.
+- Outside the window the reference never calls ``update_scale`` again, so its hooks keep
+  the last coefficient for the rest of training; we use k = 1 there, which is what the window
+  is documented to mean.
+- M > 2: r_m compares s_m with the mean of the other modalities' scores (exact for M = 2).
+- Under DDP the scores are averaged over ranks before k, so every rank applies the same k; the
+  masked forwards call the bare module (one DDP forward per step).
+- Not in training mode (a validation loss): plain CE(fused), no extra forwards, no state change.
 """
 
 from __future__ import annotations
@@ -56,6 +52,7 @@ from torch import nn
 
 from avbalance.errors import UserError
 from trainer.balancing.base import Balancer, register, to_floats
+from trainer.balancing.window import EpochWindow, PaperWindow
 from trainer.distributed import all_reduce_mean
 
 
@@ -72,16 +69,20 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 def coalition_values(model: nn.Module, inputs: Mapping[str, Any], modalities: Sequence[str],
-                     full: torch.Tensor) -> dict[frozenset, torch.Tensor]:
+                     full: torch.Tensor | None, detach: bool = True) -> dict[frozenset, torch.Tensor]:
     """v(S) for every S subset of ``modalities``: fused logits with the others dropped (float32).
 
-    v(all) is ``full`` (not recomputed); the other 2^M - 1 subsets cost one forward each.
+    v(all) is ``full`` when given (not recomputed), else one more forward; the other 2^M - 1
+    subsets cost one forward each. ``detach=False`` keeps every value in the autograd graph.
     """
-    values: dict[frozenset, torch.Tensor] = {frozenset(modalities): full.detach().float()}
+    keep_graph = (lambda t: t.float()) if not detach else (lambda t: t.detach().float())
+    if full is None:
+        full = model(inputs).fused
+    values: dict[frozenset, torch.Tensor] = {frozenset(modalities): keep_graph(full)}
     for size in range(len(modalities)):
         for keep in itertools.combinations(modalities, size):
             drop = frozenset(m for m in modalities if m not in keep)
-            values[frozenset(keep)] = model(inputs, drop=drop).fused.detach().float()
+            values[frozenset(keep)] = keep_graph(model(inputs, drop=drop).fused)
     return values
 
 
@@ -108,68 +109,94 @@ def relative_strength(scores: torch.Tensor) -> torch.Tensor:
     return torch.exp(scores - others)
 
 
-def agm_coefficients(scores: torch.Tensor, running: torch.Tensor, alpha: float, k_max: float) -> torch.Tensor:
-    """k_m = clip(exp(alpha (rbar_m - r_m)), 1/k_max, k_max)."""
+def agm_coefficients(scores: torch.Tensor, running: torch.Tensor, alpha: float, max_diff: float = 10.0) -> torch.Tensor:
+    """k_m = exp(alpha * min(rbar_m - r_m, max_diff)), capped above only (as the reference)."""
     diff = relative_strength(running) - relative_strength(scores)
-    # clamp the exponent first so exp never overflows
-    bound = math.log(k_max) / alpha
-    return torch.exp(alpha * diff.clamp(-bound, bound)).clamp(1.0 / k_max, k_max)
+    return torch.exp(alpha * diff.clamp(max=max_diff))
+
+
+def agm_logits(values: Mapping[frozenset, torch.Tensor], modalities: Sequence[str]) -> dict[str, torch.Tensor]:
+    """phi_m = Shapley value of m + v({}) / M: per-modality logits that sum to v(N)."""
+    phi = shapley_logits(values, modalities)
+    empty = values[frozenset()] / len(modalities)
+    return {m: p + empty for m, p in phi.items()}
 
 
 @register("agm")
-class AGM(Balancer):
+class AGM(EpochWindow, Balancer):
     """Shapley-scored adaptive gradient modulation (see the module docstring).
 
     ``log()`` gives ``k/<m>``, ``score/<m>`` (last training batch) and ``mean/<m>`` (running mean).
     """
 
     requires = frozenset({"multimodal"})
+    # run/CREMAD_main.py: modulation in epochs 1..20 (``--modulation_ends 20``, epochs counted
+    # from 1) of the 100-epoch runs in its README
+    PAPER_WINDOW = PaperWindow(first=0, last=19, epochs=100)
 
-    def __init__(self, alpha: float = 1.5, momentum: float = 0.9, k_max: float = 5.0) -> None:
+    def __init__(self, alpha: float = 1.0, max_diff: float = 10.0, clip_norm: float | None = 1.0,
+                 modulation_starts: int = 0, modulation_ends: int | None = None) -> None:
         super().__init__()
         if not alpha > 0:
             raise UserError(f"agm: alpha must be > 0, got {alpha}")
-        if not 0 <= momentum < 1:
-            raise UserError(f"agm: momentum must be in [0, 1), got {momentum}")
-        if not k_max > 1:
-            raise UserError(f"agm: k_max must be > 1, got {k_max}")
-        self.alpha, self.momentum, self.k_max = float(alpha), float(momentum), float(k_max)
+        if not max_diff > 0:
+            raise UserError(f"agm: max_diff must be > 0, got {max_diff}")
+        if clip_norm is not None and not clip_norm > 0:
+            raise UserError(f"agm: clip_norm must be > 0 or null, got {clip_norm}")
+        self.alpha, self.max_diff = float(alpha), float(max_diff)
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self.init_window("agm", modulation_starts, modulation_ends)
         self.modalities: list[str] = []
-        self.running: torch.Tensor | None = None   # (M,) float32, CPU
+        self.running: torch.Tensor | None = None   # (M,) float32, CPU: mean score over all steps
         self.steps = 0
+        self.epoch = 0
         self._last: dict[str, list[float]] = {}
+
+    def on_epoch_start(self, model: nn.Module, epoch: int, loader: Any = None, val_loader: Any = None) -> None:
+        self.epoch = int(epoch)
 
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
     ) -> tuple[torch.Tensor, dict[str, float]]:
         label = batch["label"]
-        loss = F.cross_entropy(out.fused, label)
-        parts = {"ce_fused": loss}
         bare = getattr(model, "module", model)
         if not bare.training:
-            return loss, to_floats(parts)
+            loss = F.cross_entropy(out.fused, label)
+            return loss, to_floats({"ce_fused": loss})
 
         modalities = list(bare.modalities)
-        with torch.no_grad(), eval_mode(bare):
-            values = coalition_values(model, batch["inputs"], modalities, out.fused)
-            phi = shapley_logits(values, modalities)
+        with eval_mode(bare):  # with gradients: the fusion and encoders learn through them too
+            values = coalition_values(bare, batch["inputs"], modalities, out.fused, detach=False)
+        phi = agm_logits(values, modalities)
+        with torch.no_grad():
             scores = torch.stack([
-                F.log_softmax(phi[m], dim=-1).gather(1, label.view(-1, 1)).mean() for m in modalities
+                phi[m].float().softmax(dim=-1).gather(1, label.view(-1, 1)).clamp_min(1e-8).log().mean()
+                for m in modalities
             ])
             scores = all_reduce_mean(scores).cpu()
 
         if self.running is None or self.modalities != modalities:
-            self.modalities, self.running = modalities, scores.clone()
-        k = agm_coefficients(scores, self.running, self.alpha, self.k_max)
-        self.running = self.momentum * self.running + (1 - self.momentum) * scores
+            self.modalities, self.running, self.steps = modalities, torch.zeros(len(modalities)), 0
+        k = agm_coefficients(scores, self.running, self.alpha, self.max_diff)
+        if not self.in_window(self.epoch):
+            k = torch.ones_like(k)
         self.steps += 1
+        self.running = self.running * (self.steps - 1) / self.steps + scores / self.steps
 
         for i, m in enumerate(modalities):
-            feat = out.features[m]
-            if feat.requires_grad:
-                feat.register_hook(lambda g, k_m=float(k[i]): g * k_m)
+            if phi[m].requires_grad:
+                phi[m].register_hook(lambda g, k_m=float(k[i]): g * k_m)
+        loss = F.cross_entropy(torch.stack([phi[m] for m in modalities]).sum(dim=0), label)
         self._last = {"k": k.tolist(), "score": scores.tolist()}
-        return loss, to_floats(parts)
+        return loss, to_floats({"ce_fused": loss})
+
+    @torch.no_grad()
+    def after_backward(self, model: nn.Module, out: Any, batch: Mapping[str, Any]) -> None:
+        if self.clip_norm is None or not model.training:
+            return
+        grads = [p.grad for p in model.fusion.parameters() if p.grad is not None]
+        if grads and max(float(g.abs().max()) for g in grads) > 1.0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], self.clip_norm)
 
     def log(self) -> dict[str, float]:
         if not self._last:
@@ -183,12 +210,13 @@ class AGM(Balancer):
 
     def state_dict(self) -> dict[str, Any]:
         if self.running is None:
-            return {}
+            return {"epoch": self.epoch}
         return {"modalities": list(self.modalities), "running": self.running.clone(), "steps": self.steps,
-                "last": {key: list(v) for key, v in self._last.items()}}
+                "epoch": self.epoch, "last": {key: list(v) for key, v in self._last.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if not state:
+        self.epoch = int(state.get("epoch", 0))
+        if "running" not in state:
             self.running, self.modalities, self.steps, self._last = None, [], 0, {}
             return
         self.modalities = list(state["modalities"])

@@ -9,8 +9,8 @@ One training step, as the loop runs it::
     balancer.after_backward(model, out, batch)      # edit .grad in place
     clip_grad_norm_(...); scaler.step(optimizer); scaler.update()
 
-Around it: ``build_balancer`` (construct with the config's keyword arguments, ``check`` the
-model, ``configure`` it) runs before the optimizer is built from ``param_groups`` (a module
+Around it: ``build_balancer`` (construct with the config's keyword arguments, set
+``total_epochs`` to the run's ``train.epochs``, ``check`` the model, ``configure`` it) runs before the optimizer is built from ``param_groups`` (a module
 ``configure`` adds must go to the model's device); ``attach_optimizer(optimizer)`` right
 after that; on resume the model's weights load after ``configure``, then ``load_state_dict``.
 Each epoch: ``on_epoch_start(model, epoch, loader, val_loader)`` ... steps ... validation ...
@@ -26,11 +26,15 @@ How the methods plug in (none needs a change to a loop that calls every hook abo
   true class, scales the dominant encoder's gradients by ``1 - tanh(alpha * rho)`` and adds
   Gaussian noise matching each gradient's spread (GE); ``on_epoch_start`` records the epoch so
   modulation can stop after ``modulation_ends``.
-- AGM: ``compute_loss`` runs extra forwards ``model(batch["inputs"], drop={m})`` (features of
-  m zeroed) to score each modality's contribution, keeps running means (``state_dict``), and
-  rescales each modality's share of the gradient, e.g. with ``out.features[m].register_hook``.
-  Stateful updates must happen only when ``model.training`` (``compute_loss`` may also be used
-  for a validation loss).
+- CGGM: ``param_groups`` puts the unimodal heads in their own group (``cls_lr``).
+- AGM: ``compute_loss`` runs extra forwards ``bare(batch["inputs"], drop=S)`` (features of the
+  dropped modalities zeroed) in eval mode *with* gradients, builds per-modality shares of the
+  fused logits, registers a gradient hook on each share (its coefficient) and returns CE of
+  their sum; it keeps running means (``state_dict``); ``after_backward`` clips the gradients
+  when a fusion gradient leaves [-1, 1]. Stateful updates happen only when ``model.training``
+  (``compute_loss`` may also be used for a validation loss).
+- Epoch windows (OGM-GE, PMR, AGM): ``on_epoch_start`` records the epoch; the window's
+  default end is the reference's scaled to ``total_epochs`` (``window.py``).
 - MSLR: ``param_groups`` returns one group per modality (``modality_param_groups``, each group
   tagged ``"name"``) plus the shared one; ``on_epoch_end`` reads per-modality validation
   accuracy from ``val_metrics`` and sets those groups' ``"lr_scale"`` on ``self.optimizer``
@@ -164,6 +168,9 @@ class Balancer:
 
     def __init__(self) -> None:
         self.optimizer: torch.optim.Optimizer | None = None
+        # The run's epoch count (``train.epochs``), set by ``build_balancer``; None when unknown.
+        # Methods with an epoch window scale their paper's window to it (``window.py``).
+        self.total_epochs: int | None = None
 
     # -- build time --------------------------------------------------------------------
     @classmethod
@@ -227,10 +234,11 @@ class Balancer:
         return {}
 
 
-def build_balancer(name: str, model: nn.Module, **kwargs: Any) -> Balancer:
-    """``BALANCERS.get(name)(**kwargs)``, then ``check(model)`` and ``configure(model)``.
+def build_balancer(name: str, model: nn.Module, total_epochs: int | None = None, **kwargs: Any) -> Balancer:
+    """``BALANCERS.get(name)(**kwargs)``, then ``total_epochs``, ``check(model)`` and ``configure(model)``.
 
-    Bad options raise UserError naming the accepted ones.
+    ``total_epochs`` is the run's ``train.epochs`` (None when unknown). Bad options raise
+    UserError naming the accepted ones.
     """
     cls = BALANCERS.get(name)
     try:
@@ -239,6 +247,7 @@ def build_balancer(name: str, model: nn.Module, **kwargs: Any) -> Balancer:
         accepted = list(inspect.signature(cls).parameters)
         raise UserError(f"bad options for balancing method {name!r}: {err}; accepted: {accepted}") from None
     balancer = cls(**kwargs)
+    balancer.total_epochs = None if total_epochs is None else int(total_epochs)
     balancer.check(model)
     balancer.configure(model)
     return balancer

@@ -1,7 +1,7 @@
 """``cggm``: Classifier-guided Gradient Modulation (Guo et al., NeurIPS 2024).
 
-"Classifier-guided Gradient Modulation for Enhanced Multimodal Learning". Reference code:
-zrguo/CGGM (``src/msatrain.py``, ``src/foodtrain.py``; read for the rule, not copied).
+"Classifier-guided Gradient Modulation for Enhanced Multimodal Learning". Checked against
+zrguo/CGGM ``src/msatrain.py`` (``train_model.train``) and ``src/eval_metrics.py`` (``cal_cos``).
 
 The unimodal heads are *probes*: as in the reference (its classifiers see ``hs`` detached),
 each head m is trained with CE on the detached features of modality m, so its loss does not
@@ -18,8 +18,17 @@ B_1 = d_2 / S). After backward, every gradient of encoder m is multiplied by ``r
 
 Direction term (the paper's L_gm, reference ``l_gm``):
 
-    L_gm = ( sum_m |B_m| - sum_m B_m cos(g_F,m, g_m) ) / M
+    L_gm = ( sum_m |B_m| - sum_m B_m cos(g_F,m, sg[g_m]) ) / M
     loss = CE(fused) + sum_m CE(head_m(sg[h_m])) + lambda * L_gm
+
+L_gm trains the fusion only: in the reference ``cls_optimizer.zero_grad()`` runs after the
+backward of ``raw_loss`` (which holds ``lamda * l_gm``), so the classifiers' share of its
+gradient is thrown away; here the heads' gradient g_m enters L_gm as a constant.
+
+Optimizer: the reference trains its classifiers with their own optimizer at ``--cls_lr``
+(5e-4 against the model's 1e-3) and no weight decay. ``param_groups`` gives the heads their
+own group ``"heads"`` with lr ``cls_lr`` (default half the base rate, the reference's ratio)
+and weight decay 0; the rest is one group at the base rate.
 
 Choices where the reference and our model differ:
 
@@ -28,10 +37,12 @@ Choices where the reference and our model differ:
   output-layer *weights* (shapes equal there). Our heads are Linear(D_m, C) and the fusion
   is any module, so shapes differ. We compare the gradients the two losses send to the same
   place, modality m's features: g_F,m = dCE(fusion(sg[h]))/dh_m and g_m = dCE(head_m(sg[h_m]))
-  /dh_m (each (B, D_m), flattened), computed with ``create_graph=True`` so L_gm is
-  differentiable. Features are detached (sg) for this term, so L_gm trains the fusion and the
-  heads only, never the encoders (the reference's term likewise reaches only out-layers). Cost:
-  one extra fusion forward on detached features and two small double-backward graphs.
+  /dh_m (each (B, D_m), flattened); g_F,m keeps its graph (``create_graph=True``) so L_gm is
+  differentiable in the fusion's parameters, g_m is a constant. Features are detached (sg)
+  for this term, so L_gm trains the fusion only, never the encoders or heads (the reference's
+  term likewise reaches only the fusion's output layer; ours reaches every fusion parameter
+  that shapes g_F,m). Cost: one extra fusion forward on detached features and one small
+  double-backward graph.
 - Timing. The reference adds the previous step's l_gm and scales with this step's B; we
   compute B from this batch before the backward and use it for both (same B in L_gm and in
   the scaling).
@@ -40,6 +51,9 @@ Choices where the reference and our model differ:
   reference's B explodes (~1e7). ``max_coeff`` (default 10) clamps B_m to
   [-max_coeff, max_coeff]; ``max_coeff=None`` reproduces the reference exactly. Negative B
   (a head improved more than the total) is kept, as in the reference.
+- The heads' group is a group of the loop's optimizer, not a second optimizer: the same
+  update rule per parameter, but the loop's schedule (warm-up, cosine) and gradient clipping
+  cover it too (the reference clips and schedules the model only).
 - Defaults: ``rho = 1.3`` (reference ``--rou`` for every dataset), ``lam = 0.2`` (reference
   ``--lamda`` for IEMOCAP and CMU-MOSI; UPMC-Food uses 0.05, BraTS 0.1).
 - Outside training (or with grad disabled) the loss is CE(fused) + sum_m CE(heads) and no
@@ -83,7 +97,8 @@ class CGGM(Balancer):
     requires = frozenset({"multimodal"})
 
     def __init__(
-        self, rho: float = 1.3, lam: float = 0.2, eps: float = EPS, max_coeff: float | None = 10.0
+        self, rho: float = 1.3, lam: float = 0.2, eps: float = EPS, max_coeff: float | None = 10.0,
+        cls_lr: float | None = None,
     ) -> None:
         super().__init__()
         if not rho > 0:
@@ -94,14 +109,27 @@ class CGGM(Balancer):
             raise UserError(f"cggm: eps must be > 0, got {eps}")
         if max_coeff is not None and not max_coeff > 0:
             raise UserError(f"cggm: max_coeff must be > 0 or None, got {max_coeff}")
+        if cls_lr is not None and not cls_lr > 0:
+            raise UserError(f"cggm: cls_lr must be > 0 or null (half the base rate), got {cls_lr}")
         self.rho = float(rho)
         self.lam = float(lam)
+        self.cls_lr = None if cls_lr is None else float(cls_lr)
         self.eps = float(eps)
         self.max_coeff = None if max_coeff is None else float(max_coeff)
         self.prev_acc: dict[str, float] = {}
         self.step = 0
         self._pending: dict[str, float] = {}
         self._last: dict[str, float] = {}
+
+    def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
+        """The heads at ``cls_lr`` without weight decay (the reference's ``cls_optimizer``); the rest."""
+        heads = [p for p in model.heads.parameters() if p.requires_grad]
+        owned = {id(p) for p in heads}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
+        cls_lr = self.cls_lr if self.cls_lr is not None else 0.5 * base_lr
+        groups = [{"name": "model", "params": rest, "lr": base_lr},
+                  {"name": "heads", "params": heads, "lr": cls_lr, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
 
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
@@ -138,7 +166,8 @@ class CGGM(Balancer):
             zm = detached[m].clone().requires_grad_(True)
             ce_m = F.cross_entropy(base.heads[m](zm), label)
             parts[f"ce_{m}"] = ce_m
-            (g_m,) = torch.autograd.grad(ce_m, [zm], create_graph=True)
+            # no graph: L_gm must not reach the heads (the reference discards that gradient)
+            (g_m,) = torch.autograd.grad(ce_m, [zm], retain_graph=True)
             g_f = g_fusion[i] if g_fusion[i] is not None else torch.zeros_like(g_m)
             cosines.append(F.cosine_similarity(g_f.reshape(-1), g_m.reshape(-1), dim=0, eps=1e-8))
         b = torch.tensor(coeff, dtype=cosines[0].dtype, device=cosines[0].device)

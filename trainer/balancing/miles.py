@@ -20,7 +20,7 @@ Everything below that is more concrete than that sentence is our choice:
   when every ``a_m`` is 0).
 - Rule, at each ``on_epoch_end`` with unimodal accuracies for every modality: the dominant
   modality is the one with the highest ``a_m`` (first in modality order on ties). If
-  ``d > tau`` (default 0.1: a 10 % relative gap), the dominant modality's ``lr_scale`` is
+  ``d > tau`` (default 0.2: a 20 % relative gap), the dominant modality's ``lr_scale`` is
   set to ``mu`` (default 0.5) and every other modality's back to 1; otherwise every
   modality's scale goes back to 1. The reduction is applied for the next epoch only and is
   re-decided every epoch (the scheduler is driven by the latest observation, not a running
@@ -28,7 +28,11 @@ Everything below that is more concrete than that sentence is our choice:
   dominant scale is multiplied by ``mu`` (floored at ``min_scale``, default 0.01) and the
   others are restored to 1; if ``d <= tau`` every scale is divided by ``mu`` and capped at 1
   (restored toward 1 by one step).
-- Epochs without ``unimodal_accuracy`` (or missing one modality) change nothing.
+- Epochs without ``unimodal_accuracy`` (or missing one modality) change nothing, and neither
+  do epochs in which every u_m < 0 (the fused model is worse than every model without one
+  modality, so no modality is over-used): the scales stay as they are. This follows the
+  third-party implementation the review of issue 16 cited, which does not adjust then.
+- tau defaults to 0.2, that implementation's value.
 - Groups and ``lr_scale``: as ``mslr`` (one optimizer group per modality from
   ``modality_param_groups`` plus a never-rescaled ``"shared"`` group for the fusion); the
   scale lives in ``group["lr_scale"]``, which the loop's schedule multiplies in at every step,
@@ -53,6 +57,18 @@ from trainer.balancing.base import register
 from trainer.balancing.lr_scales import PerModalityLR
 
 
+def utilization(unimodal_accuracy: Mapping[str, float], fused_accuracy: float | None = None) -> dict[str, float]:
+    """u_m = (A - mean_{j != m} a_j) / A, with A as in ``miles_imbalance``; 0 when A is 0."""
+    accs = {m: float(a) for m, a in unimodal_accuracy.items()}
+    ref = float(fused_accuracy) if fused_accuracy is not None else 0.0
+    if not ref > 0:
+        ref = max(accs.values())
+    if not ref > 0:
+        return {m: 0.0 for m in accs}
+    others = {m: [a for k, a in accs.items() if k != m] for m in accs}
+    return {m: (ref - sum(o) / len(o)) / ref for m, o in others.items()}
+
+
 def miles_imbalance(unimodal_accuracy: Mapping[str, float], fused_accuracy: float | None = None) -> float:
     """d = (max_m a_m - min_m a_m) / A, with A = max_m a_m when the fused accuracy is missing or <= 0."""
     accs = [float(a) for a in unimodal_accuracy.values()]
@@ -75,7 +91,7 @@ class MILES(PerModalityLR):
 
     requires = frozenset({"multimodal"})
 
-    def __init__(self, tau: float = 0.1, mu: float = 0.5, compound: bool = False, min_scale: float = 0.01) -> None:
+    def __init__(self, tau: float = 0.2, mu: float = 0.5, compound: bool = False, min_scale: float = 0.01) -> None:
         super().__init__()
         if not tau >= 0:
             raise UserError(f"miles: tau must be >= 0, got {tau}")
@@ -101,7 +117,10 @@ class MILES(PerModalityLR):
             return
         accs = {m: float(accs[m]) for m in self.scale}  # modality order
         fused = val_metrics.get("accuracy")
-        self.imbalance = float(miles_imbalance(accs, None if fused is None else float(fused)))
+        fused = None if fused is None else float(fused)
+        self.imbalance = float(miles_imbalance(accs, fused))
+        if all(u < 0 for u in utilization(accs, fused).values()):
+            return  # no modality is over-used: leave the scales as they are
         best = max(accs.values())
         dominant = next(m for m, a in accs.items() if a == best)
         if self.imbalance > self.tau:

@@ -1,39 +1,34 @@
 """``mnl``: Multimodal Negative Learning (Gong, Gao, Zhu, Hu & Cao, NeurIPS 2025, arXiv 2510.20877).
 
-"Learning not to be": instead of pulling the weak modality's target-class prediction toward
-the dominant one, the dominant modality tells the weak one which *non-target* classes to
-suppress. Loss, on every training batch:
+Checked against the authors' code, BaoquanGong/Multimodal-Negative-Learning
+``train_latefusion.py`` (``model_forward``, the ``mode == 'train'`` branch, ``--weight1 0.7``).
 
-    L = CE(fused) + sum_m CE(unimodal_m) + lambda * sum_{m weak} NL_m
-    NL_m = mean_b sum_{c != y_b} q_d(c | b) * ( -log(1 - p_m(c | b)) )
+Loss on every training batch, with p_m = softmax(head_m) and the fused prediction's most
+likely wrong class j_b = argmax_{c != y_b} softmax(fused)[b, c]:
 
-with ``p_m = softmax(unimodal_m)`` (with gradient) and ``q_d = softmax(unimodal_d)`` of the
-dominant modality d, **detached** (the dominant head receives no gradient from NL_m). Classes
-the dominant modality still finds plausible carry large weights; classes it has ruled out
-carry small ones. (Complementary-label negative learning, -log(1 - p), weighted by the
-dominant modality's beliefs.)
+    xi_m(b)  = head_m[b, y_b] - head_m[b, j_b]           (margin of modality m on sample b)
+    d(b)     = the modality with the largest margin (first in modality order on ties)
+    w guided on b  iff  xi_d(b) > xi_w(b) and p_d(y_b | b) > p_w(y_b | b)
+    G_w      = mean over the batch *and* the classes of
+               mask_w(b) * [ -1[c = y_b] log p_w(c|b) - lambda q_d(c|b) log p_w(c|b)
+                             + lambda 1[c = y_b] q_d(c|b) log p_w(c|b) ]
+    L        = CE(fused) + sum_m CE(head_m) + sum_w G_w
 
-Choices (the brief's reading of the paper; documented where it leaves room):
+with q_d = softmax(head_d) detached: on a guided sample the weak head gets its own CE
+-log p_w(y) plus lambda times the dominant head's distribution over the *other* classes as a
+soft target (the last term cancels the target column). lambda (``lam``) = 0.7, the
+reference's ``weight1``; the mean over batch x classes is the reference's ``torch.mean``.
+For two modalities this is the reference's pair of masks (t guides v when xi_t > xi_v and
+p_t(y) > p_v(y), and the other way round).
 
-- Who is weak, per batch: score each modality by its unimodal confidence on the true class,
-  ``s_m = mean_b softmax(unimodal_m)[y_b]`` (detached, float32), averaged over DDP ranks with
-  ``all_reduce_mean`` so every rank picks the same modality. The dominant modality d is the
-  argmax of s (first in modality order on ties); every modality with ``s_m < s_d`` strictly
-  is weak and guided by d (for two modalities: the weaker one, or none on an exact tie).
-- q_d is used as is over the non-target classes (the target column is zeroed, not
-  renormalised), so the total NL weight of a sample is 1 - q_d(y): a confident dominant
-  modality spreads little weight and the term fades where it is unsure of nothing.
-- ``1 - p`` is clamped to at least ``eps`` (1e-6) before the log, in float32.
-- lambda (``lam``) defaults to 0.7, the guidance weight (``weight1``) of the authors' public
-  late-fusion code. That code applies a per-sample, logit-margin-gated KL-style guidance term
-  rather than the -log(1 - p) form above; we implement the rule as the brief states it, with
-  a per-batch weak/dominant decision.
-- The NL term only touches the weak modality's unimodal head and, through it, its encoder;
-  the fused head is trained by CE only.
-- ``log()``: ``nl/<m>`` (lambda * NL_m, 0 when m is not weak) and ``weak/<m>`` (1.0 or 0.0)
-  of the last training step; they are kept in ``state_dict`` so logging continues after a
-  resume. Nothing else is stateful. Calls with the model in eval mode compute the same loss
-  but leave the logged values alone.
+Departures (also in docs/methods.md):
+
+- M > 2: each modality is guided only by the largest-margin modality of that sample.
+- Exact ties: the reference lets its second modality guide the first when both margins and
+  both probabilities are equal; here nobody is guided on a tie.
+- Outside training (the validation loss) the term is left out, as the reference's eval
+  branch; ``log()`` gives ``nl/<m>`` (G_m) and ``weak/<m>`` (the share of the batch on which m
+  was guided) of the last training step, kept in ``state_dict``.
 """
 
 from __future__ import annotations
@@ -46,75 +41,70 @@ from torch import nn
 from avbalance.errors import UserError
 from trainer.balancing.base import cross_entropy_parts, register, to_floats
 from trainer.balancing.multiloss import MultiLoss
-from trainer.distributed import all_reduce_mean
-
-EPS = 1e-6
 
 
-def negative_learning_loss(
-    weak_logits: torch.Tensor, dominant_probs: torch.Tensor, label: torch.Tensor, eps: float = EPS
-) -> torch.Tensor:
-    """mean_b sum_{c != y_b} q(c|b) * -log(1 - p(c|b)), p = softmax(weak_logits), q detached."""
-    p = weak_logits.float().softmax(dim=-1)
-    q = dominant_probs.detach().float().scatter(1, label.view(-1, 1), 0.0)
-    nl = -torch.log((1 - p).clamp_min(eps))
-    return (q * nl).sum(dim=1).mean()
+def guidance(fused: torch.Tensor, unimodal: Mapping[str, torch.Tensor], label: torch.Tensor,
+             modalities: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: the guiding modality's index (B,) and the guided mask (M, B), detached."""
+    with torch.no_grad():
+        rows = torch.arange(label.shape[0], device=label.device)
+        wrong = fused.detach().float().softmax(-1).scatter(1, label.view(-1, 1), -1.0).argmax(-1)
+        logits = torch.stack([unimodal[m].detach().float() for m in modalities])      # (M, B, C)
+        margin = logits[:, rows, label] - logits[:, rows, wrong]                        # (M, B)
+        prob = logits.softmax(-1)[:, rows, label]                                       # (M, B)
+        dom = margin.argmax(0)                                                          # first on ties
+        guided = (margin.gather(0, dom[None]) > margin) & (prob.gather(0, dom[None]) > prob)
+    return dom, guided
 
 
-def true_class_confidence(out: Any, label: torch.Tensor, modalities: Sequence[str]) -> torch.Tensor:
-    """s_m = batch mean of softmax(unimodal_m)[y], detached, float32, one per modality."""
-    rows = []
-    for m in modalities:
-        prob = out.unimodal[m].detach().float().softmax(dim=-1)
-        rows.append(prob.gather(1, label.view(-1, 1)).mean())
-    return torch.stack(rows)
+def guided_term(weak_logits: torch.Tensor, dominant_logits: torch.Tensor, label: torch.Tensor,
+                mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """mean_{b,c} mask_b [-1[c=y] log p_w - lam q_d log p_w + lam 1[c=y] q_d log p_w]."""
+    log_p = weak_logits.float().log_softmax(-1)
+    q = dominant_logits.detach().float().softmax(-1)
+    onehot = torch.zeros_like(log_p).scatter(1, label.view(-1, 1), 1.0)
+    per = -onehot * log_p - lam * q * log_p + lam * onehot * q * log_p
+    return (per * mask.float()[:, None]).mean()
 
 
 @register("mnl")
 class MNL(MultiLoss):
-    """Multi-loss CE plus negative learning on the weak modality's head, guided by the dominant one.
+    """Multi-loss CE plus per-sample guidance of the weaker head by the stronger one.
 
     ``log()`` gives ``nl/<m>`` and ``weak/<m>`` of the last training step.
     """
 
     requires = frozenset({"multimodal"})
 
-    def __init__(self, lam: float = 0.7, eps: float = EPS) -> None:
+    def __init__(self, lam: float = 0.7) -> None:
         super().__init__()
         if not lam >= 0:
             raise UserError(f"mnl: lam must be >= 0, got {lam}")
-        if not 0 < eps < 1:
-            raise UserError(f"mnl: eps must be in (0, 1), got {eps}")
         self.lam = float(lam)
-        self.eps = float(eps)
         self._last: dict[str, float] = {}
 
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
     ) -> tuple[torch.Tensor, dict[str, float]]:
         bare = getattr(model, "module", model)
-        modalities = list(bare.modalities)
         label = batch["label"]
         loss, parts = cross_entropy_parts(out, label, unimodal=True)
-        s = all_reduce_mean(true_class_confidence(out, label, modalities))
-        scores = s.tolist()
-        d = max(range(len(modalities)), key=lambda i: (scores[i], -i))
-        dominant_probs = out.unimodal[modalities[d]].detach().float().softmax(dim=-1)
+        if not bare.training:  # the reference's validation loss has no guidance term
+            return loss, to_floats(parts)
+        modalities = list(bare.modalities)
+        dom, guided = guidance(out.fused, out.unimodal, label, modalities)
         last: dict[str, float] = {}
         for i, m in enumerate(modalities):
-            weak = scores[i] < scores[d]
-            if weak:
-                nl = self.lam * negative_learning_loss(out.unimodal[m], dominant_probs, label, self.eps)
-                loss = loss + nl
-            else:
-                nl = loss.new_zeros(())
-            parts[f"nl_{m}"] = nl
-            last[f"weak/{m}"] = 1.0 if weak else 0.0
+            term = loss.new_zeros(())
+            for j, d in enumerate(modalities):
+                mask = guided[i] & (dom == j)
+                if j != i and bool(mask.any()):
+                    term = term + guided_term(out.unimodal[m], out.unimodal[d], label, mask, self.lam)
+            loss = loss + term
+            parts[f"nl_{m}"] = term
+            last[f"weak/{m}"] = float(guided[i].float().mean())
         floats = to_floats(parts)
-        if bare.training:
-            for m in modalities:
-                last[f"nl/{m}"] = floats[f"nl_{m}"]
-            self._last = last
+        self._last = {**last, **{f"nl/{m}": floats[f"nl_{m}"] for m in modalities}}
         return loss, floats
 
     def log(self) -> dict[str, float]:

@@ -35,8 +35,10 @@ released when this was written, so these are choices:
   raw v_m are all ~0 and the raw rule would make every gradient vanish). The split then
   keeps the gradient's overall scale. ``normalize: false`` uses the raw v_m as written.
 - rho = 0.05, SAM's default (Foret et al. 2021); the paper's CREMA-D value is not known to us.
-- The coalition forwards run without gradients in eval mode, like AGM's (2^M - 1 extra
-  forwards), then one extra forward and backward at theta + eps: about twice joint's step.
+- The coalition forwards run without gradients in eval mode, the full coalition included
+  (its accuracy is not taken from the loop's train-mode forward, so dropout and batch-norm
+  act alike in every acc(S)): 2^M extra forwards, then one extra forward and backward at
+  theta + eps: about twice joint's step.
 - The perturbed pass runs in train mode with batch-norm running statistics frozen (momentum
   0), so the statistics are updated once per step, and in the same autocast as the loop's.
 - Under DDP, the perturbed pass runs on the bare model with ``torch.autograd.grad`` (DDP's
@@ -125,7 +127,7 @@ class MSAM(Balancer):
 
         self.modalities = list(bare.modalities)
         with torch.no_grad(), eval_mode(bare):
-            values = coalition_values(model, batch["inputs"], self.modalities, out.fused)
+            values = coalition_values(model, batch["inputs"], self.modalities, None)
             shapley = shapley_accuracy(values, label, self.modalities).cpu()
         weights = split_weights(shapley, self.normalize)
         d = int(torch.argmax(shapley))

@@ -1,112 +1,115 @@
 """``mslr``: Modality-Specific Learning Rates (Yao & Mihalcea, "Modality-specific Learning Rates
 for Effective Multimodal Additive Late-fusion", Findings of ACL 2022).
 
-The paper trains an additive late-fusion model whose modalities each get their own learning
-rate, and its adaptive strategy changes each modality's rate from that modality's recent
-validation accuracy, independently of the others. Here:
+Checked against the reimplementation in lihong2303/AGM_ICCV2023 ``run/CREMAD_main.py``
+(``train``, the ``MSLR`` branch, and ``CREMAD_main``, the accuracy memory) with the
+additive late-fusion model of ``model/CREMAD_net.py`` (``AVClassifier_Sum``).
 
 - Groups: ``param_groups`` gives one optimizer group per modality (its encoder and unimodal
   head, ``modality_param_groups``) and a ``"shared"`` group (the fusion), all at the base lr.
-  The per-modality rate is carried by ``group["lr_scale"]``, which the loop's schedule
-  multiplies in at every step (setting ``group["lr"]`` would be overwritten); it starts at
-  ``scales[m]`` (default 1 for every modality: the paper's "keep" strategy with tuned
-  unimodal rates is ``scales={...}`` with ``decay=1``). The shared group is never rescaled.
-- Rule, at each ``on_epoch_end`` and for each modality m with an entry in
-  ``val_metrics["unimodal_accuracy"]``: let ``ref`` be the mean of m's last ``window``
-  (default 1, i.e. the previous epoch) recorded accuracies. If the new accuracy is not above
-  ``ref + tol`` (no improvement: that modality has stopped learning or overfits), its scale is
-  multiplied by ``decay`` (default 0.5), floored at ``min_scale`` (default 0.01 of the base
-  rate); otherwise it is multiplied by ``growth`` (default 1.0: keep), capped at its starting
-  scale. The first epoch only records. The paper describes the adaptive rule only as
-  "adjust each modality's rate from its recent validation accuracy"; this halving-on-plateau
-  per modality is our concrete reading (a per-modality ReduceLROnPlateau with patience 1),
-  with ``window`` to smooth noisy validation accuracies.
-- Loss: CE(fused) + sum_m CE(unimodal_m), as ``multiloss``: the paper's late fusion keeps a
-  classifier per modality, and the unimodal validation accuracies the rule reads are those
-  heads' accuracies, which mean nothing if the heads are not trained.
-- A new scale takes effect at the next schedule step. ``state_dict`` keeps the histories and
-  scales; ``load_state_dict`` writes the scales back onto the optimizer's groups. The groups
-  this method returned are updated as well as ``optimizer.param_groups``, because the loop's
-  schedule closes over the group dicts it saw first, and ``optimizer.load_state_dict`` (on
-  resume) replaces the dicts in ``optimizer.param_groups`` with new ones.
+  The per-modality rate is ``group["lr_scale"]``, which the loop's schedule multiplies in at
+  every step: the reference multiplies the gradients instead, the same thing under its SGD
+  but not under Adam, so a rate is what we scale.
+- Scale of modality m = ``scales[m]`` * ratio_m, with the reference's starting scales
+  (``scales``, default audio 0.9, visual 1.1, any other modality 1.0) and
+
+      ratio_m = acc_m(this epoch) / mean(acc_m over the previous ``window`` epochs)
+
+  once ``window`` (5) accuracies are recorded, 1 before (the first ``window`` epochs only
+  record). It is recomputed from the starting scale at every ``on_epoch_end``, so it goes up
+  and down with the modality's validation accuracy, and takes effect from the next epoch.
+  A zero mean leaves ratio 1.
+- Accuracy of modality m: with a decomposable fusion (``late_linear``: logits = sum of
+  per-modality terms, as the reference's ``out_a + out_v``) it is the validation accuracy of
+  m's additive share (``share_accuracy``), and the loss is CE of the fused logits only, as the
+  reference's. Other fusions have no per-modality share: there the unimodal heads are trained
+  (loss CE(fused) + sum_m CE(head_m), as ``multiloss``) and their accuracy is read.
+
+Departures (also in docs/methods.md):
+
+- The late-fusion layer's columns of modality m stay in the shared group at the base rate
+  (an optimizer group holds whole tensors); the reference's per-modality classifiers get
+  that modality's rate.
+- The AGM repository applies MSLR only inside its ``--modulation_ends 20`` window (a flag it
+  shares with AGM); the MSLR paper has no window, so the scales apply for the whole run.
+
+``state_dict`` keeps the histories and scales; ``load_state_dict`` writes the scales back onto
+the optimizer's groups (see ``lr_scales.py`` for why both the returned and the optimizer's
+group dicts are updated).
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from avbalance.errors import UserError
-from trainer.balancing.base import register
+from trainer.balancing.base import Balancer, register
 from trainer.balancing.lr_scales import PerModalityLR
+
+# lihong2303/AGM_ICCV2023 run/CREMAD_main.py: audio_lr_init_coeff 0.9, visual_lr_init_coeff 1.1
+REFERENCE_SCALES = {"audio": 0.9, "visual": 1.1}
 
 
 @register("mslr")
 class MSLR(PerModalityLR):
-    """Per-modality learning-rate scales, cut by ``decay`` when a modality's val accuracy stalls.
+    """Per-modality learning-rate scales that follow each modality's validation-accuracy trend.
 
     ``log()`` gives ``lr_scale/<m>``.
     """
 
     requires = frozenset({"multimodal"})
 
-    def __init__(
-        self,
-        decay: float = 0.5,
-        min_scale: float = 0.01,
-        growth: float = 1.0,
-        window: int = 1,
-        tol: float = 0.0,
-        scales: Mapping[str, float] | None = None,
-    ) -> None:
+    def __init__(self, window: int = 5, scales: Mapping[str, float] | None = None) -> None:
         super().__init__()
-        if not 0 < decay <= 1:
-            raise UserError(f"mslr: decay must be in (0, 1], got {decay}")
-        if not min_scale > 0:
-            raise UserError(f"mslr: min_scale must be > 0, got {min_scale}")
-        if not growth >= 1:
-            raise UserError(f"mslr: growth must be >= 1, got {growth}")
         if not int(window) >= 1:
             raise UserError(f"mslr: window must be >= 1, got {window}")
-        scales = dict(scales or {})
-        for m, v in scales.items():
+        given = dict(scales or {})
+        for m, v in given.items():
             if not float(v) > 0:
                 raise UserError(f"mslr: scales[{m!r}] must be > 0, got {v}")
-        self.decay = float(decay)
-        self.min_scale = float(min_scale)
-        self.growth = float(growth)
         self.window = int(window)
-        self.tol = float(tol)
-        self.initial: dict[str, float] = {str(m): float(v) for m, v in scales.items()}
+        self.given = {str(m): float(v) for m, v in given.items()}
+        self.initial: dict[str, float] = {}
         self.scale: dict[str, float] = {}
         self.history: dict[str, list[float]] = {}
+        self.decomposable = False
 
     def configure(self, model: nn.Module) -> None:
-        unknown = set(self.initial) - set(model.modalities)
+        unknown = set(self.given) - set(model.modalities)
         if unknown:
             raise UserError(
                 f"mslr: scales for unknown modalities {sorted(unknown)}; have {list(model.modalities)}"
             )
+        start = self.given if self.given else REFERENCE_SCALES
+        self.decomposable = bool(getattr(model.fusion, "decomposable", False))
         for m in model.modalities:
-            self.scale.setdefault(m, self.initial.get(m, 1.0))
+            self.initial[m] = float(start.get(m, 1.0))
+            self.scale.setdefault(m, self.initial[m])
             self.history.setdefault(m, [])
 
+    def compute_loss(
+        self, model: nn.Module, batch: Mapping[str, Any], out: Any
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.decomposable:  # CE of the summed late-fusion logits only, as the reference
+            return Balancer.compute_loss(self, model, batch, out)
+        return super().compute_loss(model, batch, out)
+
     def on_epoch_end(self, model: nn.Module, epoch: int, val_metrics: Mapping[str, Any]) -> None:
-        accs = val_metrics.get("unimodal_accuracy") or {}
+        key = "share_accuracy" if self.decomposable and val_metrics.get("share_accuracy") else "unimodal_accuracy"
+        accs = val_metrics.get(key) or {}
         for m, acc in accs.items():
             if m not in self.scale:
                 continue
             acc = float(acc)
             past = self.history[m][-self.window:]
-            if past:
-                ref = sum(past) / len(past)
-                if acc <= ref + self.tol:
-                    self.scale[m] = max(self.min_scale, self.scale[m] * self.decay)
-                else:
-                    cap = max(self.initial.get(m, 1.0), self.scale[m])
-                    self.scale[m] = min(cap, self.scale[m] * self.growth)
-            self.history[m].append(acc)
+            ratio = 1.0
+            if len(past) == self.window and sum(past) > 0:
+                ratio = acc / (sum(past) / len(past))
+            self.scale[m] = self.initial[m] * ratio
+            self.history[m] = (self.history[m] + [acc])[-self.window:]
         self._apply()
 
     def log(self) -> dict[str, float]:

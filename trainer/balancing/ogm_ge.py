@@ -3,7 +3,9 @@
 Peng et al., "Balanced Multimodal Learning via On-the-fly Gradient Modulation", CVPR 2022.
 
 Loss: CE on the fused logits. After backward, on every training step inside the active
-window (``modulation_starts <= epoch <= modulation_ends``, inclusive, as the reference code):
+window (``modulation_starts <= epoch <= modulation_ends``, inclusive, as the reference code;
+by default the reference's epochs 0-50 of 100 scaled to the run's ``train.epochs``, see
+``window.py``: 0-25 of a 50-epoch run):
 
     logits_m = x_m W_m^T + b / M                 (``per_modality_logits(..., split_bias=True)``;
                                                  the reference splits the concat head's bias in halves)
@@ -47,6 +49,7 @@ from torch import nn
 
 from avbalance.errors import UserError
 from trainer.balancing.base import Balancer, register
+from trainer.balancing.window import EpochWindow, PaperWindow
 from trainer.distributed import all_reduce_mean
 
 MODULATIONS = ("OGM_GE", "OGM")
@@ -78,20 +81,22 @@ def _split_logits(fusion: nn.Module, features: Mapping[str, torch.Tensor]) -> di
 
 
 @register("ogm_ge")
-class OGMGE(Balancer):
+class OGMGE(EpochWindow, Balancer):
     """CE(fused); the dominant encoder's gradients are scaled by k (plus noise with GE).
 
     ``log()`` gives ``ratio/<m>`` and ``k/<m>`` of the last modulated step.
     """
 
     requires = frozenset({"decomposable_head", "multimodal"})
+    # GeWu-Lab/OGM-GE_CVPR2022 main.py: --modulation_starts 0 --modulation_ends 50 --epochs 100
+    PAPER_WINDOW = PaperWindow(first=0, last=50, epochs=100)
 
     def __init__(
         self,
         alpha: float = 0.8,
         modulation: str = "OGM_GE",
         modulation_starts: int = 0,
-        modulation_ends: int = 50,
+        modulation_ends: int | None = None,
         shifted: bool = False,
         seed: int = 0,
     ) -> None:
@@ -100,15 +105,9 @@ class OGMGE(Balancer):
             raise UserError(f"ogm_ge: alpha must be > 0, got {alpha}")
         if modulation not in MODULATIONS:
             raise UserError(f"ogm_ge: modulation must be one of {list(MODULATIONS)}, got {modulation!r}")
-        if modulation_ends < modulation_starts:
-            raise UserError(
-                f"ogm_ge: modulation_ends ({modulation_ends}) must be >= "
-                f"modulation_starts ({modulation_starts})"
-            )
         self.alpha = float(alpha)
         self.modulation = modulation
-        self.modulation_starts = int(modulation_starts)
-        self.modulation_ends = int(modulation_ends)
+        self.init_window("ogm_ge", modulation_starts, modulation_ends)
         self.shifted = bool(shifted)
         self.seed = int(seed)
         self.epoch = 0
@@ -116,7 +115,7 @@ class OGMGE(Balancer):
         self._last: dict[str, float] = {}
 
     def active(self) -> bool:
-        return self.modulation_starts <= self.epoch <= self.modulation_ends
+        return self.in_window(self.epoch)
 
     def on_epoch_start(self, model: nn.Module, epoch: int, loader: Any = None, val_loader: Any = None) -> None:
         self.epoch = int(epoch)
@@ -127,7 +126,8 @@ class OGMGE(Balancer):
             return
         modalities = list(model.modalities)
         label = batch["label"].view(-1, 1)
-        logits = _split_logits(model.fusion, {m: out.features[m].detach() for m in modalities})
+        # float32: under bf16 autocast the features are bf16 while this runs outside autocast
+        logits = _split_logits(model.fusion, {m: out.features[m].detach().float() for m in modalities})
         scores = torch.stack(
             [logits[m].float().softmax(dim=-1).gather(1, label).sum() for m in modalities]
         )

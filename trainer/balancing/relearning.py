@@ -19,17 +19,18 @@ diagnoses is plain CE on the fused logits.
 
 What comes from the paper: clustering purity of the uni-modal representation as the
 learning-state diagnosis, a tanh-bounded re-initialisation strength, and the soft
-re-initialisation towards the encoder's initial weights. The exact strength rule and the
-defaults (lambda 3, every 15 epochs, at most 2 times, MinMax scaling to [-1, 1] before
-k-means) follow GeWu-Lab's BalanceBenchmark implementation of the method (the authors' lab);
-we could not read the paper's full text here.
+re-initialisation towards the encoder's initial weights. Checked against the authors' code,
+GeWu-Lab/Diagnosing_Relearning_ECCV2024 ``code/ours.py`` (``reinit_score``, ``reinit``,
+``purity_score`` and the loop in ``main``): lambda 3 (``--move_lambda``), after every 20
+epochs (``--reinit_epoch``), at most 3 times (``--reinit_num``), MinMax scaling to [-1, 1]
+and ``KMeans(n_clusters=C, random_state=0)`` with scikit-learn's n_init of the time (10;
+scikit-learn 1.4 changed the default to "auto", i.e. 1).
 
 Choices:
 
-- Timing: at the start of epoch e when e > 0, e % every == 0 and fewer than ``times``
-  re-initialisations happened, i.e. after every ``every`` completed epochs (the benchmark
-  checks after training epoch E with E % every == 0, one epoch later). Doing it at an epoch
-  boundary keeps each epoch's validation score and best checkpoint those of trained weights.
+- Timing: the reference re-initialises after training and validating (0-based) epoch E with
+  E > 0 and E % every == 0; here that is the start of epoch E + 1, so each epoch's
+  validation score and best checkpoint are those of trained weights, as there.
 - theta^0 is captured at the first ``on_epoch_start`` (after any DDP broadcast, so all
   ranks agree; for pretrained encoders that is the pretrained weights) and kept in
   ``state_dict`` so a resumed run re-initialises towards the same point. This makes the
@@ -74,13 +75,15 @@ def purity(clusters: np.ndarray, labels: np.ndarray) -> float:
     return float(table.max(axis=1).sum() / len(labels))
 
 
-def cluster_purity(features: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0) -> float:
-    """k-means (k = ``n_classes``) on MinMax-scaled ``features``, scored by purity; NaN if N < k."""
+def cluster_purity(features: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0,
+                   n_init: int = 10) -> float:
+    """k-means (k = ``n_classes``, ``n_init`` starts) on MinMax-scaled ``features``, scored by
+    purity; NaN if N < k."""
     from sklearn.cluster import KMeans
 
     if len(labels) < n_classes:
         return float("nan")
-    clusters = KMeans(n_clusters=n_classes, random_state=seed, n_init="auto").fit_predict(
+    clusters = KMeans(n_clusters=n_classes, random_state=seed, n_init=n_init).fit_predict(
         minmax_scale(features.astype(np.float64)))
     return purity(clusters, labels)
 
@@ -129,8 +132,8 @@ class Relearning(Balancer):
     diagnosis and ``reinits`` (how many happened so far).
     """
 
-    def __init__(self, lam: float = 3.0, every: int = 15, times: int = 2, max_batches: int | None = None,
-                 seed: int = 0) -> None:
+    def __init__(self, lam: float = 3.0, every: int = 20, times: int = 3, max_batches: int | None = None,
+                 seed: int = 0, n_init: int = 10) -> None:
         super().__init__()
         if not lam > 0:
             raise UserError(f"relearning: lam must be > 0, got {lam}")
@@ -140,6 +143,9 @@ class Relearning(Balancer):
             raise UserError(f"relearning: times must be >= 0, got {times}")
         if max_batches is not None and int(max_batches) < 1:
             raise UserError(f"relearning: max_batches must be >= 1 or None, got {max_batches}")
+        if int(n_init) < 1:
+            raise UserError(f"relearning: n_init must be >= 1, got {n_init}")
+        self.n_init = int(n_init)
         self.lam, self.every, self.times = float(lam), int(every), int(times)
         self.max_batches = None if max_batches is None else int(max_batches)
         self.seed = int(seed)
@@ -148,7 +154,9 @@ class Relearning(Balancer):
         self._last: dict[str, dict[str, float]] = {}
 
     def due(self, epoch: int) -> bool:
-        return epoch > 0 and epoch % self.every == 0 and self.reinits < self.times
+        """At the start of epoch E + 1 when the reference re-initialises after epoch E."""
+        done = epoch - 1
+        return done > 0 and done % self.every == 0 and self.reinits < self.times
 
     def on_epoch_start(self, model: nn.Module, epoch: int, loader: Any = None, val_loader: Any = None) -> None:
         if not self.initial:
@@ -165,8 +173,8 @@ class Relearning(Balancer):
         last: dict[str, dict[str, float]] = {"alpha": {}, "purity_train": {}, "purity_val": {}}
         for m in model.modalities:
             z_train = gather(train_z[m])
-            p_train = cluster_purity(z_train, train_y, n_classes, self.seed)
-            p_val = cluster_purity(val_z[m], val_y, n_classes, self.seed)
+            p_train = cluster_purity(z_train, train_y, n_classes, self.seed, self.n_init)
+            p_val = cluster_purity(val_z[m], val_y, n_classes, self.seed, self.n_init)
             alpha = reinit_strength(p_train, p_val, self.lam)
             soft_reinit(model.encoders[m], self.initial[m], alpha)
             last["alpha"][m], last["purity_train"][m], last["purity_val"][m] = alpha, p_train, p_val

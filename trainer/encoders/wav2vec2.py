@@ -1,7 +1,11 @@
 """``wav2vec2_conformer``: 16 kHz waveform -> wav2vec 2.0 (truncated) -> Conformer -> (B, d_model).
 
-Weights come only from a local directory (``pretrained_dir``); without one the model is built
-from a small, randomly initialised ``Wav2Vec2Config``. Nothing here touches the network.
+Weights come from ``pretrained_dir``: a local directory (config.json + weights) or a Hugging
+Face model id such as ``facebook/wav2vec2-large-robust``, downloaded once into the Hugging Face
+cache (``avbalance/hub.py``; with ``HF_HUB_OFFLINE=1`` an id that is not cached fails at once).
+Without one the model is built from a small, randomly initialised ``Wav2Vec2Config``. The
+encoder's ``weights_source`` records what was given and the weights file's sha256 (the loop
+writes it to ``RUN/weights.json``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from torch import nn
 
 from avbalance.errors import UserError
+from avbalance.hub import fetch_file, model_id, sha256_file
 from trainer.encoders import ENCODERS
 from trainer.encoders.conformer import ConformerPooler
 
@@ -32,27 +37,56 @@ def frame_lengths(sample_lengths: torch.Tensor, kernels: Sequence[int], strides:
     return lengths.clamp(min=0)
 
 
-def check_pretrained_dir(path: str) -> None:
-    """Raise UserError unless ``path`` is a directory with config.json and a weights file."""
+LOCAL_HINT = ("download it once, e.g. `hf download facebook/wav2vec2-large-robust --local-dir "
+              "models/wav2vec2-large-robust`, and set pretrained_dir=models/wav2vec2-large-robust "
+              "(a directory with config.json and model.safetensors or pytorch_model.bin)")
+
+
+def check_pretrained_dir(path: str) -> str:
+    """The weights file of a checkpoint directory; UserError unless it has config.json and one."""
     if not os.path.isdir(path):
         raise UserError(
             f"wav2vec2 pretrained_dir {path!r} is not a directory. Point it at a local copy of a "
-            "checkpoint (config.json + model.safetensors or pytorch_model.bin), or leave it out "
-            "to train from a random initialisation. Nothing is ever downloaded."
+            "checkpoint (config.json + model.safetensors or pytorch_model.bin), give a Hugging Face "
+            "model id (e.g. facebook/wav2vec2-large-robust), or leave it out to train from a random "
+            "initialisation."
         )
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"wav2vec2 pretrained_dir {path!r} has no config.json")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
-        raise UserError(
-            f"wav2vec2 pretrained_dir {path!r} has no weights (expected one of: {', '.join(WEIGHT_FILES)})"
-        )
+    for name in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise UserError(
+        f"wav2vec2 pretrained_dir {path!r} has no weights (expected one of: {', '.join(WEIGHT_FILES)})"
+    )
+
+
+def resolve_pretrained(spec: str) -> tuple[str, dict[str, str]]:
+    """(local checkpoint directory, record) for a directory or a Hub model id.
+
+    A model id's config.json and weights file are fetched into the Hugging Face cache (once);
+    the record holds ``id`` or ``path`` and the weights file's ``sha256``.
+    """
+    repo = model_id(spec)
+    if repo is None:
+        weights = check_pretrained_dir(spec)
+        return spec, {"path": os.path.abspath(spec), "sha256": sha256_file(weights)}
+    what = "wav2vec2 pretrained_dir"
+    config = fetch_file(repo, ("config.json",), what, LOCAL_HINT)
+    weights = fetch_file(repo, ("model.safetensors", "pytorch_model.bin"), what, LOCAL_HINT)
+    directory = os.path.dirname(weights)
+    if os.path.dirname(config) != directory:  # both from the same snapshot (revision)
+        raise UserError(f"{what}: the cached files of {repo} come from two revisions; fetch it again. {LOCAL_HINT}")
+    return directory, {"id": spec, "sha256": sha256_file(weights)}
 
 
 @ENCODERS.register("wav2vec2_conformer")
 class Wav2Vec2Conformer(nn.Module):
     """Waveform x (B, N) at 16 kHz + mask (B, N) (True = a real sample) -> (B, d_model).
 
-    - ``pretrained_dir``: local checkpoint loaded with ``local_files_only=True``; otherwise a
+    - ``pretrained_dir``: a local checkpoint directory or a Hub model id (fetched into the HF
+      cache once), loaded with ``local_files_only=True``; ``weights_source`` records it and the
+      weights' sha256 (None for a random init). Without it, a
       random model from ``hidden_size``, ``num_layers``, ``num_heads``, ``intermediate_size``,
       ``cnn_dim``/``cnn_kernel``/``cnn_stride`` (the CNN feature encoder), ``pos_conv_kernel``,
       ``pos_conv_groups`` and ``feat_extract_norm`` ("layer" by default: unlike "group", its
@@ -98,8 +132,10 @@ class Wav2Vec2Conformer(nn.Module):
             overrides["layerdrop"] = float(layerdrop)
         if mask_time_prob is not None:
             overrides["mask_time_prob"] = float(mask_time_prob)
+        self.weights_source: dict[str, str] | None = None
         if pretrained_dir:
-            self.w2v = self._load(str(pretrained_dir), overrides)
+            local, self.weights_source = resolve_pretrained(str(pretrained_dir))
+            self.w2v = self._load(local, overrides)
         else:
             from transformers import Wav2Vec2Config, Wav2Vec2Model
 
@@ -129,7 +165,6 @@ class Wav2Vec2Conformer(nn.Module):
 
     @staticmethod
     def _load(path: str, overrides: dict[str, Any]) -> nn.Module:
-        check_pretrained_dir(path)
         from transformers import Wav2Vec2Model
 
         try:

@@ -12,7 +12,7 @@ from avbalance.registry import Registry
 FUSIONS: Registry = Registry("fusion")
 
 # Imported for their side effect (registration); they need FUSIONS defined above.
-from trainer.fusion import film, gated, late, mlp, transformer  # noqa: E402,F401
+from trainer.fusion import film, gated, gmu, late, mlp, transformer  # noqa: E402,F401
 from trainer.fusion.base import Fusion  # noqa: E402
 
 __all__ = ["FUSIONS", "Fusion"]
