@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from avbalance.errors import UserError
+from avbalance.ranges import Allowed
 
 DEFAULTS: dict[str, Any] = {
     "name": "run",
@@ -59,6 +60,32 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
         "deterministic": True,
     },
+}
+# What each numeric or named setting allows; checked where the config is read, so a bad
+# value fails at once instead of hanging a loader or dividing by zero minutes later.
+RULES: dict[str, Allowed] = {
+    "seed": Allowed(lo=0),
+    "data.batch_size": Allowed(lo=1),
+    "data.eval_batch_size": Allowed(lo=1),
+    "data.workers": Allowed(lo=0),
+    "data.shuffle_buffer": Allowed(lo=0),
+    "data.frames": Allowed(lo=1),
+    "data.image_size": Allowed(lo=16),
+    "data.max_face_frames": Allowed(lo=1),
+    "data.max_wav_seconds": Allowed(lo=0, lo_open=True),
+    "data.samples_per_epoch": Allowed(lo=1, optional=True),
+    "model.n_classes": Allowed(lo=2),
+    "optim.name": Allowed(choices=("adam", "adamw", "sgd")),
+    "optim.lr": Allowed(lo=0, lo_open=True),
+    "optim.weight_decay": Allowed(lo=0),
+    "optim.momentum": Allowed(lo=0, hi=1, hi_open=True),
+    "optim.schedule": Allowed(choices=("none", "cosine")),
+    "optim.warmup_steps": Allowed(lo=0),
+    "optim.clip_grad": Allowed(lo=0),
+    "train.epochs": Allowed(lo=1),
+    "train.patience": Allowed(lo=0),
+    "train.device": Allowed(choices=("auto", "cpu", "cuda")),
+    "train.log_every": Allowed(lo=1),
 }
 FREE_FORM = {("model", "encoders"), ("model", "fusion"), ("balancing",), ("data", "modalities")}
 
@@ -130,14 +157,27 @@ def parse_override(text: str) -> dict:
     return out
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> dict:
-    """Defaults <- YAML file (with optional ``base:`` file it extends) <- --set overrides."""
-    cfg = copy.deepcopy(DEFAULTS)
+def load_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> dict:
+    """Defaults (or ``base``, e.g. a run's saved config) <- YAML file (with optional ``base:``
+    file it extends) <- --set overrides; every value checked against its range."""
+    cfg = copy.deepcopy(DEFAULTS if base is None else base)
     if path:
         cfg = merge(cfg, _read_yaml(path))
     for text in overrides:
         cfg = merge(cfg, parse_override(text))
+    validate_config(cfg)
     return cfg
+
+
+def validate_config(cfg: dict) -> None:
+    """Refuse a value outside its range (``RULES``) at once, naming the key, the value and what is allowed."""
+    for key, rule in RULES.items():
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None and rule.optional:
+            continue
+        rule.check(key, node)
 
 
 def _read_yaml(path: str) -> dict:
