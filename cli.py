@@ -124,11 +124,12 @@ def set_items(groups: list[list[str]] | None) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
-    from trainer.loop import train
     from trainer.resume import requested_config
 
     overrides = set_items(args.set)
     cfg = requested_config(args.out, args.config, overrides) if args.resume else load_config(args.config, overrides)
+    from trainer.loop import train  # torch loads only once the settings are known to be valid
+
     metrics = train(cfg, args.shards, args.out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         uni = ", ".join(f"{m} {a:.3f}" for m, a in metrics["unimodal_accuracy"].items())
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("synth", help="write a CREMA-D-shaped synthetic corpus")
-    p.add_argument("corpus", choices=CORPORA)
+    p.add_argument("corpus", choices=CORPORA, help="the corpus recipe (cremad)")
     p.add_argument("--out", required=True, help="output folder (gets VideoFlash/ and AudioWAV/)")
     p.add_argument("--actors", type=arg(int, Allowed(lo=1, hi=91)), default=6,
                    help="number of actors, half male, half female, 1-91 (default 6)")
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("manifest", help="index a corpus: clip manifest, metadata and splits")
-    p.add_argument("corpus", choices=CORPORA)
+    p.add_argument("corpus", choices=CORPORA, help="the corpus recipe (cremad)")
     p.add_argument("--root", required=True, help="corpus folder (holds VideoFlash/, AudioWAV/, AudioMP3/)")
     p.add_argument("--out", required=True, help="manifest folder (clips.jsonl, skipped.jsonl, summary.json)")
     p.add_argument("--verify", action="store_true", help="check every file's size and sha256 against the official list")
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser("preprocess", help="decode, frames, faces, face features, audio, pack into WebDataset shards")
-    p.add_argument("corpus", choices=CORPORA)
+    p.add_argument("corpus", choices=CORPORA, help="the corpus recipe (cremad)")
     p.add_argument("--root", required=True, help="corpus folder (holds VideoFlash/ and AudioWAV/)")
     p.add_argument("--out", required=True, help="output folder: manifest/, cache/, shards/<split>/, status.jsonl")
     p.add_argument("--split", default="ogm", help="comma-separated split names to pack: ogm, vavl1..vavl5, kfold1..kfoldK (default ogm)")

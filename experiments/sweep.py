@@ -267,8 +267,8 @@ def run_sweep(sweep: Sweep, jobs: int = 1, devices: list[str] | None = None, onl
                                 "accuracy": _test_accuracy(spec.folder(root))}
     _write_status(root, sweep, records)
     todo = [s for s in specs if records.get(s.id, {}).get("status") != "done"]
-    selected = f"{len(specs)} of {len(sweep.runs)} runs selected by --only {only!r}" if only is not None else f"{len(specs)} runs"
-    report(f"sweep: {selected} ({len(specs) - len(todo)} finished, {len(todo)} to run), "
+    chosen = f"{len(specs)} of {len(sweep.runs)} runs selected by --only {only!r}" if only is not None else f"{len(specs)} runs"
+    report(f"sweep: {chosen} ({len(specs) - len(todo)} finished, {len(todo)} to run), "
            f"{len(sweep.unsupported)} unsupported combinations left out; {jobs} at a time; runs in {root}")
     for warning in missing_shards(todo):
         report(f"sweep: warning: {warning}")
