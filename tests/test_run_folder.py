@@ -66,7 +66,7 @@ def mlb_run(train_shards, tmp_path_factory) -> str:
 def test_train_shows_a_bar_and_a_line_per_epoch(mlb_run, train_shards, tmp_path):
     with open(os.path.join(mlb_run, "progress.txt"), encoding="utf-8") as fh:
         stderr = fh.read()
-    assert "epoch 1/1" in stderr and "step" in stderr and "samples_s=" in stderr and "loss=" in stderr
+    assert "train epoch 1/1" in stderr and "step/s" in stderr and "samples_s=" in stderr and "loss=" in stderr
     line = next(ln for ln in stderr.replace("\r", "\n").splitlines() if ln.startswith("epoch 1/1:"))
     assert "val accuracy" in line and "heads: audio" in line, line
     quiet = cli(*train_args(train_shards, str(tmp_path / "q"), "resnet_joint.yaml", *TINY, "train.epochs=1"))

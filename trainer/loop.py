@@ -322,7 +322,7 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
                                 world_size=dist_info.world_size, seed=cfg["seed"], epoch=epoch)
         balancer.on_epoch_start(model, epoch, loader, val_loader)
         tick, seen, shown_loss = time.perf_counter(), 0, None
-        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", unit="step") if chatty else None
+        bar = progress_bar(steps_per_epoch, f"train epoch {epoch + 1}/{epochs}", unit="step") if chatty else None
         for batch in loader:
             batch = to_device(batch, device)
             with autocast():
