@@ -95,8 +95,9 @@ def main() -> None:
                 best[m][variant] = min(ms, best[m].get(variant, float("inf")))
     if rank == 0:
         rows = {m: {**v, "change": v["after"] / v["before"] - 1} for m, v in best.items()}
+        print("| method | before (ms/step) | after (ms/step) | change |\n|---|---|---|---|")
         for m, v in rows.items():
-            print(f"{m:10s} before {v['before']:7.1f} ms  after {v['after']:7.1f} ms  ({v['change']:+.1%})")
+            print(f"| {m} | {v['before']:.1f} | {v['after']:.1f} | {v['change']:+.1%} |")
         if args.json:
             setup = {k: getattr(args, k) for k in ("steps", "rounds", "batch", "width", "image", "frames")}
             doc = {"setup": {**setup, "world_size": dist.get_world_size(), "backend": "gloo",

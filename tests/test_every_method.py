@@ -86,6 +86,29 @@ def test_a_trained_run_evaluates_to_the_recorded_numbers(train_shards, tmp_path,
     assert_same_numbers(evaluate_through_cli(out), recorded)
 
 
+def test_a_sweep_run_evaluates_to_what_the_sweep_and_the_report_recorded(train_shards, tmp_path):
+    """The sweep and report paths: sweep.json's accuracy, the report's reading of the run, and
+    an after-the-fact ``evaluate`` agree (MMCosine: a method that changes the model)."""
+    import yaml
+
+    from experiments.collect import collect_runs
+    from experiments.sweep import load_sweep, run_sweep
+
+    doc = {"out": str(tmp_path / "runs"), "shards": os.path.join(os.path.dirname(train_shards), "{split}"),
+           "set": [*FAMILIES["resnet"], *QUICK],
+           "blocks": [{"name": "t", "preset": "resnet", "splits": [os.path.basename(train_shards)], "seeds": [0],
+                       "methods": ["mmcosine"], "fusions": ["late_linear"]}]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(doc))
+    run_sweep(load_sweep(str(tmp_path / "sweep.yaml")), report=lambda line: None)
+    with open(tmp_path / "runs" / "sweep.json", encoding="utf-8") as fh:
+        (record,) = json.load(fh)["runs"]
+    assert record["status"] == "done", record
+    (run,) = collect_runs(str(tmp_path / "runs"))
+    assert run.method == "mmcosine" and run.test["accuracy"] == record["accuracy"]
+    after = evaluate_through_cli(str(tmp_path / "runs" / record["folder"]))
+    assert_same_numbers(after, run.test)
+
+
 def torchrun_train(shards: str, out: str, method: str, family: str, port: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            os.path.join(REPO, "cli.py"), "train", "--config", preset(method, family), "--shards", shards, "--out", out]
