@@ -149,3 +149,18 @@ def test_ctrl_c_names_the_command_that_continues(train_shards, tmp_path):
     again = cli(*shlex.split(command)[2:-1], "--set", "train.epochs=1", "--resume")  # the named command works
     assert "already holds a run" not in again.stderr
     assert again.returncode == 0, again.stderr
+
+
+def test_resume_reads_a_config_written_before_a_key_existed(tmp_path):
+    """A key added to the defaults after a run was written takes its default on resume,
+    instead of being listed as a difference."""
+    from trainer.config import load_config, save_config
+    from trainer.resume import config_differences, resume_config
+
+    cfg = load_config(None, ["train.epochs=3"])
+    cfg["data"]["shards"] = str(tmp_path / "shards")
+    del cfg["train"]["log_every"]  # as if the key did not exist then
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    resumed = resume_config(str(tmp_path), load_config(None, ["train.epochs=5"]), str(tmp_path / "shards"))
+    assert resumed["train"]["epochs"] == 5 and resumed["train"]["log_every"] == load_config(None)["train"]["log_every"]
+    assert config_differences(resumed, load_config(None, ["train.epochs=5"])) == []  # data.shards is recorded, not compared

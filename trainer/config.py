@@ -114,7 +114,7 @@ def merge(base: dict, update: dict, path: tuple[str, ...] = ()) -> dict:
 
 def _merge_free(old: Any, new: Any) -> Any:
     if isinstance(old, dict) and isinstance(new, dict):
-        return _deep_update(old, new)
+        return deep_update(old, new)
     return copy.deepcopy(new)
 
 
@@ -193,14 +193,14 @@ def _read_yaml(path: str) -> dict:
     base = data.pop("base", None)
     if base:
         parent = _read_yaml(os.path.join(os.path.dirname(path), base))
-        data = _deep_update(parent, data)
+        data = deep_update(parent, data)
     return data
 
 
-def _deep_update(base: dict, update: dict) -> dict:
+def deep_update(base: dict, update: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in update.items():
-        out[k] = _deep_update(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else copy.deepcopy(v)
+        out[k] = deep_update(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else copy.deepcopy(v)
     return out
 
 

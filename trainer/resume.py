@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from avbalance.errors import UserError
-from trainer.config import load_config
+from trainer.config import DEFAULTS, deep_update, load_config
 
 # Keys a resumed run may change: they decide how long it continues, not what it learnt.
 RESUMABLE = frozenset({"train.epochs", "train.patience", "train.log_every", "data.workers"})
@@ -23,7 +23,8 @@ RECORDED = frozenset({"data.shards"})
 
 
 def saved_config(out: str) -> dict:
-    """The run's own resolved config (``RUN/config.yaml``)."""
+    """The run's own resolved config (``RUN/config.yaml``); keys added to the defaults since
+    the run was written take their default (what the run was trained with)."""
     path = os.path.join(out, "config.yaml")
     if not os.path.exists(path):
         raise UserError(f"--resume: {out} holds no config.yaml, so it is not a run folder written by train")
@@ -34,7 +35,7 @@ def saved_config(out: str) -> dict:
             raise UserError(f"--resume: {path} is not valid YAML: {err}") from None
     if not isinstance(cfg, dict):
         raise UserError(f"--resume: {path} does not hold a config mapping")
-    return cfg
+    return deep_update(DEFAULTS, cfg)
 
 
 def requested_config(out: str, config: str | None, overrides: list[str]) -> dict:
