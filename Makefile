@@ -69,6 +69,7 @@ bench: install
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
 	$(PY) bench/preprocess.py --json bench/preprocess.json
 	$(PY) bench/train.py --json bench/train.json
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 bench/ddp_step.py --json bench/ddp_step.json
 
 clean:
 	rm -rf $(DEMO_DIR) $(STUDY_DIR) .pytest_cache

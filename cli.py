@@ -17,14 +17,15 @@ Bad input ends with a one-paragraph message and a non-zero exit, never a traceba
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shlex
 import sys
 import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from avbalance.errors import UserError  # noqa: E402
+from avbalance.ranges import Allowed, arg  # noqa: E402
 
 CORPORA = ("cremad",)
 
@@ -73,6 +74,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from pipelines.stages.faces import FacesConfig
     from pipelines.stages.pack import PackConfig
 
+    if not os.path.isdir(args.root):  # the cheapest, most basic check first
+        raise UserError(f"--root {args.root} is not a folder; give the corpus folder that holds VideoFlash/ and AudioWAV/")
     if args.device == "cuda":
         import torch
 
@@ -111,11 +114,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def set_items(groups: list[list[str]] | None) -> list[str]:
+    """The ``--set`` values; ``--set key value`` (a space instead of ``=``) gets a clear message."""
+    items = [item for group in groups or [] for item in group]
+    for i, item in enumerate(items):
+        if "=" not in item:
+            hint = f"--set {item}={items[i + 1]}" if i + 1 < len(items) and "=" not in items[i + 1] else f"--set {item}=VALUE"
+            raise UserError(f"--set expects KEY=VALUE as one word, got {item!r}; write {hint}")
+    return items
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
-    from trainer.loop import train
+    from trainer.resume import requested_config
 
-    cfg = load_config(args.config, args.set or [])
+    overrides = set_items(args.set)
+    cfg = requested_config(args.out, args.config, overrides) if args.resume else load_config(args.config, overrides)
+    from trainer.loop import train  # torch loads only once the settings are known to be valid
+
     metrics = train(cfg, args.shards, args.out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         uni = ", ".join(f"{m} {a:.3f}" for m, a in metrics["unimodal_accuracy"].items())
@@ -143,14 +159,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.config, out=args.out)
     if args.dry_run:
-        print("\n".join(plan_lines(sweep)))
-        print(f"sweep: {len(sweep.runs)} runs, {len(sweep.unsupported)} unsupported combinations; runs in {sweep.out}")
+        lines, warnings = plan_lines(sweep, only=args.only)
+        print("\n".join(lines))
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        shown = f"{len(lines) - len(sweep.unsupported)} of {len(sweep.runs)} runs (--only {args.only})" if args.only else f"{len(sweep.runs)} runs"
+        print(f"sweep: {shown}, {len(sweep.unsupported)} unsupported combinations; runs in {sweep.out}")
         return 0
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else []
     records = run_sweep(sweep, jobs=args.jobs, devices=devices, only=args.only)
     failed = [r for r in records.values() if r.get("status") == "failed"]
     done = sum(r.get("status") == "done" for r in records.values())
-    print(f"sweep: {done}/{len(sweep.runs)} runs finished, {len(failed)} failed; status in "
+    print(f"sweep: {done}/{len(sweep.runs)} runs of the sweep finished, {len(failed)} failed; status in "
           f"{os.path.join(sweep.out, 'sweep.json')}; report: python cli.py report --runs {sweep.out} --out REPORT_DIR")
     return 1 if failed else 0
 
@@ -185,53 +205,56 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("synth", help="write a CREMA-D-shaped synthetic corpus")
-    p.add_argument("corpus", choices=CORPORA)
+    p.add_argument("corpus", choices=CORPORA, help="the corpus recipe (cremad)")
     p.add_argument("--out", required=True, help="output folder (gets VideoFlash/ and AudioWAV/)")
-    p.add_argument("--actors", type=int, default=6, help="number of actors, half male, half female (default 6)")
-    p.add_argument("--sentences", type=int, default=4, help="sentences per actor, 1-12 (default 4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--audio-signal", type=float, default=1.0, help="strength of the emotion cue in the voice, 0 = none (default 1.0)")
-    p.add_argument("--video-signal", type=float, default=0.6, help="strength of the emotion cue on the face, 0 = none (default 0.6)")
-    p.add_argument("--audio-clear", type=float, default=1.0,
-                   help="share of clips whose voice shows the emotion at full strength; the others carry a faint cue, "
+    p.add_argument("--actors", type=arg(int, Allowed(lo=1, hi=91)), default=6,
+                   help="number of actors, half male, half female, 1-91 (default 6)")
+    p.add_argument("--sentences", type=arg(int, Allowed(lo=1, hi=12)), default=4, help="sentences per actor, 1-12 (default 4)")
+    p.add_argument("--seed", type=arg(int, Allowed(lo=0)), default=0, help="random seed of the corpus (default 0)")
+    p.add_argument("--audio-signal", type=arg(float, Allowed(lo=0, hi=3)), default=1.0, help="strength of the emotion cue in the voice, 0 = none, up to 3 (default 1.0)")
+    p.add_argument("--video-signal", type=arg(float, Allowed(lo=0, hi=3)), default=0.6, help="strength of the emotion cue on the face, 0 = none, up to 3 (default 0.6)")
+    p.add_argument("--audio-clear", type=arg(float, Allowed(lo=0, hi=1)), default=1.0,
+                   help="share of clips whose voice shows the emotion at full strength, 0-1; the others carry a faint cue, "
                         "drawn independently of the face (default 1.0)")
-    p.add_argument("--video-clear", type=float, default=1.0,
-                   help="share of clips whose face shows the emotion at full strength, independent of the voice (default 1.0)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--video-clear", type=arg(float, Allowed(lo=0, hi=1)), default=1.0,
+                   help="share of clips whose face shows the emotion at full strength, 0-1, independent of the voice (default 1.0)")
+    p.add_argument("--workers", type=arg(int, Allowed(lo=1)), default=min(2, os.cpu_count() or 1),
+                   help=f"worker processes (default {min(2, os.cpu_count() or 1)}: up to 2, one per CPU core)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("manifest", help="index a corpus: clip manifest, metadata and splits")
-    p.add_argument("corpus", choices=CORPORA)
+    p.add_argument("corpus", choices=CORPORA, help="the corpus recipe (cremad)")
     p.add_argument("--root", required=True, help="corpus folder (holds VideoFlash/, AudioWAV/, AudioMP3/)")
     p.add_argument("--out", required=True, help="manifest folder (clips.jsonl, skipped.jsonl, summary.json)")
     p.add_argument("--verify", action="store_true", help="check every file's size and sha256 against the official list")
-    p.add_argument("--checksums", help="a path,sha256,size CSV to verify against instead of the official list")
-    p.add_argument("--kfold", type=int, default=3, help="number of actor-disjoint folds (default 3)")
-    p.add_argument("--kfold-seed", type=int, default=0)
+    p.add_argument("--checksums", help="a path,sha256,size CSV to verify against instead of the official list (default: the official list)")
+    p.add_argument("--kfold", type=arg(int, Allowed(lo=2)), default=3, help="number of actor-disjoint folds, >= 2 (default 3)")
+    p.add_argument("--kfold-seed", type=arg(int, Allowed(lo=0)), default=0, help="seed of the actor shuffle behind the folds (default 0)")
     p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser("preprocess", help="decode, frames, faces, face features, audio, pack into WebDataset shards")
-    p.add_argument("corpus", choices=CORPORA)
+    p.add_argument("corpus", choices=CORPORA, help="the corpus recipe (cremad)")
     p.add_argument("--root", required=True, help="corpus folder (holds VideoFlash/ and AudioWAV/)")
     p.add_argument("--out", required=True, help="output folder: manifest/, cache/, shards/<split>/, status.jsonl")
     p.add_argument("--split", default="ogm", help="comma-separated split names to pack: ogm, vavl1..vavl5, kfold1..kfoldK (default ogm)")
     p.add_argument("--stages", default=",".join(["frames", "faces", "face_features", "audio", "pack"]),
                    help="comma-separated subset of frames,faces,face_features,audio,pack (default all)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet")
-    p.add_argument("--batch-size", type=int, default=32, help="face frames per MTCNN/EfficientNet batch")
-    p.add_argument("--face-fps", type=float, default=None, help="face frames per second (default: every frame)")
-    p.add_argument("--face-detect-fps", type=float, default=None,
+    p.add_argument("--workers", type=arg(int, Allowed(lo=1)), default=1, help="worker processes (default 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet (default cpu)")
+    p.add_argument("--batch-size", type=arg(int, Allowed(lo=1)), default=32, help="face frames per MTCNN/EfficientNet batch (default 32)")
+    p.add_argument("--face-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None, help="face frames per second, > 0 (default: every frame)")
+    p.add_argument("--face-detect-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None,
                    help="detect faces at this rate and carry boxes in between (default: detect on every face frame)")
-    p.add_argument("--face-min-size", type=int, default=40, help="MTCNN minimum face size in pixels (default 40)")
-    p.add_argument("--face-margin", type=float, default=0.2, help="crop side = max(w, h) x (1 + margin) (default 0.2)")
-    p.add_argument("--face-size", type=int, default=260, help="face crop size: 260 (EfficientNet-B2) or 224")
+    p.add_argument("--face-min-size", type=arg(int, Allowed(lo=1)), default=40, help="MTCNN minimum face size in pixels (default 40)")
+    p.add_argument("--face-margin", type=arg(float, Allowed(lo=0)), default=0.2, help="crop side = max(w, h) x (1 + margin) (default 0.2)")
+    p.add_argument("--face-size", type=int, choices=(260, 224), default=260, help="face crop size: 260 (EfficientNet-B2) or 224 (default 260)")
     p.add_argument("--face-weights", help="EfficientNet-B2 weights: a timm state dict (.pth or .safetensors) or a "
-                   "Hugging Face model id (hf-hub:timm/efficientnet_b2.ra_in1k), downloaded once into the HF cache")
+                   "Hugging Face model id (hf-hub:timm/efficientnet_b2.ra_in1k), downloaded once into the HF cache "
+                   "(default: none; then --allow-random-weights is needed)")
     p.add_argument("--allow-random-weights", action="store_true", help="tests/demos only: seeded random EfficientNet-B2 weights")
     p.add_argument("--keep-face-crops", action="store_true", help="also store the face crops (faces.jpg)")
-    p.add_argument("--spec", choices=("logmel", "linear"), default="logmel", help="spectrogram: 128-bin log-Mel or the reference linear 257 x 188")
-    p.add_argument("--shard-samples", type=int, default=None, help="samples per shard (default: about 16 shards per part)")
+    p.add_argument("--spec", choices=("logmel", "linear"), default="logmel", help="spectrogram: 128-bin log-Mel or the reference linear 257 x 188 (default logmel)")
+    p.add_argument("--shard-samples", type=arg(int, Allowed(lo=1)), default=None, help="samples per shard (default: about 16 shards per part)")
     p.add_argument("--overwrite", action="store_true", help="drop cached stage outputs and shards, redo everything")
     p.set_defaults(func=cmd_preprocess)
 
@@ -243,26 +266,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train", help="train a multimodal classifier from shards (torchrun for several processes)")
-    p.add_argument("--config", help="YAML preset (trainer/configs/*.yaml); defaults apply where it is silent")
+    p.add_argument("--config", help="YAML preset (trainer/configs/*.yaml); built-in defaults apply where it is silent "
+                   "(default: none, all built-in defaults; with --resume: the run's own config)")
     p.add_argument("--shards", required=True, help="a shard set folder with shards.json (OUT/shards/<split>)")
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, tb/, best.pt, last.pt")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-4 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE",
+                   help="override a config key, e.g. optim.lr=1e-4 (repeatable; default: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with the run's own config.yaml")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run: accuracy, macro-F1, heads, ECE, agreement, confusion")
     p.add_argument("--run", required=True, help="a run folder written by train")
     p.add_argument("--split", default="test", help="the part to evaluate: train, val or test (default test)")
-    p.add_argument("--shards", help="evaluate on another shard set than the run's")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--shards", help="evaluate on another shard set than the run's (default: the run's own)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="best.pt (best validation accuracy) or last.pt (the last epoch) (default best)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="run a grid of training runs (methods x fusions x presets x splits x seeds) from one YAML file")
     p.add_argument("--config", required=True, help="sweep file, e.g. experiments/sweeps/cremad_paper.yaml")
     p.add_argument("--out", help="folder for the runs (default: the file's `out`)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1); threads are split between them")
-    p.add_argument("--devices", help="comma-separated GPU ids, one per parallel run in turn, e.g. 0,1,2,3")
-    p.add_argument("--only", metavar="GLOB", help="run only the runs whose id matches, e.g. 'resnet_ogm/mlb-*'")
+    p.add_argument("--jobs", type=arg(int, Allowed(lo=1)), default=1, help="runs at a time (default 1); threads are split between them")
+    p.add_argument("--devices", help="comma-separated GPU ids, one per parallel run in turn, e.g. 0,1,2,3 (default: none)")
+    p.add_argument("--only", metavar="GLOB", help="run only the runs whose id matches, e.g. 'resnet_ogm/mlb-*' (default: all)")
     p.add_argument("--dry-run", action="store_true", help="list every run and its state (new, resume, done) and stop")
     p.set_defaults(func=cmd_sweep)
 
@@ -275,15 +302,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_text(message: str) -> str:
+    """``error: ...`` wrapped at spaces only: a flag, path or value is never split (copy-paste)."""
+    return textwrap.fill("error: " + message, width=100, subsequent_indent="  ",
+                         break_long_words=False, break_on_hyphens=False)
+
+
+def continue_command(argv: list[str], args: argparse.Namespace) -> str:
+    """The command that continues after Ctrl-C: ``train`` needs ``--resume`` once a checkpoint exists."""
+    cmd = ["python", "cli.py", *argv]
+    if args.command == "train" and not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+        cmd.append("--resume")
+    return shlex.join(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as err:
-        print("error: " + textwrap.fill(str(err), width=100, subsequent_indent="  "), file=sys.stderr)
+        print(error_text(str(err)), file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("interrupted: finished work is kept; run the same command again to continue.", file=sys.stderr)
+        print(f"interrupted: finished work is kept; to continue, run: {continue_command(argv, args)}", file=sys.stderr)
         return 130
 
 

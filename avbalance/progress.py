@@ -8,6 +8,11 @@ import sys
 from tqdm import tqdm
 
 
+def quiet() -> bool:
+    """True when AVBALANCE_QUIET asks for no progress output (tests, sweeps' child runs)."""
+    return bool(os.environ.get("AVBALANCE_QUIET"))
+
+
 def progress_bar(total: int | None, desc: str, unit: str = "it", unit_scale: bool = False) -> tqdm:
     return tqdm(
         total=total,
@@ -17,5 +22,5 @@ def progress_bar(total: int | None, desc: str, unit: str = "it", unit_scale: boo
         file=sys.stderr,
         dynamic_ncols=True,
         mininterval=0.5,
-        disable=bool(os.environ.get("AVBALANCE_QUIET")),
+        disable=quiet(),
     )

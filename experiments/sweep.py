@@ -221,13 +221,18 @@ def train_command(spec: RunSpec, folder: str, resume: bool) -> list[str]:
     return cmd + (["--resume"] if resume else [])
 
 
-def _last_line(path: str) -> str:
+def failure_reason(path: str) -> str:
+    """Why a run failed, from its log: the whole ``error:`` paragraph (a message may span
+    lines), else the last line (a traceback's exception)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
-            lines = [ln.strip() for ln in fh if ln.strip()]
+            lines = [ln.rstrip() for ln in fh if ln.strip()]
     except OSError:
         return ""
-    return lines[-1] if lines else ""
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("error: ")]
+    if starts:
+        return " ".join(ln.strip() for ln in lines[starts[-1]:])
+    return lines[-1].strip() if lines else ""
 
 
 def _test_accuracy(folder: str) -> float | None:
@@ -261,7 +266,7 @@ def execute(spec: RunSpec, root: str, env: dict[str, str]) -> dict[str, Any]:
     record.update(seconds=round(time.perf_counter() - start, 1), resumed=state == "resume", returncode=code)
     if code == 0 and run_state(folder) == "done":
         return {**record, "status": "done", "accuracy": _test_accuracy(folder)}
-    return {**record, "status": "failed", "reason": _last_line(log_path) or f"exit code {code}", "log": log_path}
+    return {**record, "status": "failed", "reason": failure_reason(log_path) or f"exit code {code}", "log": log_path}
 
 
 def _write_status(root: str, sweep: Sweep, records: dict[str, dict]) -> None:
@@ -289,9 +294,7 @@ def run_sweep(sweep: Sweep, jobs: int = 1, devices: list[str] | None = None, onl
     """Run every pending run of ``sweep``, ``jobs`` at a time; the status record of each run."""
     if jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {jobs}")
-    specs = [s for s in sweep.runs if only is None or fnmatch.fnmatch(s.id, only)]
-    if only is not None and not specs:
-        raise UserError(f"--only {only!r} matches none of the {len(sweep.runs)} runs")
+    specs = selected(sweep, only)
     root = sweep.out
     os.makedirs(root, exist_ok=True)
     records: dict[str, dict] = {}
@@ -302,8 +305,11 @@ def run_sweep(sweep: Sweep, jobs: int = 1, devices: list[str] | None = None, onl
                                 "accuracy": _test_accuracy(spec.folder(root))}
     _write_status(root, sweep, records)
     todo = [s for s in specs if records.get(s.id, {}).get("status") != "done"]
-    report(f"sweep: {len(sweep.runs)} runs ({len(sweep.runs) - len(todo)} finished, {len(todo)} to run), "
+    chosen = f"{len(specs)} of {len(sweep.runs)} runs selected by --only {only!r}" if only is not None else f"{len(specs)} runs"
+    report(f"sweep: {chosen} ({len(specs) - len(todo)} finished, {len(todo)} to run), "
            f"{len(sweep.unsupported)} unsupported combinations left out; {jobs} at a time; runs in {root}")
+    for warning in missing_shards(todo):
+        report(f"sweep: warning: {warning}")
     slots: queue.Queue[int] = queue.Queue()
     for i in range(jobs):
         slots.put(i)
@@ -332,10 +338,30 @@ def run_sweep(sweep: Sweep, jobs: int = 1, devices: list[str] | None = None, onl
     return records
 
 
-def plan_lines(sweep: Sweep) -> list[str]:
-    """A dry run: every run with the state it is in, then the unsupported combinations."""
-    lines = [f"{run_state(s.folder(sweep.out)):6s} {s.id}  ({os.path.relpath(s.config, REPO)}, {s.shards})" for s in sweep.runs]
+def selected(sweep: Sweep, only: str | None) -> list[RunSpec]:
+    """The runs ``--only GLOB`` keeps (all without it)."""
+    specs = [s for s in sweep.runs if only is None or fnmatch.fnmatch(s.id, only)]
+    if only is not None and not specs:
+        raise UserError(f"--only {only!r} matches none of the {len(sweep.runs)} runs")
+    return specs
+
+
+def missing_shards(specs: list[RunSpec]) -> list[str]:
+    """One warning per shard set the runs name that holds no shards.json (those runs would fail)."""
+    missing: dict[str, int] = {}
+    for s in specs:
+        if not os.path.exists(os.path.join(s.shards, "shards.json")):
+            missing[s.shards] = missing.get(s.shards, 0) + 1
+    return [f"{n} run(s) read {path}, which holds no shards.json: run `python cli.py preprocess` for that split first"
+            for path, n in missing.items()]
+
+
+def plan_lines(sweep: Sweep, only: str | None = None) -> tuple[list[str], list[str]]:
+    """A dry run: the selected runs with the state each is in, then the unsupported
+    combinations; and warnings (shard sets that do not exist yet)."""
+    specs = selected(sweep, only)
+    lines = [f"{run_state(s.folder(sweep.out)):6s} {s.id}  ({os.path.relpath(s.config, REPO)}, {s.shards})" for s in specs]
     lines += [f"skip   {u['id']}  ({u['reason']})" for u in sweep.unsupported]
-    return lines
+    return lines, missing_shards(specs)
 
 

@@ -137,3 +137,29 @@ def test_sweep_wide_encoder_settings_skip_one_modality_runs(tmp_path):
     assert "model.encoders.visual.width=8" not in runs["audio_only"].overrides
     assert "model.encoders.audio.width=4" in runs["audio_only"].overrides
     assert {"model.encoders.visual.width=8", "model.encoders.audio.width=4"} <= set(runs["joint"].overrides)
+
+
+def test_dry_run_lists_only_the_selected_runs_and_warns_of_missing_shards(tmp_path):
+    from tests.conftest import run_cli
+
+    path = write(tmp_path, grid(tmp_path))
+    proc = run_cli("sweep", "--config", path, "--dry-run", "--only", "b/joint-film/*", check=True)
+    listed = [ln for ln in proc.stdout.splitlines() if ln.startswith("new ")]
+    assert len(listed) == 4 and all("b/joint-film/" in ln for ln in listed), proc.stdout
+    assert "4 of 12 runs (--only b/joint-film/*)" in proc.stdout
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 2 and all("holds no shards.json" in w for w in warnings), proc.stderr  # kfold1, kfold2
+
+
+def test_only_counts_the_selected_runs_and_a_failure_keeps_the_whole_message(tmp_path):
+    doc = grid(tmp_path, splits=["kfold1"], seeds=[0], fusions=["late_linear"], methods=["joint", "mlb"])
+    doc["set"] = TINY
+    messages: list[str] = []
+    records = run_sweep(load_sweep(write(tmp_path, doc)), only="b/mlb-*", report=messages.append)
+    assert "1 of 2 runs selected by --only 'b/mlb-*' (0 finished, 1 to run)" in messages[0], messages
+    assert any("warning:" in m and "holds no shards.json" in m for m in messages), messages
+    (record,) = records.values()
+    assert record["status"] == "failed"
+    # The whole error paragraph, not the last line of a wrapped message.
+    assert record["reason"].startswith("error: no shards.json in ") and "run `python cli.py preprocess` first" in record["reason"]
+    assert any(record["reason"] in m for m in messages if "FAILED" in m)

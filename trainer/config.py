@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from avbalance.errors import UserError
+from avbalance.ranges import Allowed
 
 DEFAULTS: dict[str, Any] = {
     "name": "run",
@@ -66,6 +67,32 @@ DEFAULTS: dict[str, Any] = {
         "deterministic": True,
     },
 }
+# What each numeric or named setting allows; checked where the config is read, so a bad
+# value fails at once instead of hanging a loader or dividing by zero minutes later.
+RULES: dict[str, Allowed] = {
+    "seed": Allowed(lo=0),
+    "data.batch_size": Allowed(lo=1),
+    "data.eval_batch_size": Allowed(lo=1),
+    "data.workers": Allowed(lo=0),
+    "data.shuffle_buffer": Allowed(lo=0),
+    "data.frames": Allowed(lo=1),
+    "data.image_size": Allowed(lo=16),
+    "data.max_face_frames": Allowed(lo=1),
+    "data.max_wav_seconds": Allowed(lo=0, lo_open=True),
+    "data.samples_per_epoch": Allowed(lo=1, optional=True),
+    "model.n_classes": Allowed(lo=2),
+    "optim.name": Allowed(choices=("adam", "adamw", "sgd")),
+    "optim.lr": Allowed(lo=0, lo_open=True),
+    "optim.weight_decay": Allowed(lo=0),
+    "optim.momentum": Allowed(lo=0, hi=1, hi_open=True),
+    "optim.schedule": Allowed(choices=("none", "cosine")),
+    "optim.warmup_steps": Allowed(lo=0),
+    "optim.clip_grad": Allowed(lo=0),
+    "train.epochs": Allowed(lo=1),
+    "train.patience": Allowed(lo=0),
+    "train.device": Allowed(choices=("auto", "cpu", "cuda")),
+    "train.log_every": Allowed(lo=1),
+}
 FREE_FORM = {("model", "encoders"), ("model", "fusion"), ("balancing",), ("data", "modalities")}
 
 
@@ -93,7 +120,7 @@ def merge(base: dict, update: dict, path: tuple[str, ...] = ()) -> dict:
 
 def _merge_free(old: Any, new: Any) -> Any:
     if isinstance(old, dict) and isinstance(new, dict):
-        return _deep_update(old, new)
+        return deep_update(old, new)
     return copy.deepcopy(new)
 
 
@@ -156,9 +183,10 @@ def _modalities_of(layer: dict) -> Any:
     return data.get("modalities") if isinstance(data, dict) else None
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> dict:
-    """Defaults <- YAML file (with optional ``base:`` file it extends) <- --set overrides."""
-    cfg = copy.deepcopy(DEFAULTS)
+def load_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> dict:
+    """Defaults (or ``base``, e.g. a run's saved config) <- YAML file (with optional ``base:``
+    file it extends) <- --set overrides; every value checked against its range."""
+    cfg = copy.deepcopy(DEFAULTS if base is None else base)
     if path:
         layer = _read_yaml(path)
         cfg = merge(cfg, layer)
@@ -170,7 +198,19 @@ def load_config(path: str | None, overrides: list[str] = ()) -> dict:
         # data.modalities (or data) itself replaces the mapping; data.modalities.<m> adds to it.
         if text.split("=", 1)[0].strip() in ("data", "data.modalities") and _modalities_of(layer) is not None:
             cfg = select_modalities(cfg, _modalities_of(layer))
+    validate_config(cfg)
     return cfg
+
+
+def validate_config(cfg: dict) -> None:
+    """Refuse a value outside its range (``RULES``) at once, naming the key, the value and what is allowed."""
+    for key, rule in RULES.items():
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None and rule.optional:
+            continue
+        rule.check(key, node)
 
 
 def _read_yaml(path: str) -> dict:
@@ -187,16 +227,16 @@ def _read_yaml(path: str) -> dict:
     if base:
         parent = _read_yaml(os.path.join(os.path.dirname(path), base))
         modalities = _modalities_of(data)
-        data = _deep_update(parent, data)
+        data = deep_update(parent, data)
         if modalities is not None:  # the preset's modalities replace its base's
             data = select_modalities(data, modalities)
     return data
 
 
-def _deep_update(base: dict, update: dict) -> dict:
+def deep_update(base: dict, update: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in update.items():
-        out[k] = _deep_update(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else copy.deepcopy(v)
+        out[k] = deep_update(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else copy.deepcopy(v)
     return out
 
 

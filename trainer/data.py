@@ -51,9 +51,23 @@ class DataConfig:
     samples_per_epoch: int | None = None  # default: the part's sample count
 
 
+def split_folders(folder: str) -> list[str]:
+    """Shard sets below ``folder`` when it is a preprocess output (``OUT/shards/<split>``) or its ``shards/``."""
+    found = []
+    for parent in (os.path.join(folder, "shards"), folder):
+        if os.path.isdir(parent):
+            found += [os.path.join(parent, d) for d in sorted(os.listdir(parent))
+                      if os.path.exists(os.path.join(parent, d, "shards.json"))]
+    return found
+
+
 def read_index(shards: str) -> dict:
     path = os.path.join(shards, "shards.json")
     if not os.path.exists(path):
+        splits = split_folders(shards)
+        if splits:
+            raise UserError(f"{shards} holds shard sets, one per split, but is not one itself: pass one of "
+                            f"{', '.join(splits)} as --shards")
         raise UserError(f"no shards.json in {shards}: not a complete shard set; run `python cli.py preprocess` first")
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)

@@ -12,8 +12,7 @@ import yaml
 from avbalance.errors import UserError
 from trainer.checkpoint import load_checkpoint
 from trainer.data import make_loader
-from trainer.loop import data_config, evaluate, probe_model
-from trainer.model import build_model
+from trainer.loop import build_run_model, data_config, evaluate, probe_model
 
 
 def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkpoint: str = "best") -> dict:
@@ -26,7 +25,7 @@ def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkp
     with open(cfg_path, encoding="utf-8") as fh:
         cfg = yaml.safe_load(fh)
     shards = shards or cfg["data"]["shards"]
-    model = build_model(cfg["model"])
+    model, _ = build_run_model(cfg)  # as trained: the method's configure may change the model
     model.load_state_dict(load_checkpoint(ckpt_path)["model"])
     loader, _ = make_loader(shards, part, data_config(cfg), train=False)
     features: dict = {}

@@ -12,8 +12,10 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,13 +23,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from avbalance.errors import UserError
 from avbalance.hub import weight_sources
+from avbalance.progress import progress_bar, quiet
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from trainer.config import save_config
-from trainer.data import DataConfig, make_loader, read_index
+from trainer.config import save_config, validate_config
+from trainer.data import DataConfig, make_loader, read_index, shard_urls
+from trainer.resume import resume_config
 from trainer.metrics import summarize
-from trainer.model import build_model
+from trainer.model import MultimodalModel, build_model
 from trainer.probe import run_probes
+
+if TYPE_CHECKING:
+    from trainer.balancing import Balancer
 
 
 def data_config(cfg: dict) -> DataConfig:
@@ -53,6 +60,48 @@ def check_inputs(cfg: dict) -> None:
         wanted = ENCODER_SOURCES.get(spec.get("name"))
         if wanted and sources[m] != wanted:
             raise UserError(f"modality {m!r}: encoder {spec['name']} reads {wanted!r}, but data.modalities.{m} is {sources[m]!r}")
+
+
+def build_run_model(cfg: dict, device: torch.device | str = "cpu") -> tuple[MultimodalModel, Balancer]:
+    """The model exactly as the run trains it, and its balancing method.
+
+    The method's ``configure`` may change the model (MMCosine swaps the fusion head), so
+    anything that loads a run's weights (``evaluate``, resume) builds it here too.
+    """
+    from trainer.balancing import build_balancer
+
+    model = build_model(cfg["model"]).to(device)
+    options = dict(cfg["balancing"])
+    balancer = build_balancer(options.pop("name"), model, total_epochs=cfg["train"]["epochs"], **options)
+    return model, balancer
+
+
+class _Held:
+    """Carries values out of ``LossStep.forward`` where DDP does not look for tensors."""
+
+    def __init__(self, **values) -> None:
+        self.__dict__.update(values)
+
+
+class LossStep(torch.nn.Module):
+    """Forward and the method's loss as one module: what DDP wraps.
+
+    DDP finds the parameters that get no gradient by walking back from what ``forward``
+    returns. Returning the model's outputs would make every head look used, though a method
+    may ignore some (joint leaves the unimodal heads without a loss) and so hang the next
+    reduction. Returning the loss itself, with every extra, masked or hooked forward of
+    ``compute_loss`` inside this one call, lets DDP see exactly what the method used.
+    """
+
+    def __init__(self, model: torch.nn.Module, balancer) -> None:
+        super().__init__()
+        self.model = model
+        self.balancer = balancer  # not a Module: its parameters (if any) live in the model
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, _Held]:
+        out = self.model(batch["inputs"])
+        loss, parts = self.balancer.compute_loss(self.model, batch, out)
+        return loss, _Held(out=out, parts=parts)
 
 
 def eval_part(shards: str, wanted: str) -> str:
@@ -206,74 +255,105 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
-    """Fit, validate every epoch, keep the best checkpoint, test it. Returns the test metrics."""
-    from trainer.balancing import build_balancer
+def _load_resume_state(cfg: dict, last_path: str, model, optimizer, schedule, balancer) -> dict:
+    """Load the checkpoint into the freshly built run (in memory only); refuse a mismatch clearly."""
+    ckpt = load_checkpoint(last_path)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        balancer.load_state_dict(ckpt["balancer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UserError(f"--resume: the checkpoint {last_path} does not fit the config "
+                        f"(balancing {cfg['balancing']['name']}): {str(err).splitlines()[0]}") from None
+    return ckpt
 
+
+def _epoch_line(epoch: int, epochs: int, val: dict, val_part: str, loss: float | None, seconds: float) -> str:
+    heads = ", ".join(f"{m} {a:.3f}" for m, a in val["unimodal_accuracy"].items())
+    shown = f", last train loss {loss:.4f}" if loss is not None else ""
+    return (f"epoch {epoch + 1}/{epochs}: {val_part} accuracy {val['accuracy']:.3f} (heads: {heads}){shown}, "
+            f"{seconds:.1f} s")
+
+
+def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
+    """Fit, validate every epoch, keep the best checkpoint, test it. Returns the test metrics.
+
+    Everything is checked (config, shards, checkpoint) before anything is written to ``out``:
+    a command that fails leaves the run folder as it was.
+    """
     dist_info = distributed.setup(cfg["train"]["device"])
     device = dist_info.device
-    os.makedirs(out, exist_ok=True)
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
     if not resume and os.path.exists(last_path):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint in {out} (last.pt)")
+    validate_config(cfg)
     check_inputs(cfg)
+    if resume:
+        cfg = resume_config(out, cfg, shards)
     cfg["data"]["shards"] = os.path.abspath(shards)
-    if dist_info.main:
-        save_config(cfg, os.path.join(out, "config.yaml"))
-    seed_everything(cfg["seed"] + dist_info.rank, cfg["train"]["deterministic"])
 
     # Data: the loaders are rebuilt per epoch, seeded by (seed, rank, epoch).
     dcfg = data_config(cfg)
     val_part = eval_part(shards, cfg["data"]["val_part"])
     _, steps_per_epoch = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,
                                      world_size=dist_info.world_size, seed=cfg["seed"])
+    shard_urls(shards, cfg["data"]["test_part"])  # the test part must exist before hours of training
 
     # Model, balancing method, optimizer, schedule.
-    model = build_model(cfg["model"]).to(device)
-    sources = weight_sources(model)  # pretrained weights: the id or path given and the file's sha256
-    if sources and dist_info.main:
-        with open(os.path.join(out, "weights.json"), "w") as fh:
-            json.dump(sources, fh, indent=1, sort_keys=True)
-    balancing = dict(cfg["balancing"])
-    balancer = build_balancer(balancing.pop("name"), model, total_epochs=cfg["train"]["epochs"], **balancing)
+    seed_everything(cfg["seed"] + dist_info.rank, cfg["train"]["deterministic"])
+    model, balancer = build_run_model(cfg, device)
     optimizer = build_optimizer(cfg, balancer.param_groups(model, cfg["optim"]["lr"]))
     balancer.attach_optimizer(optimizer)  # methods with per-modality learning rates adjust it
     schedule = build_schedule(cfg, optimizer, steps_per_epoch * cfg["train"]["epochs"])
+    state = {"epoch": 0, "step": 0, "best_acc": -1.0, "best_epoch": -1, "bad_epochs": 0}
+    if resume:
+        ckpt = _load_resume_state(cfg, last_path, model, optimizer, schedule, balancer)
+        set_rng_state(ckpt["rng"])
+        state = ckpt["state"]
+
+    # Every check passed: now the run folder may change.
+    if dist_info.main:
+        os.makedirs(out, exist_ok=True)
+        save_config(cfg, os.path.join(out, "config.yaml"))
+        sources = weight_sources(model)  # pretrained weights: the id or path given and the file's sha256
+        if sources:
+            with open(os.path.join(out, "weights.json"), "w", encoding="utf-8") as fh:
+                json.dump(sources, fh, indent=1, sort_keys=True)
+        metrics_path = os.path.join(out, "metrics.jsonl")
+        if resume:
+            drop_records_after(metrics_path, state["step"], state["epoch"])
+        elif os.path.exists(metrics_path):
+            os.remove(metrics_path)  # left by a run killed before its first checkpoint
+    distributed.barrier()
+
     # bf16 autocast on CUDA; plain fp32 on CPU.
     use_bf16 = device.type == "cuda" and cfg["train"]["bf16"]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    # Unused parameters are normal here: joint training leaves the unimodal heads without a loss.
-    ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-           if dist_info.world_size > 1 else None)
-
-    state = {"epoch": 0, "step": 0, "best_acc": -1.0, "best_epoch": -1, "bad_epochs": 0}
-    if resume:
-        ckpt = load_checkpoint(last_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        balancer.load_state_dict(ckpt["balancer"])
-        set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        if dist_info.main:
-            drop_records_after(os.path.join(out, "metrics.jsonl"), state["step"], state["epoch"])
+    step_fn = LossStep(model, balancer)
+    # DDP wraps forward + loss (LossStep): it finds the parameters a method leaves without a
+    # gradient (joint: the unimodal heads) from the loss itself.
+    if dist_info.world_size > 1:
+        step_fn = DDP(step_fn, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     log = MetricsLog(out, dist_info.main)
     n_classes = cfg["model"]["n_classes"]
-    patience = cfg["train"]["patience"]
+    patience, epochs = cfg["train"]["patience"], cfg["train"]["epochs"]
+    chatty = dist_info.main and not quiet()
     val_loader, _ = make_loader(shards, val_part, dcfg, train=False)  # deterministic: built once
-    for epoch in range(state["epoch"], cfg["train"]["epochs"]):
+    for epoch in range(state["epoch"], epochs):
         loader, _ = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,
                                 world_size=dist_info.world_size, seed=cfg["seed"], epoch=epoch)
         balancer.on_epoch_start(model, epoch, loader, val_loader)
-        tick, seen = time.perf_counter(), 0
+        tick, seen, shown_loss = time.perf_counter(), 0, None
+        bar = progress_bar(steps_per_epoch, f"train epoch {epoch + 1}/{epochs}", unit="step") if chatty else None
         for batch in loader:
             batch = to_device(batch, device)
             with autocast():
-                out_ = (ddp or model)(batch["inputs"])
-                loss, parts = balancer.compute_loss(ddp or model, batch, out_)
+                loss, held = step_fn(batch)
+            out_, parts = held.out, held.parts
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # Gradient modulation sees the synchronised gradients (DDP reduced them in backward).
@@ -294,14 +374,23 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
                 record.update({k: float(v) for k, v in parts.items()})
                 record.update({k: float(v) for k, v in balancer.log().items()})
                 log.write(record)
+                shown_loss = record["loss"]
+                if bar is not None:  # the values just logged: no extra device sync per step
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
 
         # Validate, let the method react, keep the best, stop early when it stops improving.
-        val = evaluate(ddp or model, val_loader, device, n_classes, autocast)
+        val = evaluate(model, val_loader, device, n_classes, autocast)
         balancer.on_epoch_end(model, epoch, val)
         log.write({"kind": "val", "epoch": epoch, "step": state["step"], "part": val_part, "accuracy": val["accuracy"],
                    "macro_f1": val["macro_f1"], "ece": val["ece"],
                    **{f"accuracy_{m}": a for m, a in val["unimodal_accuracy"].items()},
                    **{f"share_accuracy_{m}": a for m, a in val.get("share_accuracy", {}).items()}})
+        if chatty:
+            print(_epoch_line(epoch, epochs, val, val_part, shown_loss, time.perf_counter() - tick), file=sys.stderr, flush=True)
         improved = val["accuracy"] > state["best_acc"]
         if improved:
             state.update(best_acc=val["accuracy"], best_epoch=epoch, bad_epochs=0)
@@ -322,9 +411,9 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     model.load_state_dict(load_checkpoint(best_path)["model"])
     test_loader, _ = make_loader(shards, cfg["data"]["test_part"], dcfg, train=False)
     test_features: dict = {}
-    test = evaluate(ddp or model, test_loader, device, n_classes, autocast, features=test_features)
+    test = evaluate(model, test_loader, device, n_classes, autocast, features=test_features)
     test_part = cfg["data"]["test_part"]
-    test["probe_accuracy"] = probe_model(ddp or model, shards, cfg, device, autocast, test_part, test_features,
+    test["probe_accuracy"] = probe_model(model, shards, cfg, device, autocast, test_part, test_features,
                                          os.path.join(out, f"probe_{test_part}.npz") if dist_info.main else None)
     test.update(best_epoch=state["best_epoch"], best_val_accuracy=state["best_acc"], val_part=val_part)
     if dist_info.main:

@@ -16,8 +16,10 @@ after that; on resume the model's weights load after ``configure``, then ``load_
 Each epoch: ``on_epoch_start(model, epoch, loader, val_loader)`` ... steps ... validation ...
 ``on_epoch_end(model, epoch, val_metrics)`` (the evaluation dict, e.g. ``accuracy`` and
 ``unimodal_accuracy: {m: acc}``). ``log()`` after a step gives the coefficients.
-``compute_loss`` may receive the DDP wrapper as ``model`` (call it for extra forwards; reach
-attributes through ``getattr(model, "module", model)``); the other hooks get the bare model.
+Every hook gets the bare model. Under DDP the loop wraps forward and ``compute_loss``
+together (``trainer.loop.LossStep``), so extra, masked or hooked forwards inside
+``compute_loss`` are part of the one DDP forward, and DDP learns which parameters get no
+gradient from the loss itself (``getattr(model, "module", model)`` stays harmless).
 
 How the methods plug in (none needs a change to a loop that calls every hook above):
 

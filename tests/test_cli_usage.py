@@ -1,0 +1,76 @@
+"""What a newcomer meets first: ``--help`` states every default, error messages never break a
+flag or path across lines, the cheapest input is checked first, the install is free of
+setuptools deprecation warnings, and the documented reading snippet runs without warnings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tomllib
+import warnings
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    import cli
+
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("command", sorted(subcommands()))
+def test_help_states_every_default(command):
+    for action in subcommands()[command]._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = action.option_strings[0] if action.option_strings else action.dest
+        assert action.help, f"{command} {name} has no help text"
+        if action.option_strings and not action.required and not isinstance(action, argparse._StoreTrueAction):
+            assert "default" in action.help, f"{command} {name}: the help does not state the default"
+
+
+def test_error_messages_wrap_between_words_only():
+    import cli
+
+    message = ("the face features need EfficientNet-B2 weights: pass --face-weights FILE, or for tests and demos "
+               "--allow-random-weights (recorded in shards.json) /a/rather/long/path/that/must/stay/whole.safetensors")
+    text = cli.error_text(message)
+    assert text.startswith("error: ") and max(len(ln) for ln in text.splitlines() if " " in ln.strip()) <= 100
+    tokens = message.split()
+    assert text.split() == ["error:", *tokens]  # every token whole, on one line
+
+
+def test_preprocess_reports_a_mistyped_root_first(tmp_path):
+    proc = run_cli("preprocess", "cremad", "--root", str(tmp_path / "corpsu"), "--out", str(tmp_path / "out"))
+    text = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "--root" in text and "is not a folder" in text and "weights" not in text, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_pyproject_license_is_an_spdx_expression():
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as fh:
+        doc = tomllib.load(fh)
+    assert isinstance(doc["project"]["license"], str)  # a table is deprecated by setuptools
+    for path in doc["project"]["license-files"]:
+        assert os.path.exists(os.path.join(REPO, path)), path
+    assert any(r.startswith("setuptools>=") and int(r.split(">=")[1].split(".")[0]) >= 77 for r in doc["build-system"]["requires"])
+
+
+def test_the_documented_reading_snippet_runs_without_warnings(train_shards):
+    with open(os.path.join(REPO, "docs", "shards.md"), encoding="utf-8") as fh:
+        doc = fh.read()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "wds.WebDataset" in b)
+    train = sorted(n for n in os.listdir(train_shards) if n.startswith("train-"))
+    urls = os.path.join(train_shards, "train-{%s..%s}.tar" % (train[0][6:12], train[-1][6:12]))
+    code = re.sub(r'"OUT/shards/ogm/train-\{[0-9.]+\}\.tar"', repr(urls), snippet)
+    assert code != snippet
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scope: dict = {}
+        exec(compile(code, "docs/shards.md", "exec"), scope)  # noqa: S102 - the project's own documentation
+    assert scope["feats"].shape[1] == 1408
