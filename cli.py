@@ -91,6 +91,12 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     for split, parts in summary["shards"].items():
         counts = ", ".join(f"{p} {n}" for p, n in parts.items())
         print(f"shards: {os.path.join(args.out, 'shards', split)} ({counts} samples)")
+    if summary["coverage"]:
+        from pipelines.coverage import table_lines
+
+        print("clips per part: named by the split list, written to the shards, missing (ids and reasons: coverage in shards.json)")
+        for split, cov in summary["coverage"].items():
+            print("\n".join(table_lines(split, cov)))
     print(f"preprocess: {summary['done']} clips done, {summary['failed']} failed "
           f"({summary['computed_clips']} computed this run, {summary['seconds']} s)")
     if summary["failed"]:
