@@ -62,8 +62,11 @@ def table_lines(split: str, cov: dict[str, dict]) -> list[str]:
 
 
 def _short(reason: str) -> str:
-    """The first clause of a reason (the stage and kind), so the table stays one line a part."""
-    return reason.split(":")[0]
+    """A reason in two or three words (``stage: why`` -> failed at stage), so the table stays
+    one line a part; the full reasons are in shards.json and status.jsonl."""
+    if reason == NOT_IN_CORPUS:
+        return "not in the corpus"
+    return f"failed at {reason.split(':')[0]}"
 
 
 def incomplete_parts(index: dict, parts: list[str]) -> list[str]:

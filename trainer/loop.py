@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 
@@ -23,7 +24,7 @@ from avbalance.errors import UserError
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import save_config
-from trainer.data import DataConfig, make_loader, read_index
+from trainer.data import SKIPPED, DataConfig, make_loader, preflight, read_index
 from trainer.metrics import summarize
 from trainer.model import build_model
 
@@ -35,6 +36,7 @@ def data_config(cfg: dict) -> DataConfig:
         shuffle_buffer=d["shuffle_buffer"], frames=d["frames"], image_size=d["image_size"],
         max_face_frames=d["max_face_frames"], max_wav_seconds=d["max_wav_seconds"],
         samples_per_epoch=d["samples_per_epoch"],
+        exclude_quality=tuple(d.get("exclude_quality") or ()), on_corrupt=d.get("on_corrupt", "error"),
     )
 
 
@@ -197,13 +199,19 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     if resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint in {out} (last.pt)")
     check_inputs(cfg)
+    # Cheap checks of every part it reads: shard sizes, clips missing from a part, exclusions.
+    dcfg = data_config(cfg)
+    parts = [cfg["data"]["train_part"], eval_part(shards, cfg["data"]["val_part"]), cfg["data"]["test_part"]]
+    for line in preflight(shards, parts, dcfg):
+        if dist_info.main:
+            print(line, file=sys.stderr, flush=True)
+    SKIPPED.records.clear()
     cfg["data"]["shards"] = os.path.abspath(shards)
     if dist_info.main:
         save_config(cfg, os.path.join(out, "config.yaml"))
     seed_everything(cfg["seed"] + dist_info.rank, cfg["train"]["deterministic"])
 
     # Data: the loaders are rebuilt per epoch, seeded by (seed, rank, epoch).
-    dcfg = data_config(cfg)
     val_part = eval_part(shards, cfg["data"]["val_part"])
     _, steps_per_epoch = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,
                                      world_size=dist_info.world_size, seed=cfg["seed"])
@@ -296,10 +304,13 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     model.load_state_dict(load_checkpoint(best_path)["model"])
     test_loader, _ = make_loader(shards, cfg["data"]["test_part"], dcfg, train=False)
     test = evaluate(ddp or model, test_loader, device, n_classes, autocast)
-    test.update(best_epoch=state["best_epoch"], best_val_accuracy=state["best_acc"], val_part=val_part)
+    # Damaged samples skipped (data.on_corrupt=skip), over every rank: a result to read with care.
+    skipped = int(round(float(distributed.all_reduce_mean(torch.tensor(float(SKIPPED.count), device=device))) * dist_info.world_size))
+    test.update(best_epoch=state["best_epoch"], best_val_accuracy=state["best_acc"], val_part=val_part, skipped_corrupt=skipped)
     if dist_info.main:
         log.write({"kind": "test", "epoch": state["best_epoch"], "step": state["step"], "accuracy": test["accuracy"],
-                   "macro_f1": test["macro_f1"], **{f"accuracy_{m}": a for m, a in test["unimodal_accuracy"].items()}})
+                   "macro_f1": test["macro_f1"], "skipped_corrupt": skipped,
+                   **{f"accuracy_{m}": a for m, a in test["unimodal_accuracy"].items()}})
         with open(os.path.join(out, f"eval_{cfg['data']['test_part']}.json"), "w", encoding="utf-8") as fh:
             json.dump(test, fh, indent=2)
     log.close()
