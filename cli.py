@@ -9,6 +9,7 @@
     python cli.py sweep --config FILE
     python cli.py report --runs DIR --out DIR
     python cli.py export h5 --shards DIR --out FILE.h5
+    python cli.py verify-shards DIR [--hash]
 
 Bad input ends with a one-paragraph message and a non-zero exit, never a traceback.
 """
@@ -103,6 +104,18 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         print(f"failed clips and reasons: {os.path.join(args.out, 'status.jsonl')}")
         return 1
     return 0
+
+
+def cmd_verify_shards(args: argparse.Namespace) -> int:
+    from pipelines.verify_shards import verify_shards
+
+    records = verify_shards(args.dir, hashes=args.hash)
+    for r in records:
+        print(f"{r['status']:7s} {r['part']:5s} {r['name']}: {r['detail']}")
+    damaged = [r for r in records if r["status"] not in ("ok", "stray")]
+    checked = "sizes and sha256" if args.hash else "sizes (add --hash to check every byte)"
+    print(f"verify-shards: {len(records) - len(damaged)} of {len(records)} shard(s) ok, {len(damaged)} damaged; checked {checked}")
+    return 1 if damaged else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -214,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-samples", type=int, default=None, help="samples per shard (default: about 16 shards per part)")
     p.add_argument("--overwrite", action="store_true", help="drop cached stage outputs and shards, redo everything")
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("verify-shards", help="check a shard set against its shards.json (sizes; sha256 with --hash)")
+    p.add_argument("dir", metavar="DIR", help="shard set folder (holds shards.json), e.g. OUT/shards/ogm")
+    p.add_argument("--hash", action="store_true", help="also compare every shard's sha256 (reads every byte; default: sizes only)")
+    p.set_defaults(func=cmd_verify_shards)
 
     p = sub.add_parser("export", help="export a shard set to another format (h5)")
     p.add_argument("format", choices=("h5",), help="output format: h5 (one HDF5 file, layout in pipelines/export_h5.py)")
