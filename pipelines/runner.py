@@ -1,6 +1,7 @@
-"""Plan -> skip what is done -> run the rest on a local process pool -> status -> pack.
+"""Plan -> skip what is done -> run the rest on a local process pool -> pack -> status.
 
-Every stage output is cached per clip under a key of (stage version, config, input), so a
+A clip is kept when its video or its audio decodes (``pipelines/quality.py`` flags what is
+missing or unusual); only clips that cannot give a sample fail. Every stage output is cached per clip under a key of (stage version, config, input), so a
 killed run continues where it stopped, a re-run with the same config does no work, and a
 changed stage config redoes only that stage and those after it.
 """
