@@ -10,6 +10,7 @@
     python cli.py report --runs DIR --out DIR [--markdown]
     python cli.py report --summary FILE --markdown
     python cli.py export h5 --shards DIR --out FILE.h5
+    python cli.py verify-shards DIR [--hash]
 
 Bad input ends with a one-paragraph message and a non-zero exit, never a traceback.
 """
@@ -96,12 +97,30 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     for split, parts in summary["shards"].items():
         counts = ", ".join(f"{p} {n}" for p, n in parts.items())
         print(f"shards: {os.path.join(args.out, 'shards', split)} ({counts} samples)")
+    if summary["coverage"]:
+        from pipelines.coverage import table_lines
+
+        print("clips per part: named by the split list, written to the shards, missing (ids and reasons: coverage in shards.json)")
+        for split, cov in summary["coverage"].items():
+            print("\n".join(table_lines(split, cov)))
     print(f"preprocess: {summary['done']} clips done, {summary['failed']} failed "
           f"({summary['computed_clips']} computed this run, {summary['seconds']} s)")
     if summary["failed"]:
         print(f"failed clips and reasons: {os.path.join(args.out, 'status.jsonl')}")
         return 1
     return 0
+
+
+def cmd_verify_shards(args: argparse.Namespace) -> int:
+    from pipelines.verify_shards import verify_shards
+
+    records = verify_shards(args.dir, hashes=args.hash)
+    for r in records:
+        print(f"{r['status']:7s} {r['part']:5s} {r['name']}: {r['detail']}")
+    damaged = [r for r in records if r["status"] not in ("ok", "stray")]
+    checked = "sizes and sha256" if args.hash else "sizes (add --hash to check every byte)"
+    print(f"verify-shards: {len(records) - len(damaged)} of {len(records)} shard(s) ok, {len(damaged)} damaged; checked {checked}")
+    return 1 if damaged else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -257,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-samples", type=arg(int, Allowed(lo=1)), default=None, help="samples per shard (default: about 16 shards per part)")
     p.add_argument("--overwrite", action="store_true", help="drop cached stage outputs and shards, redo everything")
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("verify-shards", help="check a shard set against its shards.json (sizes; sha256 with --hash)")
+    p.add_argument("dir", metavar="DIR", help="shard set folder (holds shards.json), e.g. OUT/shards/ogm")
+    p.add_argument("--hash", action="store_true", help="also compare every shard's sha256 (reads every byte; default: sizes only)")
+    p.set_defaults(func=cmd_verify_shards)
 
     p = sub.add_parser("export", help="export a shard set to another format (h5)")
     p.add_argument("format", choices=("h5",), help="output format: h5 (one HDF5 file, layout in pipelines/export_h5.py)")

@@ -16,7 +16,7 @@ from manifests.probe import LFS_FIX, Probe, probe_file
 from manifests.schema import EMOTION_NAMES, MODALITY_DIRS, SENTENCES, parse_clip_name
 from manifests.splits import VAVL_SPLITS, kfold_actor_split, ogm_split, vavl_split
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: a truncated FLV with video before the cut is kept (probe note "truncated")
 
 
 @dataclass

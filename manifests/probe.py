@@ -56,21 +56,20 @@ def _probe_flv(fh, size: int) -> Probe:
     offset = struct.unpack(">I", header[5:9])[0] + 4  # skip PreviousTagSize0
     audio_tags = video_tags = 0
     last_ms = 0
+    truncated = None
     while offset < size:
         fh.seek(offset)
         tag = fh.read(11)
         if len(tag) < 11:
-            return Probe(size, f"truncated FLV: a tag header is cut off at byte {offset} of {size}")
+            truncated = f"truncated FLV: a tag header is cut off at byte {offset} of {size}"
+            break
         kind = tag[0] & 0x1F
         data_size = int.from_bytes(tag[1:4], "big")
         timestamp = int.from_bytes(tag[4:7], "big") | (tag[7] << 24)
         end = offset + 11 + data_size + 4
         if end > size:
-            return Probe(
-                size,
-                f"truncated FLV: the tag at byte {offset} needs {end - size} bytes past the end "
-                f"({size} bytes on disk)",
-            )
+            truncated = f"truncated FLV: the tag at byte {offset} needs {end - size} bytes past the end ({size} bytes on disk)"
+            break
         if kind == 8:
             audio_tags += 1
         elif kind == 9:
@@ -78,8 +77,10 @@ def _probe_flv(fh, size: int) -> Probe:
         last_ms = max(last_ms, timestamp)
         offset = end
     if video_tags == 0:
-        return Probe(size, "FLV file has no video frames")
+        return Probe(size, truncated or "FLV file has no video frames")
     info = {"video_packets": video_tags, "audio_packets": audio_tags, "duration_s": last_ms / 1000.0}
+    if truncated:  # what precedes the cut still decodes: the clip is kept, flagged truncated_video
+        info["truncated"] = truncated
     return Probe(size, None, info)
 
 

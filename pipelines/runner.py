@@ -1,6 +1,7 @@
-"""Plan -> skip what is done -> run the rest on a local process pool -> status -> pack.
+"""Plan -> skip what is done -> run the rest on a local process pool -> pack -> status.
 
-Every stage output is cached per clip under a key of (stage version, config, input), so a
+A clip is kept when its video or its audio decodes (``pipelines/quality.py`` flags what is
+missing or unusual); only clips that cannot give a sample fail. Every stage output is cached per clip under a key of (stage version, config, input), so a
 killed run continues where it stopped, a re-run with the same config does no work, and a
 changed stage config redoes only that stage and those after it.
 """
@@ -20,6 +21,8 @@ from avbalance.progress import progress_bar
 from manifests.io import atomic_write_text, read_jsonl
 from pipelines.cache import ClipCache
 from pipelines.config import ALL_STAGES, PreprocessConfig
+from pipelines.coverage import coverage, named_clips
+from pipelines.quality import clip_quality, gives_sample, placeholder
 from pipelines.recipes.cremad import prepare_cremad
 from pipelines.stages.audio import AudioStage
 from pipelines.stages.base import stable_hash
@@ -141,12 +144,17 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     failures.update(run_jobs(cfg, jobs) if jobs else {})
     timings["stages"], mark = time.time() - mark, time.time()
 
-    status = write_status(cfg, clips, skipped, failures)
-    done_ids = {s["clip_id"] for s in status if s["status"] == "done"}
-    packed = {}
+    rows = status_rows(cfg, clips, skipped, failures)
+    done_ids = {s["clip_id"] for s in rows if s["status"] == "done"}
+    reasons = {s["clip_id"]: f"{s['stage']}: {s['reason']}" for s in rows if s["status"] == "failed"}
+    packed, coverage_by_split, flags = {}, {}, {}
     if "pack" in cfg.stages:
         for split in cfg.splits:
-            packed[split] = pack_split(cfg, split, [c for c in clips if c["clip_id"] in done_ids], keys, cache)
+            result = pack_split(cfg, split, [c for c in clips if c["clip_id"] in done_ids], keys, cache, failures,
+                                named_clips(split, clips, skipped), reasons)
+            packed[split], coverage_by_split[split] = result["samples"], result["coverage"]
+            flags.update(result["flags"])
+    status = write_status(cfg, rows, flags)
     timings["pack"] = time.time() - mark
     n_failed = sum(s["status"] == "failed" for s in status)
     summary = {
@@ -156,6 +164,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "failed": n_failed,
         "computed_clips": len(jobs),
         "shards": packed,
+        "coverage": coverage_by_split,
         "seconds": round(time.time() - started, 2),
         "phase_seconds": {k: round(v, 2) for k, v in timings.items()},
     }
@@ -163,16 +172,18 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     return summary
 
 
-def write_status(cfg: PreprocessConfig, clips: list[dict], skipped: list[dict], failures: dict[str, dict[str, str]]) -> list[dict]:
-    """``status.jsonl``: every clip, done or failed with the first failing stage and reason."""
+def status_rows(cfg: PreprocessConfig, clips: list[dict], skipped: list[dict], failures: dict[str, dict[str, str]]) -> list[dict]:
+    """Every clip: done (it gives a sample, maybe with a modality missing) or failed with the
+    first failing stage and reason (neither its video nor its audio decoded, or not media)."""
+    stages = [s for s in CLIP_STAGES if s in cfg.stages]
     rows = []
     for clip in clips:
-        failed = failures.get(clip["clip_id"])
-        if failed:
+        failed = failures.get(clip["clip_id"], {})
+        if gives_sample(failed, stages):
+            rows.append({"clip_id": clip["clip_id"], "status": "done"})
+        else:
             stage = next(s for s in CLIP_STAGES if s in failed)
             rows.append({"clip_id": clip["clip_id"], "status": "failed", "stage": stage, "reason": failed[stage]})
-        else:
-            rows.append({"clip_id": clip["clip_id"], "status": "done"})
     listed = {c["clip_id"] for c in clips}
     for s in skipped:  # files the manifest could not use
         stem = os.path.splitext(os.path.basename(s["path"]))[0]
@@ -181,12 +192,22 @@ def write_status(cfg: PreprocessConfig, clips: list[dict], skipped: list[dict], 
         listed.add(stem)
         rows.append({"clip_id": stem, "status": "failed", "stage": "manifest", "reason": f"{s['path']}: {s['reason']}"})
     rows.sort(key=lambda r: r["clip_id"])
+    return rows
+
+
+def write_status(cfg: PreprocessConfig, rows: list[dict], flags: dict[str, list[str]]) -> list[dict]:
+    """``status.jsonl``: the rows, a kept clip's quality flag names added when it was packed."""
+    rows = [{**r, "quality": flags[r["clip_id"]]} if flags.get(r["clip_id"]) else r for r in rows]
     atomic_write_text(os.path.join(cfg.out, "status.jsonl"), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return rows
 
 
-def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[str, dict], cache: ClipCache) -> dict:
-    """Write ``shards/<split>/<part>-NNNNNN.tar`` and ``shards.json`` (last), unless identical."""
+def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[str, dict], cache: ClipCache,
+               failures: dict[str, dict[str, str]], named: dict[str, str], reasons: dict[str, str]) -> dict:
+    """Write ``shards/<split>/<part>-NNNNNN.tar`` and ``shards.json`` (last), unless identical.
+
+    Returns the samples per part, the split's coverage and each packed clip's flag names.
+    """
     directory = os.path.join(cfg.out, "shards", split)
     stages = [s for s in CLIP_STAGES if s in cfg.stages]
     members = {}
@@ -194,33 +215,44 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
         part = clip["splits"].get(split)
         if part is not None:
             members.setdefault(part, []).append(clip)
-    pack_key = stable_hash("pack", PackStage.version, asdict(cfg.pack), stages, SCHEMA_VERSION,
+    cov = coverage(named, {c["clip_id"] for cs in members.values() for c in cs}, reasons)
+    pack_key = stable_hash("pack", PackStage.version, asdict(cfg.pack), stages, SCHEMA_VERSION, cov,
                            {p: sorted((c["clip_id"], [keys[c["clip_id"]][s] for s in stages]) for c in cs) for p, cs in members.items()})
     index = read_index(directory)
     if index is not None and index.get("pack_key") == pack_key:
-        return {p: v["samples"] for p, v in index["parts"].items()}
+        flags = {cid: sorted(f for f, ids in v["quality"].items() if cid in ids)
+                 for v in index["parts"].values() for cid in {i for ids in v["quality"].values() for i in ids}}
+        return {"samples": {p: v["samples"] for p, v in index["parts"].items()}, "coverage": cov, "flags": flags}
 
     os.makedirs(directory, exist_ok=True)
     if index is not None:
         os.remove(os.path.join(directory, "shards.json"))  # the old set is no longer complete
     packer = PackStage(cfg.pack)
-    parts, key_set = {}, None
+    parts, key_set, flags = {}, None, {}
     for part in ("train", "val", "test"):
         if part not in members:
             continue
         by_id = {c["clip_id"]: c for c in members[part]}
         order = shard_order(list(by_id))
         writer = ShardWriter(directory, part, samples_per_shard(len(order), cfg.pack))
+        part_flags: dict[str, list[str]] = {}
         try:
             for cid in progress_bar_iter(order, f"pack {split}/{part}"):
-                outputs = {s: cache.load(s, cid, keys[cid][s]) for s in stages}
-                writer.write(packer.sample(by_id[cid], outputs))
+                outputs = {s: cache.load(s, cid, keys[cid][s]) if cache.done(s, cid, keys[cid][s])
+                           else placeholder(s, cfg.audio, cfg.faces) for s in stages}
+                done = {s: o for s, o in outputs.items() if cache.done(s, cid, keys[cid][s])}
+                quality = clip_quality(by_id[cid], done, failures.get(cid, {}), stages, cfg.audio)
+                for flag in quality:
+                    part_flags.setdefault(flag, []).append(cid)
+                flags[cid] = sorted(quality)
+                writer.write(packer.sample(by_id[cid], outputs, quality))
             shards = writer.close()
         except OSError as err:
             writer.abort()
             raise UserError(f"writing shards in {directory} failed ({err}); free space and re-run: "
                             "completed stages are cached and no incomplete shard set was published") from None
-        parts[part] = {"samples": len(order), "shards": shards}
+        parts[part] = {"samples": len(order), "shards": shards,
+                       "quality": {f: sorted(ids) for f, ids in sorted(part_flags.items())}}
         key_set = writer.keys
     stale = {n for n in os.listdir(directory) if n.endswith(".tar")} - {s["name"] for p in parts.values() for s in p["shards"]}
     for name in stale:
@@ -232,12 +264,13 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
         "split": split,
         "keys": key_set,
         "parts": parts,
+        "coverage": cov,
         "config": _public_config(cfg),
         "face_weights": {"path": cfg.face_features.weights, "sha256": cfg.face_features.weights_sha256,
                          "random_init": cfg.face_features.weights is None} if "face_features" in stages else None,
         "pack_key": pack_key,
     })
-    return {p: v["samples"] for p, v in parts.items()}
+    return {"samples": {p: v["samples"] for p, v in parts.items()}, "coverage": cov, "flags": flags}
 
 
 def progress_bar_iter(items: list, desc: str):

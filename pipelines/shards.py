@@ -9,7 +9,7 @@ import json
 import os
 import tarfile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-sample ``quality`` flags; ``coverage`` and per-part ``quality`` in shards.json
 MAX_SHARD_BYTES = 512 * 1024 * 1024
 
 

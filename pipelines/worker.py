@@ -12,7 +12,7 @@ import numpy as np
 from pipelines.cache import ClipCache
 from pipelines.config import PreprocessConfig
 from pipelines.stages.audio import AudioError, AudioStage, read_wav
-from pipelines.stages.decode import DecodeError, FrameSampler, decode_clip
+from pipelines.stages.decode import DecodedClip, DecodeError, FrameSampler, decode_clip
 from pipelines.stages.frames import FramesStage
 
 VIDEO_STAGES = ("frames", "faces", "face_features")
@@ -102,7 +102,17 @@ def process_chunk(jobs: list[ClipJob]) -> list[ClipOutcome]:
     return list(outcomes.values())
 
 
-def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome: ClipOutcome) -> np.ndarray | None:
+def video_info(decoded: DecodedClip) -> dict[str, np.ndarray]:
+    """What the frames and faces caches keep about the video: rate, size, length (decoded and
+    as the header states it, NaN when it does not) and why decoding stopped early, if it did."""
+    stated = decoded.stated_duration if decoded.stated_duration is not None else float("nan")
+    return {
+        "video_info": np.array([decoded.fps, decoded.width, decoded.height, decoded.n_frames, decoded.duration, stated], np.float64),
+        "decode_note": np.array("; ".join(decoded.notes)),
+    }
+
+
+def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome: ClipOutcome) -> dict[str, np.ndarray] | None:
     """Decode once, run frames and audio, queue face frames; return video info if faces queued."""
     samplers: list[FrameSampler] = []
     frames_stage = None
@@ -133,10 +143,10 @@ def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome
             wants_faces = False
     info = None
     if decoded is not None:
-        info = np.array([decoded.fps, decoded.width, decoded.height, decoded.n_frames, decoded.duration], np.float64)
+        info = video_info(decoded)
         if frames_stage is not None:
             out = frames_stage.finish_clip()
-            out["video_info"] = info
+            out.update(info)
             cache.save("frames", job.clip_id, job.keys["frames"], out)
             outcome.done.append("frames")
     if "audio" in job.todo and "audio" not in outcome.failed:
@@ -160,15 +170,9 @@ def _finish_faces(face_jobs, cfg: PreprocessConfig, cache: ClipCache, outcomes: 
     for job, info in face_jobs:
         faces, feats = batcher.finish_clip(job.clip_id)
         outcome = outcomes[job.clip_id]
-        n, found = len(faces["mask"]), int(faces["mask"].sum())
         if "faces" in job.todo:
-            if found == 0:
-                reason = f"no face found in any of {n} frames"
-                outcome.failed["faces"] = reason
-                if "face_features" in job.todo:
-                    outcome.failed["face_features"] = reason
-                continue
-            faces["video_info"] = info
+            # A clip without a face is kept: all-zero mask and features, flagged no_face at pack.
+            faces.update(info)
             cache.save("faces", job.clip_id, job.keys["faces"], faces)
             outcome.done.append("faces")
         if "face_features" in job.todo and feats is not None:

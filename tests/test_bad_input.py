@@ -1,9 +1,12 @@
-"""Every kind of bad clip the issue names, in one corpus: the run finishes, the shards hold
-every good clip, every bad clip is in status.jsonl with its reason, the exit code says so."""
+"""Every kind of bad clip, in one corpus: the run finishes; every clip whose video or audio
+decodes is in the shards with its quality flags and measured values; only clips that cannot
+give a sample (nothing decodes, or not media) fail, each in status.jsonl with its reason;
+every part's coverage (named / written / missing) matches the split list."""
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import struct
@@ -66,52 +69,86 @@ def bad_run(tmp_path_factory):
     clip(root, "1003_DFA_ANG_XX", 2.4, fps=25)                             # 25 fps: good
     clip(root, "1003_DFA_DIS_XX", 2.5, face=False)                         # no face anywhere
     clip(root, "1003_DFA_FEA_XX", 2.5)
-    garbage_flv(os.path.join(root, "VideoFlash", "1003_DFA_FEA_XX.flv"))   # unreadable video
+    garbage_flv(os.path.join(root, "VideoFlash", "1003_DFA_FEA_XX.flv"))   # unreadable video, good WAV
     clip(root, "1003_DFA_HAP_XX", 2.5)
     os.rename(os.path.join(root, "VideoFlash", "1003_DFA_HAP_XX.flv"), os.path.join(root, "VideoFlash", "hello_world.flv"))
     os.remove(os.path.join(root, "AudioWAV", "1003_DFA_HAP_XX.wav"))      # a name outside the scheme
+    clip(root, "1003_DFA_NEU_XX", 2.5, wav=None)                           # no WAV: audio from the video
+    garbage_flv(os.path.join(root, "VideoFlash", "1003_DFA_SAD_XX.flv"))   # unreadable video, no WAV: nothing
+    open(os.path.join(root, "VideoFlash", "1004_DFA_ANG_XX.flv"), "wb").close()  # empty file
 
     out = str(tmp_path_factory.mktemp("bad") / "out")
     proc = run_cli("preprocess", "cremad", "--root", root, "--out", out, "--split", "ogm", "--face-fps", "1",
                    "--face-size", "224", "--allow-random-weights", "--workers", "2")
-    return proc, out
+    return proc, root, out
 
 
-GOOD = {f"1001_DFA_{e}_XX" for e in ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")} | {"1002_DFA_FEA_XX", "1002_DFA_SAD_XX", "1003_DFA_ANG_XX"}
-BAD = {
-    "1002_DFA_ANG_XX": "truncated FLV",
-    "1002_DFA_DIS_XX": "no audio",
-    "1002_DFA_HAP_XX": "silent audio",
-    "1002_DFA_NEU_XX": "too short",
-    "1003_DFA_DIS_XX": "no face found",
-    "1003_DFA_FEA_XX": "decode",
+# Kept clips and the quality flags each must carry (none for the good ones).
+KEPT = {
+    **{f"1001_DFA_{e}_XX": set() for e in ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")},
+    "1002_DFA_FEA_XX": set(), "1002_DFA_SAD_XX": set(), "1003_DFA_ANG_XX": set(),
+    "1002_DFA_ANG_XX": {"truncated_video"},
+    "1002_DFA_DIS_XX": {"no_audio"},
+    "1002_DFA_HAP_XX": {"silent"},
+    "1002_DFA_NEU_XX": {"short"},
+    "1003_DFA_DIS_XX": {"no_face"},
+    "1003_DFA_FEA_XX": {"no_video", "no_face"},
+    "1003_DFA_NEU_XX": {"audio_from_video"},
+}
+FAILED = {  # nothing decodes, or not media
+    "1003_DFA_SAD_XX": "no decodable video frame",
+    "1004_DFA_ANG_XX": "empty file",
     "hello_world": "outside the CREMA-D scheme",
 }
 
 
-def test_run_finishes_and_reports_failures(bad_run):
-    proc, out = bad_run
-    assert proc.returncode == 1, proc.stderr  # finished, but some clips failed
-    assert f"{len(GOOD)} clips done, {len(BAD)} failed" in proc.stdout
-    assert "Traceback" not in proc.stderr
-
-
-def test_every_bad_clip_has_its_reason(bad_run):
-    _, out = bad_run
-    status = {s["clip_id"]: s for s in read_jsonl(os.path.join(out, "status.jsonl"))}
-    assert {c for c, s in status.items() if s["status"] == "done"} == GOOD
-    for clip_id, reason in BAD.items():
-        assert status[clip_id]["status"] == "failed"
-        assert reason in status[clip_id]["reason"], status[clip_id]
-
-
-def test_shards_hold_every_good_clip(bad_run):
+def read_samples(out: str) -> dict[str, dict]:
     import webdataset as wds
 
-    _, out = bad_run
     urls = sorted(glob.glob(os.path.join(out, "shards", "ogm", "*.tar")))
-    samples = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False).decode()}
-    assert set(samples) == GOOD
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False).decode()}
+
+
+def test_run_finishes_and_fails_only_clips_without_a_sample(bad_run):
+    proc, _, out = bad_run
+    assert proc.returncode == 1, proc.stderr  # finished, but some clips failed
+    assert f"{len(KEPT)} clips done, {len(FAILED)} failed" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    status = {s["clip_id"]: s for s in read_jsonl(os.path.join(out, "status.jsonl"))}
+    assert {c for c, s in status.items() if s["status"] == "done"} == set(KEPT)
+    for clip_id, reason in FAILED.items():
+        assert status[clip_id]["status"] == "failed" and reason in status[clip_id]["reason"], status[clip_id]
+    for clip_id, flags in KEPT.items():
+        assert set(status[clip_id].get("quality", [])) == flags
+
+
+def test_shards_hold_every_decodable_clip_with_its_flags(bad_run):
+    _, _, out = bad_run
+    samples = read_samples(out)
+    assert set(samples) == set(KEPT)
+    for clip_id, flags in KEPT.items():
+        assert set(samples[clip_id]["json"]["quality"]) == flags, clip_id
+    q = {c: s["json"]["quality"] for c, s in samples.items()}
+    # The measured values behind each flag.
+    assert q["1002_DFA_HAP_XX"]["silent"]["peak"] < 1e-3
+    assert q["1002_DFA_NEU_XX"]["short"]["seconds"] == pytest.approx(0.3, abs=0.01)
+    assert len(samples["1002_DFA_NEU_XX"]["wav.npy"]) == pytest.approx(0.3 * 16000, abs=160)  # stored as it is
+    cut = q["1002_DFA_ANG_XX"]["truncated_video"]
+    assert cut["seconds"] < cut["stated_seconds"] - 0.5 and "truncated FLV" in cut["error"]
+    assert 0 < samples["1002_DFA_ANG_XX"]["json"]["frames"]["count"] <= 2  # what precedes the cut
+    faceless = samples["1003_DFA_DIS_XX"]
+    assert q["1003_DFA_DIS_XX"]["no_face"]["faces_found"] == 0
+    assert not faceless["face_mask.npy"].any() and not faceless["face_feats.npy"].any()
+    assert faceless["face_feats.npy"].shape[0] == faceless["json"]["frames"]["count"] == 3
+    blind = samples["1003_DFA_FEA_XX"]
+    assert "no decodable video frame" in q["1003_DFA_FEA_XX"]["no_video"]["reason"]
+    assert blind["json"]["frames"]["count"] == 0 and not blind["face_mask.npy"].any()
+    assert len(blind["wav.npy"]) == pytest.approx(2.5 * 16000, abs=160)
+    mute = samples["1002_DFA_DIS_XX"]
+    assert len(mute["wav.npy"]) == 0 and mute["spec.npy"].shape == (128, 188)
+    assert "no audio stream" in q["1002_DFA_DIS_XX"]["no_audio"]["reason"]
+    assert len(samples["1003_DFA_NEU_XX"]["wav.npy"]) == pytest.approx(2.5 * 16000, abs=1600)  # codec padding
+    # The clips that were always good stay as they were.
     long_clip = samples["1002_DFA_SAD_XX"]
     n = long_clip["json"]["frames"]["count"]
     assert n in (50, 51)  # 51 when the last frame's timestamp rounds past 50 s, as with ffmpeg
@@ -120,9 +157,82 @@ def test_shards_hold_every_good_clip(bad_run):
     assert samples["1002_DFA_FEA_XX"]["json"]["audio"]["seconds"] == pytest.approx(2.5, abs=0.01)
 
 
-def test_rerun_does_not_retry_known_failures(bad_run):
-    proc, out = bad_run
-    args = json.load(open(os.path.join(out, "shards", "ogm", "shards.json")))["config"]["root"]
-    again = run_cli("preprocess", "cremad", "--root", args, "--out", out, "--split", "ogm", "--face-fps", "1",
+def test_per_part_table_matches_the_split_list(bad_run):
+    from manifests.splits import ogm_split
+
+    proc, _, out = bad_run
+    index = json.load(open(os.path.join(out, "shards", "ogm", "shards.json")))
+    listed = ogm_split()
+    samples = read_samples(out)
+    for part in ("train", "test"):
+        cov = index["coverage"][part]
+        named = {c for c, p in listed.items() if p == part}
+        written = {c for c in samples if listed.get(c) == part}
+        missing = {c for ids in cov["missing"].values() for c in ids}
+        assert cov["named"] == len(named) and cov["written"] == len(written) == index["parts"][part]["samples"]
+        assert missing == named - written
+        # every failed clip the list names is missing with its own reason
+        for clip_id in set(FAILED) & named:
+            reason = next(r for r, ids in cov["missing"].items() if clip_id in ids)
+            assert FAILED[clip_id] in reason
+        assert f"{part:6s} {len(named):7d}  {len(written):7d}  {len(named - written):7d}" in proc.stdout
+    for part, v in index["parts"].items():  # the per-part flag lists match the samples' own
+        for flag, ids in v["quality"].items():
+            assert set(ids) == {c for c, f in KEPT.items() if flag in f and listed.get(c) == part}
+
+
+def test_rerun_is_byte_identical_and_does_no_work(bad_run):
+    _, root, out = bad_run
+    def digests():
+        return {p: hashlib.sha256(open(p, "rb").read()).hexdigest()
+                for p in sorted(glob.glob(os.path.join(out, "shards", "ogm", "*")))}
+    before = digests()
+    again = run_cli("preprocess", "cremad", "--root", root, "--out", out, "--split", "ogm", "--face-fps", "1",
                     "--face-size", "224", "--allow-random-weights")
     assert again.returncode == 1 and "0 computed this run" in again.stdout
+    assert digests() == before
+
+
+def test_loader_tiles_short_audio_and_blanks_missing_video(bad_run):
+    from trainer.data import DataConfig, make_loader
+
+    _, _, out = bad_run
+    shards = os.path.join(out, "shards", "ogm")
+    cfg = DataConfig(modalities={"audio": "wav", "visual": "frames", "face": "face_feats"}, batch_size=32, workers=0, image_size=32)
+    loader, _ = make_loader(shards, "train", cfg, train=False)
+    batch = next(iter(loader))
+    row = {c: i for i, c in enumerate(batch["clip_id"])}
+    audio, frames = batch["inputs"]["audio"], batch["inputs"]["visual"]
+    short = audio["x"][row["1002_DFA_NEU_XX"]][audio["mask"][row["1002_DFA_NEU_XX"]]]
+    assert len(short) == 16000  # 0.3 s tiled to 1 s, as the reference loaders tile short clips
+    n = int(round(0.3 * 16000))
+    assert (short[n:2 * n] == short[:n]).all() and short[:n].abs().max() > 0
+    assert not frames["mask"][row["1003_DFA_FEA_XX"]].any()  # no_video: no real frame
+    assert frames["mask"][row["1001_DFA_ANG_XX"]].any()
+    assert not batch["inputs"]["face"]["mask"][row["1003_DFA_DIS_XX"]].any()  # no_face: all-zero mask
+
+    drop = DataConfig(modalities={"audio": "spec", "visual": "frames"}, batch_size=32, workers=0, image_size=32,
+                      exclude_quality=("silent", "short", "no_video"))
+    loader, _ = make_loader(shards, "train", drop, train=False)
+    kept = {c for b in loader for c in b["clip_id"]}
+    assert kept == {c for c in KEPT if c in set(batch["clip_id"])} - {"1002_DFA_HAP_XX", "1002_DFA_NEU_XX", "1003_DFA_FEA_XX"}
+
+
+def test_train_warns_about_an_incomplete_part_and_logs_exclusions(bad_run, tmp_path):
+    _, _, out = bad_run
+    tiny = ["model.encoders.audio.width=4", "model.encoders.visual.width=4", "data.image_size=32", "data.frames=1",
+            "data.batch_size=4", "data.workers=0", "train.epochs=1", "train.patience=0", "data.exclude_quality=[silent,no_video]"]
+    proc = run_cli("train", "--shards", os.path.join(out, "shards", "ogm"), "--out", str(tmp_path / "run"),
+                   *[a for s in tiny for a in ("--set", s)])
+    assert proc.returncode == 0, proc.stderr
+    index = json.load(open(os.path.join(out, "shards", "ogm", "shards.json")))
+    test = index["coverage"]["test"]
+    assert f"part 'test' holds {test['written']} of the {test['named']} clips the ogm list names" in proc.stderr
+    from manifests.splits import ogm_split
+
+    in_train = [c for c in KEPT if ogm_split().get(c) == "train"]
+    silent = [c for c in in_train if "silent" in KEPT[c]]
+    blind = [c for c in in_train if "no_video" in KEPT[c]]
+    assert silent and blind  # the corpus puts both in the train part
+    assert (f"part 'train' drops {len(set(silent) | set(blind))} of {len(in_train)} samples "
+            f"(data.exclude_quality: silent {len(silent)}, no_video {len(blind)})") in proc.stderr

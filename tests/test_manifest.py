@@ -118,7 +118,7 @@ def test_bad_files_are_skipped_with_reasons_and_neighbours_kept(corpus, tmp_path
     assert "Git LFS pointer" in reasons["VideoFlash/1001_DFA_ANG_XX.flv"]
     assert "git lfs pull" in reasons["VideoFlash/1001_DFA_ANG_XX.flv"]
     assert reasons["VideoFlash/1001_DFA_DIS_XX.flv"] == "empty file (0 bytes)"
-    assert reasons["VideoFlash/1001_DFA_FEA_XX.flv"].startswith("truncated FLV")
+    assert "VideoFlash/1001_DFA_FEA_XX.flv" not in reasons  # truncated: what precedes the cut is kept
     assert reasons["AudioWAV/1001_DFA_HAP_XX.wav"].startswith("truncated WAV")
     assert "no usable video" in reasons["AudioWAV/1001_DFA_SAD_XX.wav"]
     assert "unexpected file type" in reasons["VideoFlash/notes.txt"]
@@ -127,7 +127,8 @@ def test_bad_files_are_skipped_with_reasons_and_neighbours_kept(corpus, tmp_path
     assert "no usable video" in reasons["AudioWAV/1001_DFA_ANG_XX.wav"]
 
     clips = {c["clip_id"]: c for c in read_jsonl(os.path.join(out, "clips.jsonl"))}
-    assert len(clips) == 36 - 4  # ANG, DIS, FEA, SAD of actor 1001 lost their video
+    assert len(clips) == 36 - 3  # ANG, DIS, SAD of actor 1001 lost their video
+    assert clips["1001_DFA_FEA_XX"]["probe"]["video"]["truncated"].startswith("truncated FLV")
     assert "wav" not in clips["1001_DFA_NEU_XX"]["files"]  # kept; audio from the video's track
     assert "wav" not in clips["1001_DFA_HAP_XX"]["files"]  # truncated wav dropped, clip kept
     summary = json.load(open(os.path.join(out, "summary.json")))

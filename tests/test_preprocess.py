@@ -55,7 +55,7 @@ def test_index_matches_the_shards(preprocessed):
             path = os.path.join(preprocessed, "shards", "ogm", shard["name"])
             assert hashlib.sha256(open(path, "rb").read()).hexdigest() == shard["sha256"]
             assert os.path.getsize(path) == shard["bytes"]
-    assert index["schema_version"] == 1 and index["tool"].startswith("avbalance")
+    assert index["schema_version"] == 2 and index["tool"].startswith("avbalance")
     assert index["face_weights"]["random_init"] is True
     assert index["config"]["faces"]["fps"] == 2.0 and index["config"]["audio"]["spec"] == "logmel"
     assert index["keys"] == sorted(["cls", "json", "frames.jpg", "face_feats.npy", "face_mask.npy",

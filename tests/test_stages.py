@@ -75,13 +75,19 @@ def test_logmel_shape_and_short_clip_tiling():
     assert spec.max(axis=0).min() > floor + 5
 
 
-@pytest.mark.parametrize("wave, reason", [
-    (np.zeros(32000, np.int16), "silent"),
-    (np.full(4000, 1000, np.int16), "too short"),
+@pytest.mark.parametrize("wave, peak, seconds", [
+    (np.zeros(32000, np.int16), 0.0, 2.0),  # silent: kept, flagged at pack
+    (np.full(4000, 1000, np.int16), 1000 / 32768, 0.25),  # short: stored as it is
 ])
-def test_audio_rejects_silent_and_short(wave, reason):
-    with pytest.raises(AudioError, match=reason):
-        AudioStage(AudioConfig()).process(wave)
+def test_audio_keeps_silent_and_short_clips_with_their_peak(wave, peak, seconds):
+    out = AudioStage(AudioConfig()).process(wave)
+    assert len(out["wav"]) / 16000 == seconds and (out["wav"] == wave).all()
+    assert float(out["peak"]) == pytest.approx(peak) and out["spec"].shape == (128, 188)
+
+
+def test_audio_refuses_an_empty_waveform():
+    with pytest.raises(AudioError, match="no audio"):
+        AudioStage(AudioConfig()).process(np.zeros(0, np.int16))
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
         "max_face_frames": 300,
         "max_wav_seconds": 6.0,
         "samples_per_epoch": None,
+        "exclude_quality": [],  # quality flags to drop (docs/shards.md); none: the published protocol keeps every clip
+        "on_corrupt": "error",  # error | skip: a damaged shard or sample stops the run, or is skipped and counted
     },
     "model": {
         "n_classes": 6,
@@ -211,6 +213,22 @@ def validate_config(cfg: dict) -> None:
         if node is None and rule.optional:
             continue
         rule.check(key, node)
+    check_data_quality_keys(cfg)
+
+
+def check_data_quality_keys(cfg: dict) -> None:
+    """``data.exclude_quality`` names known quality flags; ``data.on_corrupt`` is error or skip."""
+    from pipelines.quality import QUALITY_FLAGS
+
+    data = cfg["data"]
+    flags = data["exclude_quality"]
+    unknown = [f for f in flags if f not in QUALITY_FLAGS]
+    if unknown:
+        raise UserError(f"data.exclude_quality: unknown quality flag(s) {', '.join(map(str, unknown))}; "
+                        f"allowed: {', '.join(QUALITY_FLAGS)} (or [] to keep every clip)")
+    if data["on_corrupt"] not in ("error", "skip"):
+        raise UserError(f"data.on_corrupt is {data['on_corrupt']!r}; allowed: error (stop at a damaged shard or sample) "
+                        "or skip (skip it, count it in the run's metrics)")
 
 
 def _read_yaml(path: str) -> dict:

@@ -3,6 +3,11 @@
     shards -> (resample | split by node and worker) -> shuffle -> decode -> to model inputs
            -> batch with padding and masks
 
+Damaged data never ends in a traceback: a shard that cannot be read to its end, or a sample
+that does not decode, becomes a record naming the shard and the sample key that travels
+down the stream (also out of loader workers) to ``GuardedLoader``, which raises a clear
+error (``on_corrupt="error"``) or logs and counts it (``"skip"``).
+
 Training gives each rank its own slice of the shards (shuffled per epoch with a seed all
 ranks share), each loader worker a slice of that, cycles through them, and cuts the epoch
 at a fixed number of batches (``with_epoch``): every DDP rank sees the same number of
@@ -18,6 +23,10 @@ import json
 import math
 import os
 import random
+import re
+import sys
+import tarfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -32,6 +41,8 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 # modality -> the shard key it reads
 SOURCES = {"spec": "spec.npy", "wav": "wav.npy", "frames": "frames.jpg", "face_feats": "face_feats.npy"}
+MIN_WAV_SECONDS = 1.0  # shorter waveforms are tiled to this length at load time
+ON_CORRUPT = ("error", "skip")
 
 
 @dataclass
@@ -49,6 +60,8 @@ class DataConfig:
     max_face_frames: int = 300  # longer sequences are cropped (randomly at train time)
     max_wav_seconds: float = 6.0
     samples_per_epoch: int | None = None  # default: the part's sample count
+    exclude_quality: tuple[str, ...] = ()  # drop samples with any of these quality flags
+    on_corrupt: str = "error"  # error | skip: what a damaged shard or sample does
 
 
 def split_folders(folder: str) -> list[str]:
@@ -73,16 +86,59 @@ def read_index(shards: str) -> dict:
         return json.load(fh)
 
 
-def shard_urls(shards: str, part: str) -> tuple[list[str], int]:
-    """The shard files of one part and its sample count, checked against the index."""
+def shard_urls(shards: str, part: str, on_corrupt: str = "error") -> tuple[list[str], int]:
+    """The shard files of one part and its sample count, checked against the index: every
+    listed shard must exist with the size the index records (cheap: no reading)."""
     index = read_index(shards)
     if part not in index["parts"]:
         raise UserError(f"{shards} has no {part!r} part (parts: {', '.join(index['parts'])})")
-    urls = [os.path.join(shards, s["name"]) for s in index["parts"][part]["shards"]]
+    listed = index["parts"][part]["shards"]
+    urls = [os.path.join(shards, s["name"]) for s in listed]
     missing = [u for u in urls if not os.path.exists(u)]
     if missing:
         raise UserError(f"{len(missing)} shard(s) listed in {shards}/shards.json are missing, e.g. {missing[0]}")
+    for entry, url in zip(listed, urls):
+        size = os.path.getsize(url)
+        if "bytes" in entry and size != entry["bytes"]:
+            message = (f"shard {url} is {size} bytes but shards.json records {entry['bytes']}: it is damaged or cut "
+                       f"short. Check the set with `python cli.py verify-shards {shards}` and re-create it with "
+                       "`python cli.py preprocess` (finished stages are cached)")
+            if on_corrupt != "skip":
+                raise UserError(message + "; data.on_corrupt=skip reads what it can and counts the samples lost")
+            _warn_once(url, "warning: " + message + "; data.on_corrupt=skip: its unreadable samples are skipped and counted")
     return urls, index["parts"][part]["samples"]
+
+
+def excluded_ids(index: dict, part: str, flags: tuple[str, ...]) -> dict[str, list[str]]:
+    """Flag -> the ids of ``part`` that ``data.exclude_quality`` drops for it (from shards.json)."""
+    if not flags:
+        return {}
+    quality = index["parts"][part].get("quality")
+    if quality is None:
+        raise UserError(f"data.exclude_quality needs shards with quality flags; {index.get('split')} shards were written "
+                        f"by an older version (schema {index.get('schema_version')}): re-run `python cli.py preprocess`")
+    return {f: quality[f] for f in flags if quality.get(f)}
+
+
+def preflight(shards: str, parts: list[str], cfg: DataConfig) -> list[str]:
+    """Checks before training, on every part it will read: shard sizes (errors, or warnings
+    with ``on_corrupt="skip"``), parts missing clips their split list names, and what
+    ``exclude_quality`` drops. Returns the lines to show the user."""
+    from pipelines.coverage import incomplete_parts
+
+    index = read_index(shards)
+    lines = []
+    for part in dict.fromkeys(parts):
+        shard_urls(shards, part, cfg.on_corrupt)
+    lines += [f"warning: {shards}: {line}" for line in incomplete_parts(index, list(dict.fromkeys(parts)))]
+    if cfg.exclude_quality:
+        for part in dict.fromkeys(parts):
+            by_flag = excluded_ids(index, part, cfg.exclude_quality)
+            dropped = len({i for ids in by_flag.values() for i in ids})
+            counts = ", ".join(f"{f} {len(ids)}" for f, ids in by_flag.items()) or "none flagged"
+            lines.append(f"data: part {part!r} drops {dropped} of {index['parts'][part]['samples']} samples "
+                         f"(data.exclude_quality: {counts})")
+    return lines
 
 
 def check_sources(shards: str, cfg: DataConfig) -> None:
@@ -119,6 +175,8 @@ def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, r
     from torchvision.transforms.v2 import functional as F
 
     count = len(frames)
+    if count == 0:  # a clip whose video did not decode (quality flag no_video): nothing to see
+        return torch.zeros(cfg.frames, 3, cfg.image_size, cfg.image_size), torch.zeros(cfg.frames, dtype=torch.bool)
     height, width = frames[0].shape[1:]
     n = min(cfg.frames, count)
     start = rng.randint(0, count - n) if train else (count - n) // 2
@@ -144,6 +202,16 @@ def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, r
     return torch.stack(tensors), mask
 
 
+def tile_short(wav: np.ndarray, length: int) -> np.ndarray:
+    """A waveform shorter than ``length`` repeated to that length, as the reference loaders
+    tile short clips (stored as they are: quality flag ``short``); an empty one is silence."""
+    if len(wav) >= length:
+        return wav
+    if len(wav) == 0:
+        return np.zeros(length, np.float32)
+    return np.tile(wav, -(-length // len(wav)))[:length]
+
+
 def _worker_rng(seed: int) -> random.Random:
     """A generator per loader worker, so workers do not draw the same augmentations."""
     info = torch.utils.data.get_worker_info()
@@ -163,7 +231,7 @@ def to_inputs(cfg: DataConfig, train: bool, seed: int = 0):
             if source == "spec":
                 inputs[modality] = {"x": torch.from_numpy(_npy(sample["spec.npy"]).astype(np.float32))[None]}
             elif source == "wav":
-                wav = _npy(sample["wav.npy"]).astype(np.float32) / 32768.0
+                wav = tile_short(_npy(sample["wav.npy"]).astype(np.float32) / 32768.0, int(MIN_WAV_SECONDS * 16000))
                 limit = int(cfg.max_wav_seconds * 16000)
                 if len(wav) > limit:
                     start = rng.randrange(len(wav) - limit + 1) if train else 0
@@ -221,25 +289,161 @@ def collate(samples: list[dict]) -> dict:
 
 
 def _batched(size: int, partial: bool):
+    """Collate ``size`` samples a batch; damage records ride on the next batch (training
+    streams never end), or on a batch of their own at the end of an evaluation stream."""
     def stage(src: Iterator[dict]) -> Iterator[dict]:
         buf: list[dict] = []
+        damaged: list[dict] = []
         for sample in src:
+            if "__corrupt__" in sample:
+                damaged.append(sample["__corrupt__"])
+                if sample["__corrupt__"].get("fatal"):
+                    yield {"corrupt": damaged}
+                    return
+                continue
             buf.append(sample)
             if len(buf) == size:
-                yield collate(buf)
-                buf = []
+                yield {**collate(buf), "corrupt": damaged}
+                buf, damaged = [], []
         if buf and partial:
-            yield collate(buf)
+            yield {**collate(buf), "corrupt": damaged}
+            damaged = []
+        if damaged:
+            yield {"corrupt": damaged}
 
     return stage
 
 
-def _keep(keys: set[str]):
+def _keep(keys: set[str], exclude: set[str]):
+    """Only the members the model reads; samples ``data.exclude_quality`` drops are left out."""
     def stage(src):
         for sample in src:
+            if sample.get("__key__") in exclude:
+                continue
             yield {k: v for k, v in sample.items() if k in keys or k.startswith("__")}
 
     return stage
+
+
+def read_shards(expected: dict[str, int]):
+    """Tar members -> samples ({"__key__", "__url__", member name: bytes}), shard by shard.
+
+    A shard that cannot be read to its end (cut short, bad header) yields one damage record
+    naming it, the sample key where reading stopped and how many samples it lost (from the
+    index's per-shard ``expected`` counts), instead of a ``tarfile.ReadError`` traceback.
+    """
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        read_any, unreadable = False, set()
+        for item in src:
+            url = item["url"]
+            if url in unreadable and not read_any:
+                # Training cycles its shards for ever: when they all fail, say so instead of spinning.
+                yield {"__corrupt__": {"shard": url, "key": "(any)", "samples": 0, "fatal": True,
+                                       "reason": "no shard this loader reads holds a readable sample"}}
+                return
+            count, key, current = 0, None, None
+            try:
+                with open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        key, _, name = os.path.basename(member.name).partition(".")
+                        if current is not None and current["__key__"] != key:
+                            yield current
+                            count += 1
+                            current = None
+                        if current is None:
+                            current = {"__key__": key, "__url__": url}
+                        current[name] = tar.extractfile(member).read()
+                if current is not None:
+                    yield current
+                    count += 1
+                read_any = read_any or count > 0
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+                read_any = read_any or count > 0
+                unreadable.add(url)
+                total = expected.get(url)
+                lost = f"{total - count} of its {total} samples" if total is not None else "the rest of its samples"
+                yield {"__corrupt__": {"shard": url, "key": key or "(first sample)", "samples": max(1, (total or count + 1) - count),
+                                       "reason": f"the shard cannot be read past this sample ({err}): it is cut short or "
+                                                 f"damaged; {lost} are lost"}}
+
+    return stage
+
+
+def _guard(convert):
+    """A map stage that turns a sample that does not decode into a damage record."""
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            if "__corrupt__" in sample:
+                yield sample
+                continue
+            try:
+                yield convert(sample)
+            except Exception as err:  # noqa: BLE001 - any decoding failure of bad bytes
+                what = f"missing member {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+                what = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", what)  # PIL names its buffer
+                yield {"__corrupt__": {"shard": sample.get("__url__", "?"), "key": sample.get("__key__", "?"),
+                                       "samples": 1, "reason": f"the sample does not decode ({what})"}}
+
+    return stage
+
+
+_WARNED: set = set()
+
+
+def _warn_once(what, message: str) -> None:
+    if what not in _WARNED:
+        _WARNED.add(what)
+        print(message, file=sys.stderr, flush=True)
+
+
+class CorruptLog:
+    """Damaged samples skipped in this process (``on_corrupt="skip"``), each counted once."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str], dict] = {}
+
+    def add(self, record: dict) -> None:
+        where = (record["shard"], record["key"])
+        if where not in self.records:
+            self.records[where] = record
+            _warn_once(where, f"warning: skipped {record['samples']} sample(s) at {record['key']} in {record['shard']}: "
+                              f"{record['reason']} (data.on_corrupt=skip)")
+
+    @property
+    def count(self) -> int:
+        return sum(r["samples"] for r in self.records.values())
+
+
+SKIPPED = CorruptLog()
+
+
+class GuardedLoader:
+    """Iterates a loader's batches; damage records become a clear error or skip counts."""
+
+    def __init__(self, loader, on_corrupt: str, log: CorruptLog = SKIPPED) -> None:
+        self.loader, self.on_corrupt, self.log = loader, on_corrupt, log
+
+    def __iter__(self):
+        yielded, damaged = 0, 0
+        for batch in self.loader:
+            for record in batch.pop("corrupt", []):
+                damaged += 1
+                fix = (f"Check the set with `python cli.py verify-shards {os.path.dirname(record['shard'])}` and "
+                       "re-create it with `python cli.py preprocess` (finished stages are cached)")
+                if record.get("fatal"):
+                    raise UserError(f"damaged data: {record['reason']} (e.g. {record['shard']}). {fix}")
+                if self.on_corrupt != "skip":
+                    raise UserError(f"damaged data in shard {record['shard']}, sample {record['key']}: {record['reason']}. "
+                                    f"{fix}; data.on_corrupt=skip skips damaged samples (counted in the run's metrics)")
+                self.log.add(record)
+            if "inputs" in batch:
+                yielded += 1
+                yield batch
+        if yielded == 0 and damaged:
+            raise UserError(f"damaged data: no sample of this part could be read ({damaged} damaged shard(s) or sample(s), "
+                            "listed above); re-create the shards with `python cli.py preprocess`")
 
 
 class RankShards(torch.utils.data.IterableDataset):
@@ -271,14 +475,20 @@ def _fixed_worker_seed() -> int:
 
 
 def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int = 0, world_size: int = 1,
-                seed: int = 0, epoch: int = 0) -> tuple[wds.WebLoader, int]:
+                seed: int = 0, epoch: int = 0) -> tuple[GuardedLoader, int]:
     """A loader over one part and the number of batches it yields per rank per epoch.
 
     Training streams are seeded by (seed, rank, epoch): ranks read different samples, and
     re-creating the loader for an epoch replays it exactly (resume restarts at an epoch).
     """
-    urls, n_samples = shard_urls(shards, part)
+    urls, n_samples = shard_urls(shards, part, cfg.on_corrupt)
     check_sources(shards, cfg)
+    index = read_index(shards)
+    exclude = {i for ids in excluded_ids(index, part, tuple(cfg.exclude_quality)).values() for i in ids}
+    n_samples -= len(exclude)
+    if n_samples <= 0:
+        raise UserError(f"data.exclude_quality {list(cfg.exclude_quality)} leaves no sample in part {part!r} of {shards}")
+    expected = {os.path.join(shards, s["name"]): s["samples"] for s in index["parts"][part]["shards"]}
     keys = {"json"} | {SOURCES[s] for s in cfg.modalities.values()}
     if "face_feats" in cfg.modalities.values():
         keys.add("face_mask.npy")
@@ -294,22 +504,22 @@ def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int 
             source = wds.ResampledShards(urls, seed=stream_seed, worker_seed=_fixed_worker_seed, deterministic=True)
         dataset = wds.DataPipeline(
             source,
-            wds.tarfile_to_samples(),
-            _keep(keys),
+            read_shards(expected),
+            _keep(keys, exclude),
             wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 64), rng=random.Random(stream_seed)),
-            wds.map(to_inputs(cfg, train=True, seed=stream_seed)),
+            _guard(to_inputs(cfg, train=True, seed=stream_seed)),
             _batched(cfg.batch_size, partial=False),
         )
         loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
-        return loader.with_epoch(n_batches), n_batches
+        return GuardedLoader(loader.with_epoch(n_batches), cfg.on_corrupt), n_batches
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_node,
         wds.split_by_worker,
-        wds.tarfile_to_samples(),
-        _keep(keys),
-        wds.map(to_inputs(cfg, train=False)),
+        read_shards(expected),
+        _keep(keys, exclude),
+        _guard(to_inputs(cfg, train=False)),
         _batched(cfg.batch_size, partial=True),
     )
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
-    return loader, math.ceil(n_samples / (cfg.batch_size * world_size))
+    return GuardedLoader(loader, cfg.on_corrupt), math.ceil(n_samples / (cfg.batch_size * world_size))

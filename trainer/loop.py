@@ -27,7 +27,7 @@ from avbalance.progress import progress_bar, quiet
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import save_config, validate_config
-from trainer.data import DataConfig, make_loader, read_index, shard_urls
+from trainer.data import SKIPPED, DataConfig, make_loader, preflight, read_index, shard_urls
 from trainer.resume import resume_config
 from trainer.metrics import summarize
 from trainer.model import MultimodalModel, build_model
@@ -44,6 +44,7 @@ def data_config(cfg: dict) -> DataConfig:
         shuffle_buffer=d["shuffle_buffer"], frames=d["frames"], image_size=d["image_size"],
         max_face_frames=d["max_face_frames"], max_wav_seconds=d["max_wav_seconds"],
         samples_per_epoch=d["samples_per_epoch"],
+        exclude_quality=tuple(d.get("exclude_quality") or ()), on_corrupt=d.get("on_corrupt", "error"),
     )
 
 
@@ -293,10 +294,16 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     check_inputs(cfg)
     if resume:
         cfg = resume_config(out, cfg, shards)
+    # Cheap checks of every part it reads: shard sizes, clips missing from a part, exclusions.
+    dcfg = data_config(cfg)
+    parts = [cfg["data"]["train_part"], eval_part(shards, cfg["data"]["val_part"]), cfg["data"]["test_part"]]
+    for line in preflight(shards, parts, dcfg):
+        if dist_info.main:
+            print(line, file=sys.stderr, flush=True)
+    SKIPPED.records.clear()
     cfg["data"]["shards"] = os.path.abspath(shards)
 
     # Data: the loaders are rebuilt per epoch, seeded by (seed, rank, epoch).
-    dcfg = data_config(cfg)
     val_part = eval_part(shards, cfg["data"]["val_part"])
     _, steps_per_epoch = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,
                                      world_size=dist_info.world_size, seed=cfg["seed"])
@@ -415,10 +422,13 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     test_part = cfg["data"]["test_part"]
     test["probe_accuracy"] = probe_model(model, shards, cfg, device, autocast, test_part, test_features,
                                          os.path.join(out, f"probe_{test_part}.npz") if dist_info.main else None)
-    test.update(best_epoch=state["best_epoch"], best_val_accuracy=state["best_acc"], val_part=val_part)
+    # Damaged samples skipped (data.on_corrupt=skip), over every rank: a result to read with care.
+    skipped = int(round(float(distributed.all_reduce_mean(torch.tensor(float(SKIPPED.count), device=device))) * dist_info.world_size))
+    test.update(best_epoch=state["best_epoch"], best_val_accuracy=state["best_acc"], val_part=val_part, skipped_corrupt=skipped)
     if dist_info.main:
         log.write({"kind": "test", "epoch": state["best_epoch"], "step": state["step"], "accuracy": test["accuracy"],
-                   "macro_f1": test["macro_f1"], **{f"accuracy_{m}": a for m, a in test["unimodal_accuracy"].items()},
+                   "macro_f1": test["macro_f1"], "skipped_corrupt": skipped,
+                   **{f"accuracy_{m}": a for m, a in test["unimodal_accuracy"].items()},
                    "probe_accuracy": test["probe_accuracy"]})
         with open(os.path.join(out, f"eval_{cfg['data']['test_part']}.json"), "w", encoding="utf-8") as fh:
             json.dump(test, fh, indent=2)

@@ -29,8 +29,8 @@ class AudioConfig:
     seconds: float = 3.0
     n_fft: int = 512
     hop: int = 353
-    min_duration: float = 0.5
-    silence_peak: float = 1e-3  # peak |amplitude| (full scale 1.0) below which a clip is silent
+    min_duration: float = 0.5  # shorter clips are flagged ``short`` (kept)
+    silence_peak: float = 1e-3  # peak |amplitude| (full scale 1.0) below which a clip is flagged ``silent``
 
     def __post_init__(self) -> None:
         if self.spec not in ("logmel", "linear"):
@@ -99,15 +99,14 @@ def spectrogram(wave16k: np.ndarray, cfg: AudioConfig) -> np.ndarray:
 @STAGES.register("audio")
 class AudioStage(Stage):
     name = "audio"
-    version = 1
+    version = 2  # 2: short and silent clips are kept (flagged at pack), with their peak level
     inputs = ("audio_source",)
 
     def process(self, wave16k: np.ndarray) -> dict[str, np.ndarray]:
-        cfg = self.config
-        duration = len(wave16k) / AUDIO_SR
-        if duration < cfg.min_duration:
-            raise AudioError(f"too short: {duration:.2f} s of audio (minimum {cfg.min_duration} s)")
+        """The waveform as it is (short ones too: loaders tile them), its spectrogram (the
+        clip tiled to ``seconds``, as the reference does) and its peak level (full scale 1.0)."""
+        if len(wave16k) == 0:
+            raise AudioError("no audio: the audio holds no samples")
         peak = float(np.abs(wave16k.astype(np.int32)).max()) / 32768.0
-        if peak < cfg.silence_peak:
-            raise AudioError(f"silent audio: peak amplitude {peak:.1e} of full scale")
-        return {"wav": wave16k.astype(np.int16), "spec": spectrogram(wave16k, cfg).astype(np.float16)}
+        return {"wav": wave16k.astype(np.int16), "spec": spectrogram(wave16k, self.config).astype(np.float16),
+                "peak": np.float32(peak)}

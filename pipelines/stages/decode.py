@@ -70,6 +70,7 @@ class DecodedClip:
     has_audio_stream: bool
     audio: np.ndarray | None = None  # int16 mono at 16 kHz, when requested
     notes: list[str] = field(default_factory=list)
+    stated_duration: float | None = None  # what the container header says, when it says
 
 
 class DecodeError(Exception):
@@ -86,6 +87,8 @@ def decode_clip(path: str, samplers: list[FrameSampler], want_audio: bool = Fals
         if not container.streams.video:
             raise DecodeError("the file has no video stream")
         vstream = container.streams.video[0]
+        # A file cut short decodes without an error; its header still states the full length.
+        stated = container.duration / av.time_base if container.duration is not None else None
         astream = container.streams.audio[0] if container.streams.audio else None
         streams = [vstream] + ([astream] if want_audio and astream is not None else [])
         resampler = av.AudioResampler(format="s16", layout="mono", rate=AUDIO_SR) if len(streams) > 1 else None
@@ -131,6 +134,7 @@ def decode_clip(path: str, samplers: list[FrameSampler], want_audio: bool = Fals
     return DecodedClip(
         fps=fps, width=size[0], height=size[1], n_frames=n, duration=last_t + 1.0 / fps,
         has_audio_stream=astream is not None, audio=audio, notes=notes,
+        stated_duration=stated if stated and stated > 0 else None,
     )
 
 

@@ -56,7 +56,7 @@ class ClipFaces:
 @STAGES.register("faces")
 class FacesStage(Stage):
     name = "faces"
-    version = 1
+    version = 2  # 2: faceless clips are kept (all-zero mask); video_info as in frames
     inputs = ("video",)
 
 
@@ -178,6 +178,7 @@ class FaceBatcher:
         if self.cfg.keep_crops:
             data, offsets = pack_blobs([jpg for _, jpg in sorted(clip.crops, key=lambda kv: kv[0])])
             faces["crops_jpeg"], faces["crops_offsets"] = data, offsets
+            faces["crop_size"] = np.int64(self.cfg.size)
         feats = None
         if self.featurizer is not None:
             arr = np.zeros((n, 1408), np.float16)

@@ -31,9 +31,10 @@ def strip_stride(width: int) -> int:
     return 16 * math.ceil(width / 16)
 
 
-def encode_strip(images: list[np.ndarray | None], quality: int) -> tuple[bytes, int]:
-    """RGB images of one size side by side in one JPEG (``None`` = a black tile)."""
-    h, w = next(img for img in images if img is not None).shape[:2]
+def encode_strip(images: list[np.ndarray | None], quality: int, blank: tuple[int, int] | None = None) -> tuple[bytes, int]:
+    """RGB images of one size side by side in one JPEG (``None`` = a black tile of size
+    ``blank`` (h, w), which is needed only when every image is ``None``)."""
+    h, w = next((img.shape[:2] for img in images if img is not None), blank)
     stride = strip_stride(w)
     strip = np.zeros((h, stride * len(images), 3), np.uint8)
     for i, img in enumerate(images):
@@ -56,7 +57,7 @@ def unpack_blobs(data: np.ndarray, offsets: np.ndarray) -> list[bytes]:
 @STAGES.register("frames")
 class FramesStage(Stage):
     name = "frames"
-    version = 1
+    version = 2  # 2: video_info also holds the header's duration; decode_note
     inputs = ("video",)
 
     def __init__(self, config: FramesConfig) -> None:

@@ -44,20 +44,21 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def jpeg_strip(jpegs: list[bytes | None], quality: int) -> tuple[bytes, int]:
-    """Face crops (JPEG each, ``None`` = no face) side by side in one JPEG."""
+def jpeg_strip(jpegs: list[bytes | None], quality: int, size: int) -> tuple[bytes, int]:
+    """Face crops (``size`` square JPEG each, ``None`` = no face) side by side in one JPEG."""
     images = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) if j is not None else None for j in jpegs]
-    return encode_strip(images, quality)
+    return encode_strip(images, quality, blank=(size, size))
 
 
 @STAGES.register("pack")
 class PackStage(Stage):
     name = "pack"
-    version = 1
+    version = 2  # 2: clips with a missing modality are packed with placeholders and ``quality`` flags
     inputs = ()
 
-    def sample(self, clip: dict, outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, bytes | str]:
-        """One shard sample from a manifest record and its stage outputs."""
+    def sample(self, clip: dict, outputs: dict[str, dict[str, np.ndarray]], quality: dict[str, dict] | None = None) -> dict[str, bytes | str]:
+        """One shard sample from a manifest record, its stage outputs (placeholders where a
+        modality did not decode: ``quality.placeholder``) and its quality flags."""
         meta = {k: clip[k] for k in ("clip_id", "actor", "sentence", "sentence_text", "emotion", "emotion_name", "label", "level", "demographics", "votes")}
         sample: dict[str, bytes | str] = {"__key__": clip["clip_id"], "cls": str(clip["label"]).encode()}
         if "frames" in outputs:
@@ -73,7 +74,7 @@ class PackStage(Stage):
             if "crops_jpeg" in out:
                 found = iter(unpack_blobs(out["crops_jpeg"], out["crops_offsets"]))
                 tiles = [next(found) if m else None for m in out["mask"]]  # black where no face
-                sample["faces.jpg"], meta["faces"]["stride"] = jpeg_strip(tiles, self.config.jpeg_quality)
+                sample["faces.jpg"], meta["faces"]["stride"] = jpeg_strip(tiles, self.config.jpeg_quality, int(out["crop_size"]))
         if "face_features" in outputs:
             sample["face_feats.npy"] = npy_bytes(outputs["face_features"]["feats"].astype(np.float16))
         if "audio" in outputs:
@@ -83,7 +84,8 @@ class PackStage(Stage):
             meta["audio"] = {"seconds": round(len(out["wav"]) / 16000, 4), "source": clip.get("audio_source", "wav")}
         for stage in ("frames", "faces"):
             if stage in outputs and "video_info" in outputs[stage]:
-                fps, width, height, n_frames, duration = outputs[stage]["video_info"].tolist()
+                fps, width, height, n_frames, duration = outputs[stage]["video_info"].tolist()[:5]
                 meta["video"] = {"fps": round(fps, 3), "width": int(width), "height": int(height), "frames": int(n_frames), "seconds": round(duration, 4)}
+        meta["quality"] = quality or {}
         sample["json"] = json.dumps(meta, sort_keys=True).encode()
         return sample
