@@ -200,11 +200,11 @@ def data_by_setting(runs: list[Run]) -> dict[str, dict[str, Any]]:
         infos = [i for i in infos if i is not None]
         kinds = {i["synthetic"] for i in infos}
         synths = [i["synth"] for i in infos if i["synth"]]
-        random = {i["face_weights_random"] for i in infos} - {None}
+        weights = {i["face_weights_random"] for i in infos} - {None}
         out[setting] = {"corpus": ", ".join(sorted({str(i["corpus"]) for i in infos})) or None,
                         "synthetic": kinds.pop() if len(kinds) == 1 else None,
                         "synth": synths[0] if synths and all(s == synths[0] for s in synths) else None,
-                        "face_weights_random": (True in random) if random else None,
+                        "face_weights_random": (True in weights) if weights else None,
                         "shard_sets": len(infos)}
     return out
 
