@@ -42,7 +42,6 @@ demo: install
 	$(PY) cli.py export h5 --shards $(DEMO_DIR)/pre/shards/kfold1 --out $(DEMO_DIR)/kfold1.h5
 	$(PY) cli.py sweep --config experiments/sweeps/synthetic_small.yaml --out $(DEMO_DIR)/runs --jobs 2
 	$(PY) cli.py report --runs $(DEMO_DIR)/runs --out $(DEMO_DIR)/report
-	@echo "demo: report in $(DEMO_DIR)/report/report.html"
 
 # Controlled-imbalance study (README "Controlled-imbalance study"): the calibrated synthetic
 # corpus (the voice shows the emotion on 85 % of clips, the face on 60 % and more faintly, each
@@ -59,7 +58,6 @@ study: install
 		--stages frames,audio,pack --workers 2
 	$(PY) cli.py sweep --config experiments/sweeps/study.yaml --out $(STUDY_DIR)/runs --jobs 2
 	$(PY) cli.py report --runs $(STUDY_DIR)/runs --out $(STUDY_DIR)/report
-	@echo "study: report in $(STUDY_DIR)/report/report.html"
 
 # The README's result tables are generated: copy a finished study's summary into docs/results/
 # and rewrite every marked README block from the committed summaries.
