@@ -1,10 +1,11 @@
 """The calibrated synthetic corpus (README "Controlled-imbalance study"): each modality alone is
 learnable across actors by the study's model, so the study can tell methods apart.
 
-A small version of the study's corpus (same synth settings, fewer actors and sentences) and
-its model settings (experiments/sweeps/study.yaml), one actor-disjoint fold: the audio-only and
-the visual-only control each clear chance (1/6) on unseen actors by a set margin, and audio is
-the stronger modality, as the study needs.
+The study's corpus (the Makefile's synth settings) and its model settings
+(experiments/sweeps/study.yaml), fold kfold1, seed 0: the audio-only and the visual-only control
+each clear chance (1/6) on unseen actors by a set margin, and audio is the stronger modality,
+as the study needs. (A smaller corpus is not enough: with 9 actors, 5 of them training, the
+face cue is not learnt across actors in the study's 10 epochs.) About 5 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -39,9 +40,6 @@ def study_settings() -> list[str]:
 def calibrated_shards(tmp_path_factory) -> str:
     base = tmp_path_factory.mktemp("calibrated")
     synth = makefile_value("STUDY_SYNTH")
-    # fewer actors and sentences than the study, the same cue settings
-    for flag, value in (("--actors", "9"), ("--sentences", "6")):
-        synth[synth.index(flag) + 1] = value
     run_cli("synth", "cremad", "--out", str(base / "corpus"), *synth, check=True)
     run_cli("preprocess", "cremad", "--root", str(base / "corpus"), "--out", str(base / "pre"), "--split", "kfold1",
             "--stages", "frames,audio,pack", "--workers", "2", check=True)
@@ -60,6 +58,6 @@ def control_accuracy(shards: str, out: str, modality: str) -> float:
 def test_each_modality_alone_is_learnable_across_actors(calibrated_shards, tmp_path):
     audio = control_accuracy(calibrated_shards, str(tmp_path / "audio"), "audio")
     visual = control_accuracy(calibrated_shards, str(tmp_path / "visual"), "visual")
-    assert audio > CHANCE + 0.25, audio
-    assert visual > CHANCE + 0.10, visual
+    assert audio > CHANCE + 0.40, audio
+    assert visual > CHANCE + 0.20, visual
     assert audio > visual  # the voice is the dominant modality
