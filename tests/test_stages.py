@@ -177,3 +177,16 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     torch.save(timm.create_model("efficientnet_b0").state_dict(), path)
     with pytest.raises(UserError, match="does not fit"):
         FaceFeaturesStage(FaceFeaturesConfig(weights=path))
+
+
+def test_face_strip_of_a_faceless_clip_is_black_tiles():
+    """A clip kept without any face (flag no_face) still gets a faces.jpg with --keep-face-crops."""
+    import io
+
+    from PIL import Image
+
+    from pipelines.stages.pack import jpeg_strip
+
+    data, stride = jpeg_strip([None, None, None], 90, size=32)
+    img = np.asarray(Image.open(io.BytesIO(data)))
+    assert stride == 32 and img.shape == (32, 96, 3) and img.max() <= 8
