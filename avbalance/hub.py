@@ -10,7 +10,6 @@ file instead. Every resolved weights file is fingerprinted (sha256) for the reco
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from typing import Any, Sequence
@@ -74,15 +73,6 @@ def fetch_file(repo: str, filenames: Sequence[str], what: str, local_hint: str,
             f"HF_HUB_OFFLINE) to download it into the cache, or pass a local copy instead: {local_hint}"
         )
     raise UserError(f"{what}: model {repo} has none of the files {list(filenames)}. {local_hint}")
-
-
-def sha256_file(path: str) -> str:
-    """The hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weight_sources(model: Any) -> dict[str, dict[str, str]]:

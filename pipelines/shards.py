@@ -3,7 +3,6 @@ complete, and the ``shards.json`` index written last."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -69,7 +68,7 @@ class ShardWriter:
         os.fsync(self._fh.fileno())
         self._fh.close()
         os.replace(self._path + ".tmp", self._path)
-        self.shards.append({"name": self._name, "samples": self._count, "bytes": os.path.getsize(self._path), "sha256": file_sha256(self._path)})
+        self.shards.append({"name": self._name, "samples": self._count, "bytes": os.path.getsize(self._path), "sha256": sha256_file(self._path)})
         self._tar = None
 
     def close(self) -> list[dict]:
@@ -89,14 +88,6 @@ class ShardWriter:
     @property
     def keys(self) -> list[str]:
         return sorted(self._keys or [])
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_index(directory: str) -> dict | None:

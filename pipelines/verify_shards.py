@@ -11,7 +11,8 @@ import os
 
 from avbalance.errors import UserError
 from avbalance.progress import progress_bar
-from pipelines.shards import file_sha256, read_index
+from avbalance.hashing import sha256_file
+from pipelines.shards import read_index
 
 
 def verify_shards(directory: str, hashes: bool = False) -> list[dict]:
@@ -36,7 +37,7 @@ def verify_shards(directory: str, hashes: bool = False) -> list[dict]:
             elif "bytes" in entry and os.path.getsize(path) != entry["bytes"]:
                 record.update(status="size", detail=f"{os.path.getsize(path)} bytes, shards.json records {entry['bytes']}: cut short or damaged")
             elif hashes and "sha256" in entry:
-                digest = file_sha256(path)
+                digest = sha256_file(path)
                 if digest != entry["sha256"]:
                     record.update(status="sha256", detail=f"sha256 {digest[:16]}..., shards.json records {entry['sha256'][:16]}...: damaged")
                 else:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from avbalance.errors import UserError
-from avbalance.hub import model_id, sha256_file, weight_sources
+from avbalance.hashing import sha256_file
+from avbalance.hub import model_id, weight_sources
 from pipelines.stages.face_features import FaceFeaturesConfig, FaceFeaturesStage, weights_identity
 from trainer.encoders import ENCODERS
 from tests.test_models import TINY_CONFORMER, TINY_W2V

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from avbalance.errors import UserError
-from avbalance.hub import fetch_file, model_id, sha256_file
+from avbalance.hashing import sha256_file
+from avbalance.hub import fetch_file, model_id
 from pipelines.stages.base import STAGES, Stage, stable_hash
 
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI starts fast without it

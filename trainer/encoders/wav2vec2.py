@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from avbalance.errors import UserError
-from avbalance.hub import fetch_file, model_id, sha256_file
+from avbalance.hashing import sha256_file
+from avbalance.hub import fetch_file, model_id
 from trainer.encoders import ENCODERS
 from trainer.encoders.conformer import ConformerPooler
 
