@@ -8,6 +8,8 @@ import json
 import os
 import tarfile
 
+from avbalance.hashing import sha256_file
+
 SCHEMA_VERSION = 2  # 2: per-sample ``quality`` flags; ``coverage`` and per-part ``quality`` in shards.json
 MAX_SHARD_BYTES = 512 * 1024 * 1024
 
