@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -73,6 +74,15 @@ def time_steps(method: str, variant: str, args: argparse.Namespace, rank: int) -
     return (time.perf_counter() - start) / args.steps * 1000
 
 
+def print_table(rows: dict[str, dict[str, float]]) -> None:
+    """The markdown table docs/benchmarks.md shows."""
+    print("| method | before (ms/step) | after (ms/step) | change |\n|---|---|---|---|")
+    for m, v in rows.items():
+        print(f"| {m} | {v['before']:.1f} | {v['after']:.1f} | {v['change']:+.1%} |")
+    ratios = [v["after"] / v["before"] for v in rows.values()]
+    print(f"\ngeometric mean of after/before over {len(ratios)} methods: {math.prod(ratios) ** (1 / len(ratios)):.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(WORKED))
@@ -83,7 +93,12 @@ def main() -> None:
     ap.add_argument("--image", type=int, default=64)
     ap.add_argument("--frames", type=int, default=3)
     ap.add_argument("--json", help="write the results here (rank 0)")
+    ap.add_argument("--show", metavar="JSON", help="print the table of a saved result and stop (no torchrun needed)")
     args = ap.parse_args()
+    if args.show:
+        with open(args.show, encoding="utf-8") as fh:
+            print_table(json.load(fh)["ms_per_step"])
+        return
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     methods = [m for m in args.methods.split(",") if m]
@@ -95,9 +110,7 @@ def main() -> None:
                 best[m][variant] = min(ms, best[m].get(variant, float("inf")))
     if rank == 0:
         rows = {m: {**v, "change": v["after"] / v["before"] - 1} for m, v in best.items()}
-        print("| method | before (ms/step) | after (ms/step) | change |\n|---|---|---|---|")
-        for m, v in rows.items():
-            print(f"| {m} | {v['before']:.1f} | {v['after']:.1f} | {v['change']:+.1%} |")
+        print_table(rows)
         if args.json:
             setup = {k: getattr(args, k) for k in ("steps", "rounds", "batch", "width", "image", "frames")}
             doc = {"setup": {**setup, "world_size": dist.get_world_size(), "backend": "gloo",
