@@ -318,10 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="draw the comparison report (report.html and PNGs) from a folder of runs")
-    p.add_argument("--runs", help="a folder holding run folders (searched recursively), e.g. a sweep's out")
-    p.add_argument("--out", help="report folder: report.html, the PNGs and summary.json")
+    p.add_argument("--runs", help="a folder holding run folders (searched recursively), e.g. a sweep's out "
+                   "(no default: needed unless --summary is given)")
+    p.add_argument("--out", help="report folder: report.html, the PNGs and summary.json (no default: needed with --runs)")
     p.add_argument("--markdown", action="store_true", help="print the study tables as GitHub markdown")
-    p.add_argument("--summary", metavar="FILE", help="with --markdown: print the tables of a saved summary.json (no runs needed)")
+    p.add_argument("--summary", metavar="FILE", help="with --markdown: print the tables of a saved summary.json, no runs needed (default: none)")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -27,9 +27,10 @@ class GatedFusion(Fusion):
     """logits = fc_out(sigmoid(proj[gate](x_gate)) * sum_{m != gate} proj[m](x_m)); not decomposable."""
 
     decomposable = False
+    min_modalities = 2  # one modality gates the others
 
     def __init__(self, dims: Mapping[str, int], n_classes: int, hidden: int = 512, gate: str | None = None) -> None:
-        super().__init__(dims, n_classes, min_modalities=2)
+        super().__init__(dims, n_classes)
         self.gate = gate if gate is not None else self.modalities[0]
         if self.gate not in self.dims:
             raise UserError(f"gated fusion: gate {self.gate!r} is not one of the modalities {self.modalities}")
