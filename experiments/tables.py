@@ -30,6 +30,11 @@ DIFF_LEGEND = ("Method minus joint, paired over (split, seed), in points (fracti
                "mean [95 % CI]; **bold**: the CI excludes 0 (the method helps when positive, hurts when negative).")
 
 
+COEFFICIENT_LEGEND = ("Balancing coefficients over training: the mean over runs at each logged step, averaged over the "
+                      "first, middle and last third of the steps, and the largest such mean. MLB: r_m > 1 means modality m "
+                      "scores below the others, and k_m multiplies its encoder's and head's gradients.")
+
+
 def load_summary(path: str) -> dict[str, Any]:
     """A report's summary.json; UserError when missing or not one."""
     try:
@@ -119,6 +124,30 @@ def _markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _phase_means(steps: list[int], values: list[float]) -> list[float]:
+    """Means of a trace over the first, middle and last third of its logged steps."""
+    thirds: list[list[float]] = [[], [], []]
+    for step, value in zip(steps, values):
+        thirds[min(2, int(3 * (step - steps[0]) / max(1, steps[-1] - steps[0])))].append(value)
+    return [sum(t) / len(t) if t else float("nan") for t in thirds]
+
+
+def coefficient_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """MLB-style coefficients (r, k) per method and modality: the mean over runs of each logged
+    step, averaged over the first, middle and last third of training, and the largest value."""
+    rows = []
+    for method, entry in (summary.get("coefficients") or {}).items():
+        traces = entry.get("traces") or {}
+        for name in ("r", "k"):
+            for modality, trace in sorted((traces.get(name) or {}).items()):
+                steps, mean = trace.get("steps") or [], trace.get("mean") or []
+                if not steps:
+                    continue
+                phases = _phase_means(steps, mean)
+                rows.append([method, f"{name}_{modality}", *[f"{v:.2f}" for v in phases], f"{max(mean):.2f}", str(len(entry["runs"]))])
+    return rows
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """Every setting's study tables as GitHub markdown, from a summary alone (deterministic)."""
     study, data = summary.get("study") or {}, summary.get("data") or {}
@@ -130,6 +159,11 @@ def markdown(summary: dict[str, Any]) -> str:
         for head, rows in study_rows(s):
             out += _markdown_table(head, rows) + [""]
         out += [LEGEND + (" " + DIFF_LEGEND if any("vs_joint" in r for r in s["methods"]) or s["phenomenon"] else ""), ""]
+    coefficients = coefficient_rows(summary)
+    if coefficients:
+        out += _markdown_table(["method", "coefficient", "first third", "middle third", "last third", "max", "runs"],
+                               coefficients)
+        out += ["", COEFFICIENT_LEGEND, ""]
     return "\n".join(out)
 
 
