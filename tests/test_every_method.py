@@ -66,11 +66,11 @@ def evaluate_through_cli(run: str) -> dict:
         return json.load(fh)
 
 
-# The fast suite runs every method in the ResNet family and the head-swapping method in the
-# conformer family; the rest of the conformer family runs in the slow suite (CI), as does the
-# whole matrix under torchrun, which evaluates every run after the fact too.
-FAST = {("mmcosine", "conformer")}
-EVAL_CASES = [pytest.param(m, f, id=f"{f}_{m}", marks=() if f == "resnet" or (m, f) in FAST else pytest.mark.slow)
+# The fast suite runs joint and MLB, and the head-swapping method (MMCosine) in both families;
+# every other method x family runs in the slow suite (CI), as does the whole matrix under
+# torchrun, which evaluates every run after the fact too.
+FAST = {("joint", "resnet"), ("mlb", "resnet"), ("mmcosine", "resnet"), ("mmcosine", "conformer")}
+EVAL_CASES = [pytest.param(m, f, id=f"{f}_{m}", marks=() if (m, f) in FAST else pytest.mark.slow)
               for m, f in CASES]
 
 

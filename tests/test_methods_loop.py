@@ -25,7 +25,12 @@ TINY = ["model.encoders.audio.width=4", "model.encoders.visual.width=4", "data.i
         "data.batch_size=8", "data.workers=0", "data.samples_per_epoch=16", "train.log_every=1", "train.patience=0"]
 
 
-@pytest.mark.parametrize("method", BALANCERS.names())
+# joint, MLB and re-learning (whose state and epoch-start pass are the hardest to resume) in the
+# fast suite; every other registered method in the slow suite (CI).
+FAST = {"joint", "mlb", "relearning"}
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m in FAST else pytest.mark.slow) for m in BALANCERS.names()])
 def test_method_trains_and_resumes(train_shards, tmp_path, method):
     out = str(tmp_path / "run")
     extra = ACTIVE.get(method, [])
