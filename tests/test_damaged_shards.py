@@ -124,6 +124,11 @@ def test_skip_counts_the_corrupt_sample_in_the_metrics(train_shards, tmp_path):
     assert result["samples"] == index["parts"]["test"]["samples"] - 1
     test_line = [json.loads(ln) for ln in open(run / "metrics.jsonl") if '"kind": "test"' in ln][-1]
     assert test_line["skipped_corrupt"] == 1
+    # evaluated after the fact: the same count, in its own eval file
+    os.remove(run / "eval_test.json")
+    assert run_cli("evaluate", "--run", str(run), "--split", "test").returncode == 0
+    again = json.load(open(run / "eval_test.json"))
+    assert again["skipped_corrupt"] == 1 and again["samples"] == result["samples"]
 
 
 def test_verify_shards_passes_an_intact_set_and_refuses_a_non_set(train_shards, tmp_path):

@@ -11,7 +11,7 @@ import yaml
 
 from avbalance.errors import UserError
 from trainer.checkpoint import load_checkpoint
-from trainer.data import make_loader
+from trainer.data import SKIPPED, make_loader
 from trainer.loop import build_run_model, data_config, evaluate, probe_model
 
 
@@ -29,7 +29,9 @@ def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkp
     model.load_state_dict(load_checkpoint(ckpt_path)["model"])
     loader, _ = make_loader(shards, part, data_config(cfg), train=False)
     features: dict = {}
+    SKIPPED.records.clear()
     metrics = evaluate(model, loader, torch.device("cpu"), cfg["model"]["n_classes"], nullcontext, features=features)
+    metrics["skipped_corrupt"] = SKIPPED.count  # damaged samples of ``part`` skipped (data.on_corrupt=skip)
     # The probes learn from the run's own train part, even when --shards evaluates on another set.
     metrics["probe_accuracy"] = probe_model(model, cfg["data"].get("shards") or shards, cfg, torch.device("cpu"),
                                             nullcontext, part, features, os.path.join(run, f"probe_{part}.npz"))
