@@ -27,7 +27,7 @@ from avbalance.progress import progress_bar, quiet
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import save_config, validate_config
-from trainer.data import SKIPPED, DataConfig, make_loader, preflight, read_index, shard_urls
+from trainer.data import SKIPPED, DataConfig, make_loader, preflight, read_index
 from trainer.resume import resume_config
 from trainer.metrics import summarize
 from trainer.model import MultimodalModel, build_model
@@ -295,19 +295,18 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     if resume:
         cfg = resume_config(out, cfg, shards)
     # Cheap checks of every part it reads: shard sizes, clips missing from a part, exclusions.
+    # (every part must exist, with its shards whole, before hours of training)
     dcfg = data_config(cfg)
-    parts = [cfg["data"]["train_part"], eval_part(shards, cfg["data"]["val_part"]), cfg["data"]["test_part"]]
-    for line in preflight(shards, parts, dcfg):
+    val_part = eval_part(shards, cfg["data"]["val_part"])
+    for line in preflight(shards, [cfg["data"]["train_part"], val_part, cfg["data"]["test_part"]], dcfg):
         if dist_info.main:
             print(line, file=sys.stderr, flush=True)
     SKIPPED.records.clear()
     cfg["data"]["shards"] = os.path.abspath(shards)
 
     # Data: the loaders are rebuilt per epoch, seeded by (seed, rank, epoch).
-    val_part = eval_part(shards, cfg["data"]["val_part"])
     _, steps_per_epoch = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,
                                      world_size=dist_info.world_size, seed=cfg["seed"])
-    shard_urls(shards, cfg["data"]["test_part"])  # the test part must exist before hours of training
 
     # Model, balancing method, optimizer, schedule.
     seed_everything(cfg["seed"] + dist_info.rank, cfg["train"]["deterministic"])
