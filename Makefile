@@ -68,7 +68,6 @@ readme-tables: install
 
 # Benchmarks: ratios against baselines measured in the same run (docs/benchmarks.md).
 bench: install
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
 	$(PY) bench/preprocess.py --json bench/preprocess.json
 	$(PY) bench/train.py --json bench/train.json
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 bench/ddp_step.py --json bench/ddp_step.json
