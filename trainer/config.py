@@ -41,6 +41,10 @@ DEFAULTS: dict[str, Any] = {
         "samples_per_epoch": None,
         "exclude_quality": [],  # quality flags to drop (docs/shards.md); none: the published protocol keeps every clip
         "on_corrupt": "error",  # error | skip: a damaged shard or sample stops the run, or is skipped and counted
+        "prefetch": 2,  # batches each loader worker keeps ready
+        "persistent_workers": True,  # loader workers live across epochs
+        "pin_memory": True,  # CUDA: page-locked batches, non-blocking copies
+        "jpeg_decode": "cpu",  # cpu: loader workers decode the frames | cuda: the training GPU does (nvJPEG)
     },
     "model": {
         "n_classes": 6,
@@ -82,6 +86,8 @@ RULES: dict[str, Allowed] = {
     "data.max_face_frames": Allowed(lo=1),
     "data.max_wav_seconds": Allowed(lo=0, lo_open=True),
     "data.samples_per_epoch": Allowed(lo=1, optional=True),
+    "data.prefetch": Allowed(lo=1),
+    "data.jpeg_decode": Allowed(choices=("cpu", "cuda")),
     "model.n_classes": Allowed(lo=2),
     "optim.name": Allowed(choices=("adam", "adamw", "sgd")),
     "optim.lr": Allowed(lo=0, lo_open=True),

@@ -18,6 +18,7 @@ reads each shard exactly once, split across ranks and workers, deterministically
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -36,9 +37,9 @@ import webdataset as wds
 from PIL import Image
 
 from avbalance.errors import UserError
+from trainer.device_batch import DeviceLoader, EpochStream, LoaderPlan, plan_for
+from trainer.transforms import cut_frames, decode_strip, draw_cut, strip_layout
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 # modality -> the shard key it reads
 SOURCES = {"spec": "spec.npy", "wav": "wav.npy", "frames": "frames.jpg", "face_feats": "face_feats.npy"}
 MIN_WAV_SECONDS = 1.0  # shorter waveforms are tiled to this length at load time
@@ -62,6 +63,10 @@ class DataConfig:
     samples_per_epoch: int | None = None  # default: the part's sample count
     exclude_quality: tuple[str, ...] = ()  # drop samples with any of these quality flags
     on_corrupt: str = "error"  # error | skip: what a damaged shard or sample does
+    prefetch: int = 2  # batches each loader worker keeps ready
+    persistent_workers: bool = True  # keep loader workers alive across epochs
+    pin_memory: bool = True  # page-locked batches and non-blocking copies (CUDA only)
+    jpeg_decode: str = "cpu"  # cpu (loader workers) | cuda (batched nvJPEG on the training device)
 
 
 def split_folders(folder: str) -> list[str]:
@@ -157,49 +162,18 @@ def _npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def split_strip(data: bytes, meta: dict) -> list[torch.Tensor]:
-    """The 1-fps frames of a ``frames.jpg`` strip, each (3, H, W) uint8."""
-    strip = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.uint8).copy()).permute(2, 0, 1)
-    count, stride = meta["frames"]["count"], meta["frames"]["stride"]
-    width = meta.get("video", {}).get("width", stride)
-    return [strip[:, :, k * stride:k * stride + width] for k in range(count)]
-
-
-def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, 3, S, S) normalised frames and a (T,) mask.
-
-    ``cfg.frames`` consecutive 1-fps frames, as the MLB paper samples them: a random window
-    at train time with one random resized crop and flip for the whole clip (its frames stay
-    aligned), the centred window at evaluation, resized and centre-cropped.
-    """
-    from torchvision.transforms.v2 import functional as F
-
-    count = len(frames)
-    if count == 0:  # a clip whose video did not decode (quality flag no_video): nothing to see
-        return torch.zeros(cfg.frames, 3, cfg.image_size, cfg.image_size), torch.zeros(cfg.frames, dtype=torch.bool)
-    height, width = frames[0].shape[1:]
-    n = min(cfg.frames, count)
-    start = rng.randint(0, count - n) if train else (count - n) // 2
-    if train:
-        area = height * width * rng.uniform(*cfg.crop_scale)
-        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        h = min(height, int(round(math.sqrt(area / aspect))))
-        w = min(width, int(round(math.sqrt(area * aspect))))
-        top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-        flip = rng.random() < 0.5
-    tensors = []
-    for frame in frames[start:start + n]:
-        if train:
-            frame = F.resized_crop(frame, top, left, h, w, [cfg.image_size, cfg.image_size], antialias=True)
-            frame = frame.flip(-1) if flip else frame
-        else:
-            frame = F.center_crop(F.resize(frame, cfg.image_size, antialias=True), [cfg.image_size, cfg.image_size])
-        tensors.append((frame.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD)
-    mask = torch.zeros(cfg.frames, dtype=torch.bool)
-    mask[: len(tensors)] = True
-    while len(tensors) < cfg.frames:  # short clips: repeat the last frame, masked out
-        tensors.append(tensors[-1])
-    return torch.stack(tensors), mask
+def frames_input(data: bytes, meta: dict, cfg: DataConfig, train: bool, rng: random.Random,
+                 jpeg_on_device: bool) -> dict[str, torch.Tensor]:
+    """A clip's frames as the worker hands them over: ``cfg.frames`` consecutive 1-fps frames
+    cut from the strip (trainer/transforms.py), uint8 (T, 3, S, S) with a (T,) mask; or, when
+    the device decodes (``data.jpeg_decode=cuda``), the strip's bytes and the drawn cut."""
+    header = Image.open(io.BytesIO(data))  # reads the header only; a file that is no image fails here, named
+    count, stride, width = strip_layout(meta)
+    cut = draw_cut(count, stride, width, header.height, cfg.frames, cfg.crop_scale, train, rng)
+    if jpeg_on_device:
+        return {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8), "cut": cut.as_tensor()}
+    x, mask = cut_frames(decode_strip(data), cut, cfg.frames, cfg.image_size)
+    return {"x": x, "mask": mask}
 
 
 def tile_short(wav: np.ndarray, length: int) -> np.ndarray:
@@ -208,7 +182,7 @@ def tile_short(wav: np.ndarray, length: int) -> np.ndarray:
     if len(wav) >= length:
         return wav
     if len(wav) == 0:
-        return np.zeros(length, np.float32)
+        return np.zeros(length, wav.dtype)
     return np.tile(wav, -(-length // len(wav)))[:length]
 
 
@@ -218,8 +192,13 @@ def _worker_rng(seed: int) -> random.Random:
     return random.Random(seed * 1000 + (info.id if info is not None else 0))
 
 
-def to_inputs(cfg: DataConfig, train: bool, seed: int = 0):
-    """A map stage: raw sample bytes -> {"inputs": {m: {...}}, "label", "clip_id"}."""
+def to_inputs(cfg: DataConfig, train: bool, seed: int = 0, jpeg_on_device: bool = False):
+    """A map stage: raw sample bytes -> {"inputs": {m: {...}}, "label", "clip_id"}.
+
+    Each input stays in its stored dtype (frames uint8, spectrogram and face features
+    float16, waveform int16): the worker only cuts, ``device_batch.finish`` converts on the
+    training device, batched, to the float32 the model reads.
+    """
     state: dict[str, random.Random] = {}
 
     def convert(sample: dict) -> dict:
@@ -229,24 +208,23 @@ def to_inputs(cfg: DataConfig, train: bool, seed: int = 0):
         inputs: dict[str, dict[str, torch.Tensor]] = {}
         for modality, source in cfg.modalities.items():
             if source == "spec":
-                inputs[modality] = {"x": torch.from_numpy(_npy(sample["spec.npy"]).astype(np.float32))[None]}
+                inputs[modality] = {"x": torch.from_numpy(_npy(sample["spec.npy"]))[None]}
             elif source == "wav":
-                wav = tile_short(_npy(sample["wav.npy"]).astype(np.float32) / 32768.0, int(MIN_WAV_SECONDS * 16000))
+                wav = tile_short(_npy(sample["wav.npy"]), int(MIN_WAV_SECONDS * 16000))
                 limit = int(cfg.max_wav_seconds * 16000)
                 if len(wav) > limit:
                     start = rng.randrange(len(wav) - limit + 1) if train else 0
                     wav = wav[start:start + limit]
-                inputs[modality] = {"x": torch.from_numpy(wav)}
+                inputs[modality] = {"x": torch.from_numpy(np.ascontiguousarray(wav))}
             elif source == "face_feats":
-                feats = _npy(sample["face_feats.npy"]).astype(np.float32)
+                feats = _npy(sample["face_feats.npy"])
                 mask = _npy(sample["face_mask.npy"]).astype(bool)
                 if len(feats) > cfg.max_face_frames:
                     start = rng.randrange(len(feats) - cfg.max_face_frames + 1) if train else 0
                     feats, mask = feats[start:start + cfg.max_face_frames], mask[start:start + cfg.max_face_frames]
-                inputs[modality] = {"x": torch.from_numpy(feats), "mask": torch.from_numpy(mask)}
+                inputs[modality] = {"x": torch.from_numpy(np.ascontiguousarray(feats)), "mask": torch.from_numpy(mask)}
             elif source == "frames":
-                frames, mask = frames_to_tensor(split_strip(sample["frames.jpg"], meta), cfg, train, rng)
-                inputs[modality] = {"x": frames, "mask": mask}
+                inputs[modality] = frames_input(sample["frames.jpg"], meta, cfg, train, rng, jpeg_on_device)
         return {"inputs": inputs, "label": int(meta["label"]), "clip_id": meta["clip_id"]}
 
     return convert
@@ -270,6 +248,9 @@ def collate(samples: list[dict]) -> dict:
     batch_inputs: dict[str, dict[str, torch.Tensor]] = {}
     for modality in samples[0]["inputs"]:
         parts = [s["inputs"][modality] for s in samples]
+        if "jpeg" in parts[0]:  # decoded on the device: the strips' bytes differ in length
+            batch_inputs[modality] = {"jpeg": [p["jpeg"] for p in parts], "cut": torch.stack([p["cut"] for p in parts])}
+            continue
         x = [p["x"] for p in parts]
         if all(t.shape == x[0].shape for t in x) and "mask" in parts[0]:
             batch_inputs[modality] = {"x": torch.stack(x), "mask": torch.stack([p["mask"] for p in parts])}
@@ -474,13 +455,45 @@ def _fixed_worker_seed() -> int:
     return info.id if info is not None else 0
 
 
+def _train_pipeline(epoch: int, urls: list[str], expected: dict[str, int], keys: set[str], exclude: set[str],
+                    cfg: DataConfig, rank: int, world_size: int, seed: int, jpeg_on_device: bool) -> wds.DataPipeline:
+    """One epoch's training stream, seeded by (seed, rank, epoch); built in each worker when
+    the epoch starts, so persistent workers follow ``set_epoch``."""
+    stream_seed = (seed * 1_000_003 + rank) * 10_007 + epoch
+    if len(urls) >= world_size:
+        source = RankShards(urls, rank, world_size, seed, epoch)
+    else:
+        source = wds.ResampledShards(urls, seed=stream_seed, worker_seed=_fixed_worker_seed, deterministic=True)
+    return wds.DataPipeline(
+        source,
+        read_shards(expected),
+        _keep(keys, exclude),
+        wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 64), rng=random.Random(stream_seed)),
+        _guard(to_inputs(cfg, train=True, seed=stream_seed, jpeg_on_device=jpeg_on_device)),
+        _batched(cfg.batch_size, partial=False),
+    )
+
+
+def _worker_options(cfg: DataConfig, workers: int, plan: LoaderPlan) -> dict:
+    """DataLoader options: pinned batches on CUDA; with workers, their prefetch depth and
+    whether they live across epochs."""
+    options: dict = {"num_workers": workers, "pin_memory": plan.pin_memory}
+    if workers > 0:
+        options.update(prefetch_factor=cfg.prefetch, persistent_workers=cfg.persistent_workers)
+    return options
+
+
 def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int = 0, world_size: int = 1,
-                seed: int = 0, epoch: int = 0) -> tuple[GuardedLoader, int]:
+                seed: int = 0, epoch: int = 0, device: torch.device | str = "cpu",
+                plan: LoaderPlan | None = None) -> tuple[DeviceLoader, int]:
     """A loader over one part and the number of batches it yields per rank per epoch.
 
+    Batches arrive on ``device``, as float32 model inputs (``device_batch.finish``).
     Training streams are seeded by (seed, rank, epoch): ranks read different samples, and
-    re-creating the loader for an epoch replays it exactly (resume restarts at an epoch).
+    ``loader.set_epoch(e)`` (or a loader made for epoch e) replays epoch e exactly (resume
+    restarts at an epoch). ``plan`` overrides what ``plan_for(cfg, device)`` decides (tests).
     """
+    plan = plan or plan_for(cfg, device)
     urls, n_samples = shard_urls(shards, part, cfg.on_corrupt)
     check_sources(shards, cfg)
     index = read_index(shards)
@@ -496,30 +509,21 @@ def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int 
     if train:
         per_epoch = cfg.samples_per_epoch or n_samples
         n_batches = max(1, per_epoch // (cfg.batch_size * world_size))
-        stream_seed = (seed * 1_000_003 + rank) * 10_007 + epoch
         if len(urls) >= world_size:
             workers = max(1, min(cfg.workers, len(urls) // world_size))  # every worker owns a shard
-            source = RankShards(urls, rank, world_size, seed, epoch)
-        else:
-            source = wds.ResampledShards(urls, seed=stream_seed, worker_seed=_fixed_worker_seed, deterministic=True)
-        dataset = wds.DataPipeline(
-            source,
-            read_shards(expected),
-            _keep(keys, exclude),
-            wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 64), rng=random.Random(stream_seed)),
-            _guard(to_inputs(cfg, train=True, seed=stream_seed)),
-            _batched(cfg.batch_size, partial=False),
-        )
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
-        return GuardedLoader(loader.with_epoch(n_batches), cfg.on_corrupt), n_batches
+        stream = EpochStream(functools.partial(_train_pipeline, urls=urls, expected=expected, keys=keys, exclude=exclude,
+                                               cfg=cfg, rank=rank, world_size=world_size, seed=seed,
+                                               jpeg_on_device=plan.jpeg_on_device), epoch)
+        loader = wds.WebLoader(stream, batch_size=None, **_worker_options(cfg, workers, plan))
+        return DeviceLoader(GuardedLoader(loader.with_epoch(n_batches), cfg.on_corrupt), cfg, plan, stream), n_batches
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_node,
         wds.split_by_worker,
         read_shards(expected),
         _keep(keys, exclude),
-        _guard(to_inputs(cfg, train=False)),
+        _guard(to_inputs(cfg, train=False, jpeg_on_device=plan.jpeg_on_device)),
         _batched(cfg.batch_size, partial=True),
     )
-    loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
-    return GuardedLoader(loader, cfg.on_corrupt), math.ceil(n_samples / (cfg.batch_size * world_size))
+    loader = wds.WebLoader(dataset, batch_size=None, **_worker_options(cfg, workers, plan))
+    return DeviceLoader(GuardedLoader(loader, cfg.on_corrupt), cfg, plan), math.ceil(n_samples / (cfg.batch_size * world_size))

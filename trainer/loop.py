@@ -45,6 +45,8 @@ def data_config(cfg: dict) -> DataConfig:
         max_face_frames=d["max_face_frames"], max_wav_seconds=d["max_wav_seconds"],
         samples_per_epoch=d["samples_per_epoch"],
         exclude_quality=tuple(d.get("exclude_quality") or ()), on_corrupt=d.get("on_corrupt", "error"),
+        prefetch=d.get("prefetch", 2), persistent_workers=d.get("persistent_workers", True),
+        pin_memory=d.get("pin_memory", True), jpeg_decode=d.get("jpeg_decode", "cpu"),
     )
 
 
@@ -194,7 +196,7 @@ def probe_model(model: torch.nn.Module, shards: str, cfg: dict, device: torch.de
     the train part (one more evaluation pass) against ``part``'s, already collected."""
     def collect(name: str) -> dict:
         found: dict = {}
-        loader, _ = make_loader(shards, name, data_config(cfg), train=False)
+        loader, _ = make_loader(shards, name, data_config(cfg), train=False, device=device)
         evaluate(model, loader, device, cfg["model"]["n_classes"], autocast, features=found)
         return found
 
@@ -304,9 +306,10 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     SKIPPED.records.clear()
     cfg["data"]["shards"] = os.path.abspath(shards)
 
-    # Data: the loaders are rebuilt per epoch, seeded by (seed, rank, epoch).
-    _, steps_per_epoch = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,
-                                     world_size=dist_info.world_size, seed=cfg["seed"])
+    # Data: one training loader for the run (its workers live across epochs, data.persistent_workers),
+    # its stream seeded by (seed, rank, epoch) through set_epoch. Batches arrive on the device.
+    train_loader, steps_per_epoch = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,
+                                                world_size=dist_info.world_size, seed=cfg["seed"], device=device)
 
     # Model, balancing method, optimizer, schedule.
     seed_everything(cfg["seed"] + dist_info.rank, cfg["train"]["deterministic"])
@@ -348,10 +351,10 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     n_classes = cfg["model"]["n_classes"]
     patience, epochs = cfg["train"]["patience"], cfg["train"]["epochs"]
     chatty = dist_info.main and not quiet()
-    val_loader, _ = make_loader(shards, val_part, dcfg, train=False)  # deterministic: built once
+    val_loader, _ = make_loader(shards, val_part, dcfg, train=False, device=device)  # deterministic: built once
     for epoch in range(state["epoch"], epochs):
-        loader, _ = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,
-                                world_size=dist_info.world_size, seed=cfg["seed"], epoch=epoch)
+        loader = train_loader
+        loader.set_epoch(epoch)
         balancer.on_epoch_start(model, epoch, loader, val_loader)
         tick, seen, shown_loss = time.perf_counter(), 0, None
         bar = progress_bar(steps_per_epoch, f"train epoch {epoch + 1}/{epochs}", unit="step") if chatty else None
@@ -415,7 +418,7 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
 
     # Test the best checkpoint.
     model.load_state_dict(load_checkpoint(best_path)["model"])
-    test_loader, _ = make_loader(shards, cfg["data"]["test_part"], dcfg, train=False)
+    test_loader, _ = make_loader(shards, cfg["data"]["test_part"], dcfg, train=False, device=device)
     test_features: dict = {}
     test = evaluate(model, test_loader, device, n_classes, autocast, features=test_features)
     test_part = cfg["data"]["test_part"]

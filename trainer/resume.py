@@ -17,7 +17,8 @@ from avbalance.errors import UserError
 from trainer.config import DEFAULTS, deep_update, load_config
 
 # Keys a resumed run may change: they decide how long it continues, not what it learnt.
-RESUMABLE = frozenset({"train.epochs", "train.patience", "train.log_every", "data.workers"})
+RESUMABLE = frozenset({"train.epochs", "train.patience", "train.log_every", "data.workers", "data.prefetch",
+                       "data.persistent_workers", "data.pin_memory"})
 # Filled in by train itself, not chosen by the user.
 RECORDED = frozenset({"data.shards"})
 

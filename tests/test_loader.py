@@ -1,0 +1,199 @@
+"""The training loader after issue 14: uint8/float16/int16 out of the workers, float32 made on
+the device, the same batches as the float32 path for a seed; persistent workers that follow
+set_epoch; CUDA options that fall back cleanly without CUDA; their config keys checked."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from avbalance.errors import UserError
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+# --- the float32 path as it was before issue 14, kept here as the reference -----------------
+
+def old_frames(data: bytes, meta: dict, frames: int, size: int, scale, train: bool, rng: random.Random):
+    """PIL decode, per-clip crop, per-frame float normalisation in the worker (the old code)."""
+    from torchvision.transforms.v2 import functional as F
+
+    strip = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.uint8).copy()).permute(2, 0, 1)
+    count, stride = meta["frames"]["count"], meta["frames"]["stride"]
+    width = meta.get("video", {}).get("width", stride)
+    clips = [strip[:, :, k * stride:k * stride + width] for k in range(count)]
+    if count == 0:
+        return torch.zeros(frames, 3, size, size), torch.zeros(frames, dtype=torch.bool)
+    height, width = clips[0].shape[1:]
+    n = min(frames, count)
+    start = rng.randint(0, count - n) if train else (count - n) // 2
+    if train:
+        area = height * width * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        h = min(height, int(round(math.sqrt(area / aspect))))
+        w = min(width, int(round(math.sqrt(area * aspect))))
+        top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+        flip = rng.random() < 0.5
+    out = []
+    for frame in clips[start:start + n]:
+        if train:
+            frame = F.resized_crop(frame, top, left, h, w, [size, size], antialias=True)
+            frame = frame.flip(-1) if flip else frame
+        else:
+            frame = F.center_crop(F.resize(frame, size, antialias=True), [size, size])
+        out.append((frame.float() / 255 - MEAN) / STD)
+    mask = torch.zeros(frames, dtype=torch.bool)
+    mask[: len(out)] = True
+    out += [out[-1]] * (frames - len(out))
+    return torch.stack(out), mask
+
+
+def old_sample(sample: dict, cfg, train: bool, rng: random.Random) -> dict:
+    load = lambda key: np.load(io.BytesIO(sample[key]), allow_pickle=False)  # noqa: E731
+    meta = json.loads(sample["json"])
+    inputs = {}
+    for modality, source in cfg.modalities.items():
+        if source == "spec":
+            inputs[modality] = {"x": torch.from_numpy(load("spec.npy").astype(np.float32))[None]}
+        elif source == "wav":
+            wav = load("wav.npy").astype(np.float32) / 32768.0
+            if len(wav) < 16000:
+                wav = np.tile(wav, -(-16000 // len(wav)))[:16000] if len(wav) else np.zeros(16000, np.float32)
+            limit = int(cfg.max_wav_seconds * 16000)
+            if len(wav) > limit:
+                start = rng.randrange(len(wav) - limit + 1) if train else 0
+                wav = wav[start:start + limit]
+            inputs[modality] = {"x": torch.from_numpy(wav)}
+        elif source == "face_feats":
+            feats, mask = load("face_feats.npy").astype(np.float32), load("face_mask.npy").astype(bool)
+            if len(feats) > cfg.max_face_frames:
+                start = rng.randrange(len(feats) - cfg.max_face_frames + 1) if train else 0
+                feats, mask = feats[start:start + cfg.max_face_frames], mask[start:start + cfg.max_face_frames]
+            inputs[modality] = {"x": torch.from_numpy(feats), "mask": torch.from_numpy(mask)}
+        else:
+            x, mask = old_frames(sample["frames.jpg"], meta, cfg.frames, cfg.image_size, cfg.crop_scale, train, rng)
+            inputs[modality] = {"x": x, "mask": mask}
+    return {"inputs": inputs, "label": int(meta["label"]), "clip_id": meta["clip_id"]}
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def raw_samples(shards: str, part: str) -> list[dict]:
+    import webdataset as wds
+
+    urls = sorted(glob.glob(os.path.join(shards, f"{part}-*.tar")))
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
+def empty_strip_sample(like: dict) -> dict:
+    """A clip whose video did not decode (flag no_video): a 16-pixel black strip, no frames."""
+    meta = json.loads(like["json"])
+    meta["frames"] = {"count": 0, "stride": 16, "times": []}
+    meta.pop("video", None)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "JPEG")
+    return {**like, "json": json.dumps(meta).encode(), "frames.jpg": buf.getvalue()}
+
+
+def assert_same_batch(new: dict, old: dict) -> None:
+    assert new["clip_id"] == old["clip_id"] and torch.equal(new["label"], old["label"])
+    for modality, parts in old["inputs"].items():
+        assert set(new["inputs"][modality]) == set(parts)
+        for key, want in parts.items():
+            got = new["inputs"][modality][key]
+            assert got.dtype == want.dtype and got.shape == want.shape, (modality, key)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"{modality}.{key}")
+
+
+@pytest.fixture(scope="module")
+def shards(train_shards) -> str:
+    return train_shards
+
+
+MODALITIES = {"audio": "wav", "spec": "spec", "face": "face_feats", "visual": "frames"}
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("jpeg_on_device", [False, True])
+def test_batches_equal_the_float32_path(shards, train, jpeg_on_device):
+    from trainer.data import DataConfig, collate, to_inputs
+    from trainer.device_batch import LoaderPlan, finish
+
+    # 4 frames: clips of 2-3 s have fewer, so padding and masks are exercised; 3 s of waveform
+    # and 20 face frames: both are cut (randomly at train time), so their draws interleave.
+    cfg = DataConfig(modalities=MODALITIES, frames=4, image_size=40, max_wav_seconds=3.0, max_face_frames=20)
+    samples = raw_samples(shards, "train")[:11]
+    samples.insert(3, empty_strip_sample(samples[0]))
+    seed = 5
+    convert = to_inputs(cfg, train=train, seed=seed, jpeg_on_device=jpeg_on_device)
+    new = [convert(dict(s)) for s in samples]
+    if not jpeg_on_device:  # what crosses the worker boundary: the stored dtypes, not float32
+        first = new[0]["inputs"]
+        assert (first["visual"]["x"].dtype, first["spec"]["x"].dtype, first["face"]["x"].dtype, first["audio"]["x"].dtype) \
+            == (torch.uint8, torch.float16, torch.float16, torch.int16)
+    rng = random.Random(seed * 1000)  # the generator a loader worker (id 0) draws from
+    old = [old_sample(s, cfg, train, rng) for s in samples]
+    plan = LoaderPlan(torch.device("cpu"), jpeg_on_device=jpeg_on_device)
+    for lo in range(0, len(samples), 6):
+        assert_same_batch(finish(collate(new[lo:lo + 6]), cfg, plan), collate(old[lo:lo + 6]))
+    empty = finish(collate(new[:6]), cfg, plan)["inputs"]["visual"]
+    assert not empty["mask"][3].any() and (empty["x"][3] == 0).all()  # the no-video clip: zeros, masked
+
+
+def test_set_epoch_replays_what_a_fresh_loader_gives(shards):
+    from trainer.data import DataConfig, make_loader
+
+    cfg = DataConfig(modalities={"audio": "spec", "visual": "frames"}, batch_size=4, workers=2, image_size=32,
+                     frames=2, samples_per_epoch=24, persistent_workers=True, prefetch=1)
+    loader, n = make_loader(shards, "train", cfg, train=True, seed=2, epoch=0)
+    first = list(loader)
+    pids = lambda: [w.pid for w in loader.source.loader.pipeline[0]._iterator._workers]  # noqa: E731 (DataLoader's)
+    before = pids()
+    loader.set_epoch(1)
+    second = list(loader)
+    assert pids() == before  # the same worker processes served both epochs
+    fresh, _ = make_loader(shards, "train", cfg, train=True, seed=2, epoch=1)
+    expected = list(fresh)
+    assert len(first) == len(second) == len(expected) == n
+    assert [b["clip_id"] for b in first] != [b["clip_id"] for b in second]  # a new epoch is a new order
+    for got, want in zip(second, expected):
+        assert_same_batch(got, want)
+
+
+def test_cuda_options_fall_back_cleanly_without_cuda(monkeypatch, capsys):
+    from trainer import device_batch
+    from trainer.data import DataConfig
+
+    cfg = DataConfig(jpeg_decode="cuda", pin_memory=True)
+    monkeypatch.setattr(device_batch, "_WARNED", set())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan = device_batch.plan_for(cfg, "cuda")
+    assert not plan.pin_memory and not plan.jpeg_on_device
+    assert "data.jpeg_decode=cuda" in capsys.readouterr().err
+    assert device_batch.plan_for(cfg, "cpu") == device_batch.LoaderPlan(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the selection only; no CUDA call is made
+    plan = device_batch.plan_for(cfg, "cuda:0")
+    assert plan.pin_memory and plan.jpeg_on_device
+    assert not device_batch.plan_for(DataConfig(pin_memory=False), "cuda:0").pin_memory
+    assert not device_batch.plan_for(cfg, "cpu").jpeg_on_device
+
+
+@pytest.mark.parametrize("setting, named", [("data.prefetch=0", "data.prefetch"), ("data.jpeg_decode=gpu", "data.jpeg_decode"),
+                                            ("data.persistent_workers=2", "data.persistent_workers")])
+def test_loader_settings_are_checked(setting, named):
+    from trainer.config import load_config
+
+    with pytest.raises(UserError, match=named):
+        load_config(None, [setting])
+    cfg = load_config(None, ["data.prefetch=4", "data.jpeg_decode=cuda", "data.persistent_workers=false"])
+    assert (cfg["data"]["prefetch"], cfg["data"]["jpeg_decode"], cfg["data"]["persistent_workers"]) == (4, "cuda", False)
