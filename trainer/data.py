@@ -10,16 +10,22 @@ error (``on_corrupt="error"``) or logs and counts it (``"skip"``).
 
 Training gives each rank its own slice of the shards (shuffled per epoch with a seed all
 ranks share), each loader worker a slice of that, cycles through them, and cuts the epoch
-at a fixed number of batches (``with_epoch``): every DDP rank sees the same number of
-batches however uneven the shards are, so no rank waits forever in an all-reduce. With
-fewer shards than ranks it falls back to resampling shards with replacement. Evaluation
-reads each shard exactly once, split across ranks and workers, deterministically.
+at a fixed number of batches (each worker stops at its share): every DDP rank sees the
+same number of batches however uneven the shards are, so no rank waits forever in an
+all-reduce. With fewer shards than ranks it falls back to resampling shards with
+replacement. Evaluation reads each shard exactly once, split across ranks and workers,
+deterministically. The training loader is made once per run; ``set_epoch`` reseeds it and
+its workers live on (``data.persistent_workers``).
+
+Workers only decode and cut: inputs leave them in their stored dtypes and become float32
+on the training device (``trainer/device_batch.py``, ``trainer/transforms.py``).
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -455,10 +461,24 @@ def _fixed_worker_seed() -> int:
     return info.id if info is not None else 0
 
 
+def _worker_share(n_batches: int):
+    """This worker's part of an epoch of ``n_batches``: the DataLoader takes batch k from
+    worker k mod W, so worker w gives ceil((n - w) / W) and stops. The epoch then ends in
+    every worker, instead of workers running on into batches the epoch never takes (their
+    prefetch, thrown away at every epoch's end)."""
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        yield from itertools.islice(src, max(0, -(-(n_batches - wid) // nworkers)))
+
+    return stage
+
+
 def _train_pipeline(epoch: int, urls: list[str], expected: dict[str, int], keys: set[str], exclude: set[str],
-                    cfg: DataConfig, rank: int, world_size: int, seed: int, jpeg_on_device: bool) -> wds.DataPipeline:
-    """One epoch's training stream, seeded by (seed, rank, epoch); built in each worker when
-    the epoch starts, so persistent workers follow ``set_epoch``."""
+                    cfg: DataConfig, rank: int, world_size: int, seed: int, jpeg_on_device: bool,
+                    n_batches: int) -> wds.DataPipeline:
+    """One epoch's training stream of ``n_batches`` batches, seeded by (seed, rank, epoch);
+    built in each worker when the epoch starts, so persistent workers follow ``set_epoch``."""
     stream_seed = (seed * 1_000_003 + rank) * 10_007 + epoch
     if len(urls) >= world_size:
         source = RankShards(urls, rank, world_size, seed, epoch)
@@ -471,6 +491,7 @@ def _train_pipeline(epoch: int, urls: list[str], expected: dict[str, int], keys:
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 64), rng=random.Random(stream_seed)),
         _guard(to_inputs(cfg, train=True, seed=stream_seed, jpeg_on_device=jpeg_on_device)),
         _batched(cfg.batch_size, partial=False),
+        _worker_share(n_batches),
     )
 
 
@@ -513,9 +534,9 @@ def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int 
             workers = max(1, min(cfg.workers, len(urls) // world_size))  # every worker owns a shard
         stream = EpochStream(functools.partial(_train_pipeline, urls=urls, expected=expected, keys=keys, exclude=exclude,
                                                cfg=cfg, rank=rank, world_size=world_size, seed=seed,
-                                               jpeg_on_device=plan.jpeg_on_device), epoch)
+                                               jpeg_on_device=plan.jpeg_on_device, n_batches=n_batches), epoch)
         loader = wds.WebLoader(stream, batch_size=None, **_worker_options(cfg, workers, plan))
-        return DeviceLoader(GuardedLoader(loader.with_epoch(n_batches), cfg.on_corrupt), cfg, plan, stream), n_batches
+        return DeviceLoader(GuardedLoader(loader, cfg.on_corrupt), cfg, plan, stream), n_batches
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_node,
