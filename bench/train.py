@@ -136,7 +136,7 @@ class DecodeFloor(torch.utils.data.IterableDataset):
 
 
 def decode_costs(shards: str, rounds: int = 3) -> dict:
-    """Per-sample decode cost of a strip on one thread, best of ``rounds``: the old PIL path,
+    """Per-sample CPU time to decode a strip (one thread), best of ``rounds``: the old PIL path,
     torchvision's (the loader's), and PIL's DCT-scaled draft decode at 1/2 and 1/4 size; and
     the share of strip columns a clip leaves unused at 3 and at 1 frame(s)."""
     import webdataset as wds
@@ -158,10 +158,10 @@ def decode_costs(shards: str, rounds: int = 3) -> dict:
     for name, fn in ways.items():
         best = float("inf")
         for _ in range(rounds):
-            start = time.perf_counter()
+            start = time.process_time()  # CPU time: independent of what else the machine runs
             for data, _ in samples:
                 fn(data)
-            best = min(best, time.perf_counter() - start)
+            best = min(best, time.process_time() - start)
         ms[name] = best / len(samples) * 1000
     counts = [m["frames"]["count"] for _, m in samples]
     unused = {f"frames_{k}": sum(max(0, c - k) for c in counts) / max(1, sum(counts)) for k in (3, 1)}
@@ -291,6 +291,7 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "avbalance-bench-train"))
     ap.add_argument("--skip-loader", action="store_true", help="only the step-time comparison")
     ap.add_argument("--skip-step", action="store_true", help="only the loader comparison")
+    ap.add_argument("--decode-only", action="store_true", help="only the strip decode costs")
     ap.add_argument("--all-methods", action="store_true", help="also every registered method's step time against joint")
     ap.add_argument("--json", help="merge the results into this file: what this run measured replaces its part, the rest is kept")
     args = ap.parse_args()
@@ -302,9 +303,10 @@ def main() -> None:
     res: dict = {}
     if not args.skip_loader:
         res["decode"] = decode_costs(shards)
+    if not args.skip_loader and not args.decode_only:
         res["loader"] = loader_rates(shards, corpus, args.work, args.workers, args.batch, args.epochs, args.image, args.frames,
                                      args.rounds)
-    if not args.skip_step:
+    if not args.skip_step and not args.decode_only:
         res["step"] = step_times(args.steps, args.batch, width=32, image=112)
     if args.all_methods:
         res["methods"] = step_times(args.steps, args.batch, width=16, image=64, methods=tuple(BALANCERS.names()), rounds=2)
