@@ -40,7 +40,8 @@ demo: install
 	$(PY) cli.py preprocess cremad --root $(DEMO_DIR)/corpus --out $(DEMO_DIR)/pre --split kfold1 \
 		--stages frames,audio,pack --workers 2
 	$(PY) cli.py export h5 --shards $(DEMO_DIR)/pre/shards/kfold1 --out $(DEMO_DIR)/kfold1.h5
-	$(PY) cli.py sweep --config experiments/sweeps/synthetic_small.yaml --out $(DEMO_DIR)/runs --jobs 2
+	$(PY) cli.py sweep --config experiments/sweeps/synthetic_small.yaml --out $(DEMO_DIR)/runs \
+		--shards '$(DEMO_DIR)/pre/shards/{split}' --jobs 2
 	$(PY) cli.py report --runs $(DEMO_DIR)/runs --out $(DEMO_DIR)/report
 
 # Controlled-imbalance study (README "Controlled-imbalance study"): the calibrated synthetic
@@ -56,7 +57,8 @@ study: install
 	$(PY) cli.py manifest cremad --root $(STUDY_DIR)/corpus --out $(STUDY_DIR)/manifest
 	$(PY) cli.py preprocess cremad --root $(STUDY_DIR)/corpus --out $(STUDY_DIR)/pre --split kfold1 \
 		--stages frames,audio,pack --workers 2
-	$(PY) cli.py sweep --config experiments/sweeps/study.yaml --out $(STUDY_DIR)/runs --jobs 2
+	$(PY) cli.py sweep --config experiments/sweeps/study.yaml --out $(STUDY_DIR)/runs \
+		--shards '$(STUDY_DIR)/pre/shards/{split}' --jobs 2
 	$(PY) cli.py report --runs $(STUDY_DIR)/runs --out $(STUDY_DIR)/report
 
 # The README's result tables are generated: copy a finished study's summary into docs/results/

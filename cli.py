@@ -176,7 +176,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from experiments.sweep import load_sweep, plan_lines, run_sweep
 
-    sweep = load_sweep(args.config, out=args.out)
+    sweep = load_sweep(args.config, out=args.out, shards=args.shards)
     if args.dry_run:
         lines, warnings = plan_lines(sweep, only=args.only)
         print("\n".join(lines))
@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a grid of training runs (methods x fusions x presets x splits x seeds) from one YAML file")
     p.add_argument("--config", required=True, help="sweep file, e.g. experiments/sweeps/cremad_paper.yaml")
     p.add_argument("--out", help="folder for the runs (default: the file's `out`)")
+    p.add_argument("--shards", metavar="TEMPLATE", help="shard folder per split, with {split}, e.g. demo/pre/shards/{split} "
+                   "(default: the file's `shards`; a block's own `shards` still wins)")
     p.add_argument("--jobs", type=arg(int, Allowed(lo=1)), default=1, help="runs at a time (default 1); threads are split between them")
     p.add_argument("--devices", help="comma-separated GPU ids, one per parallel run in turn, e.g. 0,1,2,3 (default: none)")
     p.add_argument("--only", metavar="GLOB", help="run only the runs whose id matches, e.g. 'resnet_ogm/mlb-*' (default: all)")
