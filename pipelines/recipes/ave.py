@@ -5,10 +5,11 @@ Layout (AVE_Dataset.zip): ``AVE/<YouTube id>.mp4`` (10 s clips, H.264 + AAC), an
 ``Category&VideoID&Quality&StartTime&EndTime`` (integer seconds; ``Annotations.txt`` starts
 with that line as a header). 28 categories; 4,143 events; one video may hold two events.
 
-``--clip video`` (default) makes one clip of the whole 10 s video, as the balancing
-references do (OGM-GE's ``dataset/dataset.py`` keys AVE samples by video id, reads the whole
-video's frames and audio, and drops a video listed twice); ``--clip event`` makes one clip
-per event, its window start-end. docs/recipes.md says more.
+``--clip video`` (default) makes one clip of the whole 10 s video, as OGM-GE's loader does
+(``dataset/dataset.py`` keys AVE samples by video id, reads the whole video's frames and
+audio, and drops a video listed twice), and the methods built on its code; ``--clip event``
+makes one clip per event, its window start-end, as the MLB paper describes ("video
+segments with the event"). docs/recipes.md says more.
 """
 
 from __future__ import annotations
@@ -57,8 +58,14 @@ class Ave(Recipe):
     default_split = SPLIT
     clip_seconds = 10.0
     spec_seconds = 10.0
-    # OGM-GE's AVE loader: 3 frames of a 10 s clip, evenly spread (docs/recipes.md).
-    train_defaults = {"data.frames": 3, "data.frame_sampling": "spread"}
+    # Whole videos: OGM-GE's AVE loader spreads its 3 frames over the clip; event windows:
+    # MLB's consecutive 1-fps frames (docs/recipes.md).
+    train_defaults = {"data.frame_sampling": "spread"}
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        if options.get("clip") == "event":
+            self.train_defaults = {"data.frame_sampling": "consecutive"}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

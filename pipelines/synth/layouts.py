@@ -23,8 +23,12 @@ def clip_arrays(label: int, seconds: float, fps: int = 10, size: tuple[int, int]
     rng = np.random.default_rng(seed)
     w, h = size
     n = int(round(seconds * fps))
-    hue = np.array([(label * 97) % 256, (label * 53 + 80) % 256, (label * 151 + 40) % 256], np.float32)
-    frames = np.clip(hue[None, None, None] + rng.normal(0, 8, (n, h, w, 3)), 0, 255).astype(np.uint8)
+    # a distinct colour per class, never dark (60..239 per channel): black means "before the change"
+    hue = 60 + (label * np.array([97, 53, 151]) + np.array([0, 80, 40])) % 180
+    hue = hue.astype(np.int16)
+    frames = np.empty((n, h, w, 3), np.uint8)
+    for k in range(n):  # frame by frame: a 10 s 480x360 clip's noise would not fit in float64 at once
+        frames[k] = np.clip(hue + rng.integers(-12, 13, (h, w, 3), dtype=np.int16), 0, 255)
     t = np.arange(int(round(seconds * SR))) / SR
     audio = 0.4 * np.sin(2 * np.pi * (300 + 120 * label) * t) + rng.normal(0, 0.01, len(t))
     if change_at is not None:
@@ -34,7 +38,8 @@ def clip_arrays(label: int, seconds: float, fps: int = 10, size: tuple[int, int]
 
 
 def write_folder_corpus(root: str, classes: int = 3, per_class: int = 6, seconds: float = 2.0, ext: str = ".mp4",
-                        speakers: int = 4, sidecar_every: int = 0, seed: int = 0) -> str:
+                        speakers: int = 4, sidecar_every: int = 0, seed: int = 0, fps: int = 10,
+                        size: tuple[int, int] = (64, 48)) -> str:
     """``root/<class>/<class>_<i>.mp4`` plus ``root/labels.csv`` (path,label,speaker); every
     ``sidecar_every``-th clip also gets a WAV beside it. Returns the CSV's path."""
     rows = []
@@ -43,8 +48,8 @@ def write_folder_corpus(root: str, classes: int = 3, per_class: int = 6, seconds
         os.makedirs(os.path.join(root, name), exist_ok=True)
         for i in range(per_class):
             rel = f"{name}/{name}_{i}{ext}"
-            frames, audio = clip_arrays(c, seconds, seed=seed * 1000 + c * 100 + i)
-            write_video(os.path.join(root, rel), frames, 10, audio, SR)
+            frames, audio = clip_arrays(c, seconds, fps=fps, size=size, seed=seed * 1000 + c * 100 + i)
+            write_video(os.path.join(root, rel), frames, fps, audio, SR)
             if sidecar_every and i % sidecar_every == 0:
                 write_wav(os.path.join(root, os.path.splitext(rel)[0] + ".wav"), audio, SR)
             rows.append({"path": rel, "label": name, "speaker": f"spk{(c + i) % speakers}"})
