@@ -1,4 +1,5 @@
-"""Write a clip in CREMA-D's containers: Flash video (FLV1 + MP3 track) and 16 kHz PCM WAV."""
+"""Write synthetic clips: CREMA-D's Flash video (FLV1 + MP3) and 16 kHz PCM WAV, or any
+container PyAV writes (MP4 with H.264 + AAC, AVI with MPEG-4 Part 2)."""
 
 from __future__ import annotations
 
@@ -31,23 +32,34 @@ def resample_linear(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
 
 
 def write_flv(path: str, frames: np.ndarray, fps: int, audio: np.ndarray | None, sr: int, bit_rate: int = 900_000) -> None:
-    """Encode frames (N, H, W, 3 uint8) and an optional mono track into an FLV file.
+    """Encode frames (N, H, W, 3 uint8) and an optional mono track into an FLV file
+    (Flash video + MP3, CREMA-D's containers)."""
+    write_video(path, frames, fps, audio, sr, fmt="flv", vcodec="flv", acodec="libmp3lame",
+                audio_rate=FLV_AUDIO_RATE, bit_rate=bit_rate)
+
+
+def write_video(path: str, frames: np.ndarray, fps: int, audio: np.ndarray | None, sr: int, fmt: str = "mp4",
+                vcodec: str = "libx264", acodec: str = "aac", audio_rate: int = 44100, bit_rate: int = 900_000) -> None:
+    """Encode frames (N, H, W, 3 uint8) and an optional mono track (float in [-1, 1] at
+    ``sr``) into one file: MP4 with H.264 + AAC by default, as YouTube downloads are.
 
     Audio is fed alongside the video, frame by frame: FLV needs its packets in time order,
     and ffmpeg's interleaving buffer would not hold a long clip's whole video.
     """
     tmp = path + ".part"
-    with av.open(tmp, "w", format="flv") as out:
-        vstream = out.add_stream("flv", rate=fps)
+    with av.open(tmp, "w", format=fmt) as out:
+        vstream = out.add_stream(vcodec, rate=fps)
         vstream.width, vstream.height = frames.shape[2], frames.shape[1]
         vstream.pix_fmt = "yuv420p"
         vstream.bit_rate = bit_rate
         pcm = astream = None
         if audio is not None:
-            astream = out.add_stream("libmp3lame", rate=FLV_AUDIO_RATE, layout="mono")
+            astream = out.add_stream(acodec, rate=audio_rate, layout="mono")
             astream.bit_rate = 64_000
-            track = resample_linear(audio, sr, FLV_AUDIO_RATE)
+            track = resample_linear(audio, sr, audio_rate)
             pcm = np.clip(np.round(track * 32767), -32768, 32767).astype(np.int16)[None, :]
+            # Encoders with a fixed frame size (AAC: 1024) take planar float; others s16.
+            sample_fmt = astream.codec_context.codec.audio_formats[0].name if astream.codec_context.codec.audio_formats else "s16"
         fed = 0
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
@@ -56,12 +68,16 @@ def write_flv(path: str, frames: np.ndarray, fps: int, audio: np.ndarray | None,
             for packet in vstream.encode(frame):
                 out.mux(packet)
             if pcm is not None:
-                upto = pcm.shape[1] if i == len(frames) - 1 else min(pcm.shape[1], (i + 1) * FLV_AUDIO_RATE // fps)
+                upto = pcm.shape[1] if i == len(frames) - 1 else min(pcm.shape[1], (i + 1) * audio_rate // fps)
                 if upto > fed:
-                    aframe = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, fed:upto]), format="s16", layout="mono")
-                    aframe.sample_rate = FLV_AUDIO_RATE
+                    chunk = np.ascontiguousarray(pcm[:, fed:upto])
+                    if sample_fmt == "fltp":
+                        aframe = av.AudioFrame.from_ndarray((chunk / 32768.0).astype(np.float32), format="fltp", layout="mono")
+                    else:
+                        aframe = av.AudioFrame.from_ndarray(chunk, format="s16", layout="mono")
+                    aframe.sample_rate = audio_rate
                     aframe.pts = fed
-                    aframe.time_base = Fraction(1, FLV_AUDIO_RATE)
+                    aframe.time_base = Fraction(1, audio_rate)
                     for packet in astream.encode(aframe):
                         out.mux(packet)
                     fed = upto
