@@ -45,18 +45,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from pipelines.recipes.cremad import prepare_cremad
+    from pipelines.recipes import get_recipe
 
-    summary = prepare_cremad(
-        args.root, args.out, verify=args.verify, checksums=args.checksums,
-        kfold=args.kfold, kfold_seed=args.kfold_seed,
-    )
-    print(f"manifest: {summary['clips']} clips, {summary['actors']} actors -> {os.path.join(args.out, 'clips.jsonl')}")
+    recipe = get_recipe(args.corpus).from_args(args)
+    summary = recipe.prepare(args.root, args.out)
+    groups = "".join(f", {summary[w]} {w}" for w in ("actors", "groups") if w in summary)
+    print(f"manifest: {summary['clips']} clips{groups}, {len(summary['classes'])} classes -> {os.path.join(args.out, 'clips.jsonl')}")
     for split, parts in summary["splits"].items():
         if parts:
-            counts = ", ".join(f"{p} {v['clips']} clips/{v['actors']} actors" for p, v in parts.items())
+            counts = ", ".join(f"{p} {v['clips']} clips" + "".join(f"/{v[w]} {w}" for w in ("actors", "groups") if w in v)
+                               for p, v in parts.items())
             print(f"  {split:7s} {counts}")
-    if summary["verify"]:
+    if summary.get("verify"):
         v = summary["verify"]
         print(f"verify: {v['files_checked']} files checked, {v['files_failed']} failed, "
               f"{v['official_missing']} official files not present")
@@ -75,15 +75,18 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from pipelines.stages.faces import FacesConfig
     from pipelines.stages.pack import PackConfig
 
+    from pipelines.recipes import get_recipe
+
+    recipe = get_recipe(args.corpus)
     if not os.path.isdir(args.root):  # the cheapest, most basic check first
-        raise UserError(f"--root {args.root} is not a folder; give the corpus folder that holds VideoFlash/ and AudioWAV/")
+        raise UserError(f"--root {args.root} is not a folder; give the {recipe.root_help}")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     cfg = PreprocessConfig(
-        root=args.root, out=args.out,
+        root=args.root, out=args.out, corpus=args.corpus, recipe_options=recipe.from_args(args).options,
         splits=tuple(s for s in args.split.split(",") if s),
         stages=tuple(s for s in args.stages.split(",") if s),
         workers=args.workers, device=args.device, batch_size=args.batch_size, overwrite=args.overwrite,
@@ -216,6 +219,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_preprocess_options(p: argparse.ArgumentParser, default_split: str) -> None:
+    """The options every ``preprocess CORPUS`` shares (stages, workers, faces, audio, pack)."""
+    p.add_argument("--out", required=True, help="output folder: manifest/, cache/, shards/<split>/, status.jsonl")
+    p.add_argument("--split", default=default_split, help=f"comma-separated split names to pack (the manifest summary lists them) (default {default_split})")
+    p.add_argument("--stages", default=",".join(["frames", "faces", "face_features", "audio", "pack"]),
+                   help="comma-separated subset of frames,faces,face_features,audio,pack (default all)")
+    p.add_argument("--workers", type=arg(int, Allowed(lo=1)), default=1, help="worker processes (default 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet (default cpu)")
+    p.add_argument("--batch-size", type=arg(int, Allowed(lo=1)), default=32, help="face frames per MTCNN/EfficientNet batch (default 32)")
+    p.add_argument("--face-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None, help="face frames per second, > 0 (default: every frame)")
+    p.add_argument("--face-detect-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None,
+                   help="detect faces at this rate and carry boxes in between (default: detect on every face frame)")
+    p.add_argument("--face-min-size", type=arg(int, Allowed(lo=1)), default=40, help="MTCNN minimum face size in pixels (default 40)")
+    p.add_argument("--face-margin", type=arg(float, Allowed(lo=0)), default=0.2, help="crop side = max(w, h) x (1 + margin) (default 0.2)")
+    p.add_argument("--face-size", type=int, choices=(260, 224), default=260, help="face crop size: 260 (EfficientNet-B2) or 224 (default 260)")
+    p.add_argument("--face-weights", help="EfficientNet-B2 weights: a timm state dict (.pth or .safetensors) or a "
+                   "Hugging Face model id (hf-hub:timm/efficientnet_b2.ra_in1k), downloaded once into the HF cache "
+                   "(default: none; then --allow-random-weights is needed)")
+    p.add_argument("--allow-random-weights", action="store_true", help="tests/demos only: seeded random EfficientNet-B2 weights")
+    p.add_argument("--keep-face-crops", action="store_true", help="also store the face crops (faces.jpg)")
+    p.add_argument("--spec", choices=("logmel", "linear"), default="logmel", help="spectrogram: 128-bin log-Mel or the reference linear 257 x 188 (default logmel)")
+    p.add_argument("--shard-samples", type=arg(int, Allowed(lo=1)), default=None, help="samples per shard (default: about 16 shards per part)")
+    p.add_argument("--overwrite", action="store_true", help="drop cached stage outputs and shards, redo everything")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cli.py",
@@ -241,41 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"worker processes (default {min(2, os.cpu_count() or 1)}: up to 2, one per CPU core)")
     p.set_defaults(func=cmd_synth)
 
+    from pipelines.recipes import get_recipe, recipe_names
+
     p = sub.add_parser("manifest", help="index a corpus: clip manifest, metadata and splits")
-    p.add_argument("corpus", choices=CORPORA, help="the corpus recipe (cremad)")
-    p.add_argument("--root", required=True, help="corpus folder (holds VideoFlash/, AudioWAV/, AudioMP3/)")
-    p.add_argument("--out", required=True, help="manifest folder (clips.jsonl, skipped.jsonl, summary.json)")
-    p.add_argument("--verify", action="store_true", help="check every file's size and sha256 against the official list")
-    p.add_argument("--checksums", help="a path,sha256,size CSV to verify against instead of the official list (default: the official list)")
-    p.add_argument("--kfold", type=arg(int, Allowed(lo=2)), default=3, help="number of actor-disjoint folds, >= 2 (default 3)")
-    p.add_argument("--kfold-seed", type=arg(int, Allowed(lo=0)), default=0, help="seed of the actor shuffle behind the folds (default 0)")
-    p.set_defaults(func=cmd_manifest)
+    corpora = p.add_subparsers(dest="corpus", metavar="CORPUS", required=True,
+                               help=f"the corpus recipe: {', '.join(recipe_names())} (docs/recipes.md)")
+    for name in recipe_names():
+        recipe = get_recipe(name)
+        q = corpora.add_parser(name, help=recipe.description, description=recipe.description)
+        q.add_argument("--root", required=True, help=recipe.root_help)
+        q.add_argument("--out", required=True, help="manifest folder (clips.jsonl, skipped.jsonl, summary.json)")
+        recipe.add_arguments(q)
+        q.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser("preprocess", help="decode, frames, faces, face features, audio, pack into WebDataset shards")
-    p.add_argument("corpus", choices=CORPORA, help="the corpus recipe (cremad)")
-    p.add_argument("--root", required=True, help="corpus folder (holds VideoFlash/ and AudioWAV/)")
-    p.add_argument("--out", required=True, help="output folder: manifest/, cache/, shards/<split>/, status.jsonl")
-    p.add_argument("--split", default="ogm", help="comma-separated split names to pack: ogm, vavl1..vavl5, kfold1..kfoldK (default ogm)")
-    p.add_argument("--stages", default=",".join(["frames", "faces", "face_features", "audio", "pack"]),
-                   help="comma-separated subset of frames,faces,face_features,audio,pack (default all)")
-    p.add_argument("--workers", type=arg(int, Allowed(lo=1)), default=1, help="worker processes (default 1)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet (default cpu)")
-    p.add_argument("--batch-size", type=arg(int, Allowed(lo=1)), default=32, help="face frames per MTCNN/EfficientNet batch (default 32)")
-    p.add_argument("--face-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None, help="face frames per second, > 0 (default: every frame)")
-    p.add_argument("--face-detect-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None,
-                   help="detect faces at this rate and carry boxes in between (default: detect on every face frame)")
-    p.add_argument("--face-min-size", type=arg(int, Allowed(lo=1)), default=40, help="MTCNN minimum face size in pixels (default 40)")
-    p.add_argument("--face-margin", type=arg(float, Allowed(lo=0)), default=0.2, help="crop side = max(w, h) x (1 + margin) (default 0.2)")
-    p.add_argument("--face-size", type=int, choices=(260, 224), default=260, help="face crop size: 260 (EfficientNet-B2) or 224 (default 260)")
-    p.add_argument("--face-weights", help="EfficientNet-B2 weights: a timm state dict (.pth or .safetensors) or a "
-                   "Hugging Face model id (hf-hub:timm/efficientnet_b2.ra_in1k), downloaded once into the HF cache "
-                   "(default: none; then --allow-random-weights is needed)")
-    p.add_argument("--allow-random-weights", action="store_true", help="tests/demos only: seeded random EfficientNet-B2 weights")
-    p.add_argument("--keep-face-crops", action="store_true", help="also store the face crops (faces.jpg)")
-    p.add_argument("--spec", choices=("logmel", "linear"), default="logmel", help="spectrogram: 128-bin log-Mel or the reference linear 257 x 188 (default logmel)")
-    p.add_argument("--shard-samples", type=arg(int, Allowed(lo=1)), default=None, help="samples per shard (default: about 16 shards per part)")
-    p.add_argument("--overwrite", action="store_true", help="drop cached stage outputs and shards, redo everything")
-    p.set_defaults(func=cmd_preprocess)
+    corpora = p.add_subparsers(dest="corpus", metavar="CORPUS", required=True,
+                               help=f"the corpus recipe: {', '.join(recipe_names())} (docs/recipes.md)")
+    for name in recipe_names():
+        recipe = get_recipe(name)
+        q = corpora.add_parser(name, help=recipe.description, description=recipe.description)
+        q.add_argument("--root", required=True, help=recipe.root_help)
+        add_preprocess_options(q, recipe.default_split)
+        recipe.add_arguments(q)
+        q.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("verify-shards", help="check a shard set against its shards.json (sizes; sha256 with --hash)")
     p.add_argument("dir", metavar="DIR", help="shard set folder (holds shards.json), e.g. OUT/shards/ogm")

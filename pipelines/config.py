@@ -17,6 +17,8 @@ ALL_STAGES = ("frames", "faces", "face_features", "audio", "pack")
 class PreprocessConfig:
     root: str
     out: str
+    corpus: str = "cremad"  # a recipe name (pipelines/recipes/)
+    recipe_options: dict = field(default_factory=dict)  # the recipe's own options (its CLI flags)
     splits: tuple[str, ...] = ("ogm",)
     stages: tuple[str, ...] = ALL_STAGES
     workers: int = 1

@@ -21,9 +21,10 @@ from avbalance.progress import progress_bar
 from manifests.io import atomic_write_text, read_jsonl
 from pipelines.cache import ClipCache
 from pipelines.config import ALL_STAGES, PreprocessConfig
-from pipelines.coverage import coverage, named_clips
+from manifests.record import clip_window
+from pipelines.coverage import coverage
 from pipelines.quality import clip_quality, gives_sample, placeholder
-from pipelines.recipes.cremad import prepare_cremad
+from pipelines.recipes import Recipe, get_recipe
 from pipelines.stages.audio import AudioStage
 from pipelines.stages.base import stable_hash
 from pipelines.stages.face_features import face_features_key, weights_identity
@@ -44,7 +45,14 @@ def source_key(root: str, rel: str) -> str:
 
 def stage_keys(cfg: PreprocessConfig, clip: dict) -> dict[str, str]:
     video = source_key(cfg.root, clip["files"]["video"])
-    audio_src = source_key(cfg.root, clip["files"]["wav"]) if "wav" in clip["files"] else stable_hash(video, "track")
+    window = clip_window(clip)
+    if window is not None:  # a window is another input (whole-file keys stay as they were)
+        video = stable_hash(video, "window", window)
+    if "wav" in clip["files"]:
+        audio_src = source_key(cfg.root, clip["files"]["wav"])
+        audio_src = audio_src if window is None else stable_hash(audio_src, "window", window)
+    else:
+        audio_src = stable_hash(video, "track")
     keys = {"video": video, "audio_source": audio_src}
     keys["frames"] = FramesStage(cfg.frames).key(keys)
     keys["faces"] = FacesStage(cfg.faces).key(keys)
@@ -78,6 +86,7 @@ def plan(cfg: PreprocessConfig, clips: list[dict], cache: ClipCache) -> tuple[li
                 cid, os.path.join(cfg.root, clip["files"]["video"]),
                 os.path.join(cfg.root, clip["files"]["wav"]) if "wav" in clip["files"] else None,
                 keys, todo, face_boxes_cached="faces" not in todo and cache.done("faces", cid, keys["faces"]),
+                window=clip_window(clip),
             ))
     return jobs, known_failures, all_keys
 
@@ -131,7 +140,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     timings: dict[str, float] = {}
     mark = time.time()
     manifest_dir = os.path.join(cfg.out, "manifest")
-    prepare_cremad(cfg.root, manifest_dir)
+    recipe = get_recipe(cfg.corpus)(**cfg.recipe_options)
+    manifest = recipe.prepare(cfg.root, manifest_dir)
     clips = read_jsonl(os.path.join(manifest_dir, "clips.jsonl"))
     skipped = read_jsonl(os.path.join(manifest_dir, "skipped.jsonl"))
     for split in cfg.splits:
@@ -151,7 +161,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     if "pack" in cfg.stages:
         for split in cfg.splits:
             result = pack_split(cfg, split, [c for c in clips if c["clip_id"] in done_ids], keys, cache, failures,
-                                named_clips(split, clips, skipped), reasons)
+                                recipe.named_clips(split, clips, skipped), reasons, recipe, manifest)
             packed[split], coverage_by_split[split] = result["samples"], result["coverage"]
             flags.update(result["flags"])
     status = write_status(cfg, rows, flags)
@@ -185,8 +195,8 @@ def status_rows(cfg: PreprocessConfig, clips: list[dict], skipped: list[dict], f
             stage = next(s for s in CLIP_STAGES if s in failed)
             rows.append({"clip_id": clip["clip_id"], "status": "failed", "stage": stage, "reason": failed[stage]})
     listed = {c["clip_id"] for c in clips}
-    for s in skipped:  # files the manifest could not use
-        stem = os.path.splitext(os.path.basename(s["path"]))[0]
+    for s in skipped:  # files (or list entries) the manifest could not use
+        stem = s.get("clip_id") or os.path.splitext(os.path.basename(s["path"]))[0]
         if stem in listed:
             continue  # e.g. a bad WAV whose clip still has its video
         listed.add(stem)
@@ -203,7 +213,8 @@ def write_status(cfg: PreprocessConfig, rows: list[dict], flags: dict[str, list[
 
 
 def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[str, dict], cache: ClipCache,
-               failures: dict[str, dict[str, str]], named: dict[str, str], reasons: dict[str, str]) -> dict:
+               failures: dict[str, dict[str, str]], named: dict[str, str], reasons: dict[str, str],
+               recipe: Recipe, manifest: dict) -> dict:
     """Write ``shards/<split>/<part>-NNNNNN.tar`` and ``shards.json`` (last), unless identical.
 
     Returns the samples per part, the split's coverage and each packed clip's flag names.
@@ -217,6 +228,7 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
             members.setdefault(part, []).append(clip)
     cov = coverage(named, {c["clip_id"] for cs in members.values() for c in cs}, reasons)
     pack_key = stable_hash("pack", PackStage.version, asdict(cfg.pack), stages, SCHEMA_VERSION, cov,
+                           corpus_fields(recipe, manifest),
                            {p: sorted((c["clip_id"], [keys[c["clip_id"]][s] for s in stages]) for c in cs) for p, cs in members.items()})
     index = read_index(directory)
     if index is not None and index.get("pack_key") == pack_key:
@@ -245,7 +257,7 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
                 for flag in quality:
                     part_flags.setdefault(flag, []).append(cid)
                 flags[cid] = sorted(quality)
-                writer.write(packer.sample(by_id[cid], outputs, quality))
+                writer.write(packer.sample(by_id[cid], outputs, quality, meta=recipe.sample_meta(by_id[cid])))
             shards = writer.close()
         except OSError as err:
             writer.abort()
@@ -260,7 +272,7 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
     write_index(directory, {
         "schema_version": SCHEMA_VERSION,
         "tool": f"avbalance {__version__}",
-        "corpus": "cremad",
+        **corpus_fields(recipe, manifest),
         "split": split,
         "keys": key_set,
         "parts": parts,
@@ -271,6 +283,13 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
         "pack_key": pack_key,
     })
     return {"samples": {p: v["samples"] for p, v in parts.items()}, "coverage": cov, "flags": flags}
+
+
+def corpus_fields(recipe: Recipe, manifest: dict) -> dict:
+    """What ``shards.json`` says about the corpus: the trainer takes its class count and
+    names from ``classes``, and applies ``train_defaults`` that the user did not set."""
+    return {"corpus": recipe.name, "classes": list(manifest["classes"]),
+            "clip_seconds": recipe.clip_seconds, "train_defaults": dict(recipe.train_defaults)}
 
 
 def progress_bar_iter(items: list, desc: str):

@@ -12,7 +12,7 @@ import numpy as np
 from pipelines.cache import ClipCache
 from pipelines.config import PreprocessConfig
 from pipelines.stages.audio import AudioError, AudioStage, read_wav
-from pipelines.stages.decode import DecodedClip, DecodeError, FrameSampler, decode_clip
+from pipelines.stages.decode import DecodedClip, DecodeError, FrameSampler, cut_audio, decode_clip
 from pipelines.stages.frames import FramesStage
 
 VIDEO_STAGES = ("frames", "faces", "face_features")
@@ -26,6 +26,7 @@ class ClipJob:
     keys: dict[str, str]  # stage -> cache key
     todo: list[str]  # stages to compute
     face_boxes_cached: bool = False  # faces done earlier: reuse boxes, skip detection
+    window: tuple[float, float | None] | None = None  # (start, end) s of the file; None: all of it
 
 
 @dataclass
@@ -132,7 +133,7 @@ def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome
     decoded = None
     if samplers or track_audio:
         try:
-            decoded = decode_clip(job.video, samplers, want_audio=track_audio)
+            decoded = decode_clip(job.video, samplers, want_audio=track_audio, window=job.window)
         except DecodeError as err:
             for stage in job.todo:
                 if stage in VIDEO_STAGES or (stage == "audio" and track_audio):
@@ -153,6 +154,8 @@ def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome
         try:
             if job.wav is not None:
                 wave = read_wav(job.wav)
+                if job.window is not None:  # a sidecar WAV starts with its video
+                    wave = cut_audio(wave, 0.0, *job.window)
             elif decoded is not None and decoded.audio is not None:
                 wave = decoded.audio
             else:

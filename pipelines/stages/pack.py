@@ -56,10 +56,16 @@ class PackStage(Stage):
     version = 2  # 2: clips with a missing modality are packed with placeholders and ``quality`` flags
     inputs = ()
 
-    def sample(self, clip: dict, outputs: dict[str, dict[str, np.ndarray]], quality: dict[str, dict] | None = None) -> dict[str, bytes | str]:
+    def sample(self, clip: dict, outputs: dict[str, dict[str, np.ndarray]], quality: dict[str, dict] | None = None,
+               meta: dict | None = None) -> dict[str, bytes | str]:
         """One shard sample from a manifest record, its stage outputs (placeholders where a
-        modality did not decode: ``quality.placeholder``) and its quality flags."""
-        meta = {k: clip[k] for k in ("clip_id", "actor", "sentence", "sentence_text", "emotion", "emotion_name", "label", "level", "demographics", "votes")}
+        modality did not decode: ``quality.placeholder``), its quality flags and the record's
+        fields for the sample's json (``Recipe.sample_meta``; default: the generic ones)."""
+        if meta is None:
+            from pipelines.recipes.base import Recipe
+
+            meta = Recipe().sample_meta(clip)
+        meta = dict(meta)
         sample: dict[str, bytes | str] = {"__key__": clip["clip_id"], "cls": str(clip["label"]).encode()}
         if "frames" in outputs:
             out = outputs["frames"]
