@@ -72,6 +72,7 @@ class KineticsSounds(Recipe):
     root_help = "folder holding the downloaded clips (any depth), e.g. <ytid>_<start:06d>_<end:06d>.mp4"
     default_split = "ks"
     clip_seconds = CLIP_SECONDS
+    default_stages = ("frames", "audio", "pack")  # sound and scene; no face stages
     train_defaults = {"data.frames": 3}  # OGM-GE / BalanceBenchmark KS loaders: 3 frames of the 1-fps frames
 
     @classmethod

@@ -86,7 +86,7 @@ class UCF101(Recipe):
     root_help = "corpus folder (holds UCF-101/<Class>/*.avi, or the class folders, and ucfTrainTestlist/)"
     default_split = "ucf1"
     clip_seconds = None  # 1.1 to 71 s, mean 7.2 s
-    stages = ("frames", "flow", "pack")  # no audio: RGB and motion are the two modalities
+    default_stages = ("frames", "flow", "pack")  # no audio: RGB and motion are the two modalities
     # The two-stream preset's modalities; frames as the balancing benchmarks sample them (3).
     train_defaults = {"data.frames": 3}
 

@@ -62,6 +62,11 @@ def dequantise(image: np.ndarray, bound: float) -> np.ndarray:
     return image.astype(np.float32) * (2.0 * bound / 255.0) - bound
 
 
+def flow_layout(config: FlowConfig) -> dict[str, np.ndarray]:
+    """What a reader needs besides the strips: fields per slot and the quantisation bound."""
+    return {"stack": np.int64(config.stack), "bound": np.float64(config.bound)}
+
+
 class _Slot:
     """A slot whose fields are still being computed."""
 
@@ -122,5 +127,5 @@ class FlowStage(Stage):
         return {
             "x_strip": np.frombuffer(strip_x, np.uint8), "y_strip": np.frombuffer(strip_y, np.uint8),
             "stride": np.int64(stride), "times": np.asarray([s.t for s in slots], np.float32),
-            "pairs": np.asarray([len(s.fields) for s in slots], np.int64),
+            "pairs": np.asarray([len(s.fields) for s in slots], np.int64), **flow_layout(self.config),
         }
