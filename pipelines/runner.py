@@ -199,6 +199,8 @@ def status_rows(cfg: PreprocessConfig, clips: list[dict], skipped: list[dict], f
     listed = {c["clip_id"] for c in clips}
     for s in skipped:  # files (or list entries) the manifest could not use
         stem = s.get("clip_id") or os.path.splitext(os.path.basename(s["path"]))[0]
+        if s.get("absent"):
+            continue  # named by a list but not in the user's copy: coverage counts it, it did not fail
         if stem in listed:
             continue  # e.g. a bad WAV whose clip still has its video
         listed.add(stem)

@@ -113,7 +113,7 @@ def build_manifest(root: str, listed: list[ListedClip], classes: list[str], spli
         seen.add(cid)
         found = index.find(item.ytid, item.start, seconds)
         if found is None:
-            skipped.append({**entry, "path": f"{cid}.mp4", "reason": MISSING})
+            skipped.append({**entry, "path": f"{cid}.mp4", "reason": MISSING, "absent": True})
             continue
         rel, window = found
         probe = probe_file(os.path.join(root, rel))

@@ -170,7 +170,7 @@ class UCF101(Recipe):
             splits = assigned[stem]
             rel = videos.get(stem.lower())
             if rel is None:
-                skipped.append({"clip_id": stem, "splits": splits, "path": listed_path[stem], "reason": MISSING})
+                skipped.append({"clip_id": stem, "splits": splits, "path": listed_path[stem], "reason": MISSING, "absent": True})
                 continue
             probe = probe_file(os.path.join(root, rel))
             if probe.problem:
