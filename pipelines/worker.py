@@ -124,7 +124,7 @@ def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome
     flow_stage = None
     if "flow" in job.todo:
         flow_stage = FlowStage(cfg.flow)
-        samplers.append(FrameSampler(None, flow_stage.add))  # every frame: flow is between consecutive ones
+        samplers.append(flow_stage)  # sees every frame: flow is between consecutive ones
     wants_faces = "faces" in job.todo or "face_features" in job.todo
     if wants_faces:
         batcher = _batcher()
@@ -156,7 +156,7 @@ def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome
             cache.save("frames", job.clip_id, job.keys["frames"], out)
             outcome.done.append("frames")
         if flow_stage is not None:
-            out = flow_stage.finish_clip(decoded.duration)
+            out = flow_stage.finish_clip()
             out.update(info)
             cache.save("flow", job.clip_id, job.keys["flow"], out)
             outcome.done.append("flow")

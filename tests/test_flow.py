@@ -15,18 +15,19 @@ from pipelines.stages.flow import FlowConfig, FlowStage, dequantise, quantise
 H, W, MARGIN = 96, 128, 24
 
 
-def textured(seed: int = 0) -> np.ndarray:
+def textured(margin: int, seed: int = 0) -> np.ndarray:
     """A smooth random texture larger than a frame, so a window of it can slide."""
-    noise = np.random.default_rng(seed).integers(0, 256, (H + 2 * MARGIN, W + 2 * MARGIN)).astype(np.uint8)
+    noise = np.random.default_rng(seed).integers(0, 256, (H + 2 * margin, W + 2 * margin)).astype(np.uint8)
     return cv2.GaussianBlur(noise, (0, 0), 2.0)
 
 
 def moving_frames(n: int, dx: int, dy: int) -> list[np.ndarray]:
     """RGB frames whose content moves by (dx, dy) pixels per frame (x right, y down)."""
-    base = textured()
+    margin = max(MARGIN, (abs(dx) + abs(dy)) * n)
+    base = textured(margin)
     frames = []
     for i in range(n):
-        x0, y0 = MARGIN - dx * i, MARGIN - dy * i
+        x0, y0 = margin - dx * i, margin - dy * i
         gray = base[y0:y0 + H, x0:x0 + W]
         frames.append(np.repeat(gray[..., None], 3, axis=2))
     return frames
@@ -36,7 +37,8 @@ def run(cfg: FlowConfig, frames: list[np.ndarray], fps: float) -> dict:
     stage = FlowStage(cfg)
     for i, rgb in enumerate(frames):
         stage.add(i, i / fps, rgb)
-    return stage.finish_clip(len(frames) / fps)
+    stage.close(1 / fps)
+    return stage.finish_clip()
 
 
 def tiles(strip: np.ndarray, stride: int) -> list[np.ndarray]:
@@ -81,3 +83,41 @@ def test_bad_settings_are_refused_by_name():
         FlowStage(FlowConfig(preset="tvl1"))
     with pytest.raises(UserError, match="stack"):
         FlowStage(FlowConfig(stack=0))
+
+
+def test_decoded_video_gives_flow_slots_at_the_rgb_frames_instants(tmp_path):
+    from pipelines.stages.decode import FrameSampler, decode_clip
+    from pipelines.stages.frames import FramesConfig, FramesStage
+    from pipelines.synth.encode import write_video
+
+    path = str(tmp_path / "moving.mp4")
+    write_video(path, np.stack(moving_frames(25, 2, 1)), 10, None, 16000, bit_rate=4_000_000)
+    frames, flow = FramesStage(FramesConfig()), FlowStage(FlowConfig(stack=2))
+    decode_clip(path, [FrameSampler(1.0, frames.add), flow])
+    out = flow.finish_clip()
+    assert out["times"].tolist() == frames.times == [0.0, 1.0, 2.0]  # flow slot n goes with RGB frame n
+    xs, ys = tiles(out["x_strip"], int(out["stride"])), tiles(out["y_strip"], int(out["stride"]))
+    assert len(xs) == 6
+    for x, y in zip(xs, ys):  # through H.264 too, the motion's sign and size survive
+        assert abs(np.median(dequantise(x[16:-16, 16:-16], 20.0)) - 2) < 0.5
+        assert abs(np.median(dequantise(y[16:-16, 16:-16], 20.0)) - 1) < 0.5
+
+
+def test_a_flipped_flow_field_points_the_other_way():
+    from trainer.flow_input import flow_values, split_flow
+
+    x = encode_gray([quantise(np.full((8, 16), 4.0), 20.0), quantise(np.full((8, 16), -2.0), 20.0)])
+    y = encode_gray([quantise(np.full((8, 16), 1.0), 20.0), quantise(np.zeros((8, 16)), 20.0)])
+    meta = {"flow": {"count": 1, "stack": 2, "stride": 16}, "video": {"width": 16}}
+    (slot,) = split_flow(x, y, meta)
+    assert slot.shape == (4, 8, 16)  # x0, y0, x1, y1
+    plain, flipped = flow_values(slot), flow_values(slot, negate_x=True)
+    expected = np.array([4.0, 1.0, -2.0, 0.0]) / 20.0
+    assert np.allclose(plain.mean(dim=(1, 2)).numpy(), expected, atol=0.02)
+    assert np.allclose(flipped.mean(dim=(1, 2)).numpy(), expected * [-1, 1, -1, 1], atol=0.02)
+
+
+def encode_gray(images: list[np.ndarray]) -> bytes:
+    from pipelines.stages.frames import encode_strip
+
+    return encode_strip(images, 95)[0]

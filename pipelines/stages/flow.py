@@ -19,6 +19,7 @@ slot * stack + k).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import cv2
 import numpy as np
@@ -26,6 +27,9 @@ import numpy as np
 from avbalance.errors import UserError
 from pipelines.stages.base import STAGES, Stage
 from pipelines.stages.frames import encode_strip
+
+if TYPE_CHECKING:
+    import av
 
 PRESETS = {
     "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
@@ -78,7 +82,9 @@ class _Slot:
 
 @STAGES.register("flow")
 class FlowStage(Stage):
-    """Fed every decoded frame in order (``add``); ``finish_clip`` returns the strips."""
+    """A decode sampler (``push`` every frame, ``close`` at the end, as ``FrameSampler``);
+    ``finish_clip`` returns the strips. Only the frames a slot needs are converted to
+    grayscale: at 1 slot a second that is 2 frames in 25."""
 
     name = "flow"
     version = 1
@@ -89,37 +95,53 @@ class FlowStage(Stage):
         config.check()
         self.dis = cv2.DISOpticalFlow_create(PRESETS[config.preset])
         self.next_slot = 0
-        self.prev: tuple[float, np.ndarray] | None = None
+        self.prev: tuple[float, Callable[[], np.ndarray]] | None = None
         self.open: list[_Slot] = []
         self.done: list[_Slot] = []
+        self.size: tuple[int, int] | None = None
+
+    def push(self, t: float, frame: av.VideoFrame) -> None:
+        """The next decoded frame (seconds from the first frame, the PyAV frame)."""
+        self.size = (frame.height, frame.width)
+        self._feed(t, lambda: frame.to_ndarray(format="gray"))
 
     def add(self, index: int, t: float, rgb: np.ndarray) -> None:
-        """The next decoded frame (index, seconds from the first frame, RGB)."""
-        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        """The next frame as an RGB array (the ``FrameSampler`` sink signature)."""
+        self.size = rgb.shape[:2]
+        self._feed(t, lambda: cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+
+    def close(self, frame_duration: float, limit: float | None = None) -> None:
+        """The clip ended; its last frame lasts ``frame_duration`` s, cut at ``limit`` (a
+        window's length) when given: the slots are the ``frames`` stage's (``FrameSampler.close``)."""
+        if self.prev is not None:
+            end = self.prev[0] + frame_duration
+            self._open_slots(self.prev, until=(end if limit is None else min(end, limit)) - 1e-9)
+            self.prev = None
+
+    def _feed(self, t: float, to_gray: Callable[[], np.ndarray]) -> None:
+        gray = _once(to_gray)
         if self.prev is not None:
             self._open_slots(self.prev, until=t - EPS)
         for slot in self.open:
-            slot.fields.append(self.dis.calc(slot.last, gray, None))
-            slot.last = gray
+            slot.fields.append(self.dis.calc(slot.last, gray(), None))
+            slot.last = gray()
         self.done += [s for s in self.open if len(s.fields) == self.config.stack]
         self.open = [s for s in self.open if len(s.fields) < self.config.stack]
         self.prev = (t, gray)
 
-    def _open_slots(self, frame: tuple[float, np.ndarray], until: float) -> None:
+    def _open_slots(self, frame: tuple[float, Callable[[], np.ndarray]], until: float) -> None:
         """Start every slot whose instant falls while ``frame`` is on screen (before ``until``)."""
         t_frame, gray = frame
         while self.next_slot / self.config.rate < until:
             slot_t = self.next_slot / self.config.rate
             if slot_t >= t_frame - EPS:
-                self.open.append(_Slot(slot_t, gray))
+                self.open.append(_Slot(slot_t, gray()))
             self.next_slot += 1
 
-    def finish_clip(self, end: float) -> dict[str, np.ndarray]:
-        """Close the clip (its last frame lasts until ``end`` s) and encode the strips."""
-        if self.prev is not None:
-            self._open_slots(self.prev, until=end - 1e-9)
+    def finish_clip(self) -> dict[str, np.ndarray]:
+        """The strips of the closed clip (call ``close`` first)."""
         slots = sorted(self.done + self.open, key=lambda s: s.t)
-        h, w = self.prev[1].shape if self.prev is not None else (16, 16)
+        h, w = self.size or (16, 16)
         zero = np.zeros((h, w, 2), np.float32)
         tiles = [s.fields[k] if k < len(s.fields) else zero for s in slots for k in range(self.config.stack)]
         strip_x, stride = encode_strip([quantise(f[..., 0], self.config.bound) for f in tiles], self.config.jpeg_quality)
@@ -129,3 +151,15 @@ class FlowStage(Stage):
             "stride": np.int64(stride), "times": np.asarray([s.t for s in slots], np.float32),
             "pairs": np.asarray([len(s.fields) for s in slots], np.int64), **flow_layout(self.config),
         }
+
+
+def _once(make: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    """``make`` called at most once, on first use."""
+    cache: list[np.ndarray] = []
+
+    def get() -> np.ndarray:
+        if not cache:
+            cache.append(make())
+        return cache[0]
+
+    return get
