@@ -94,7 +94,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         faces=FacesConfig(fps=args.face_fps, detect_fps=args.face_detect_fps, min_face_size=args.face_min_size,
                           margin=args.face_margin, size=args.face_size, keep_crops=args.keep_face_crops),
         face_features=FaceFeaturesConfig(weights=args.face_weights, allow_random=args.allow_random_weights),
-        audio=AudioConfig(spec=args.spec),
+        audio=AudioConfig(spec=args.spec, seconds=args.spec_seconds or recipe.spec_seconds),
         flow=FlowConfig(rate=args.flow_rate, stack=args.flow_stack, bound=args.flow_bound, preset=args.flow_preset),
         pack=PackConfig(samples_per_shard=args.shard_samples),
     )
@@ -250,6 +250,9 @@ def add_preprocess_options(p: argparse.ArgumentParser, default_split: str, defau
     p.add_argument("--flow-preset", choices=("ultrafast", "fast", "medium"), default="medium",
                    help="OpenCV DIS optical-flow preset (default medium)")
     p.add_argument("--spec", choices=("logmel", "linear"), default="logmel", help="spectrogram: 128-bin log-Mel or the reference linear 257 x 188 (default logmel)")
+    p.add_argument("--spec-seconds", type=arg(float, Allowed(lo=0, lo_open=True)), default=None,
+                   help="seconds the spectrogram covers, shorter clips tiled (default: the corpus', 3 for CREMA-D as the "
+                        "reference, 10 for AVE; docs/recipes.md)")
     p.add_argument("--shard-samples", type=arg(int, Allowed(lo=1)), default=None, help="samples per shard (default: about 16 shards per part)")
     p.add_argument("--overwrite", action="store_true", help="drop cached stage outputs and shards, redo everything")
 

@@ -11,6 +11,12 @@ invocation, on the same clips, with the same process count.
 - faces: MTCNN + EfficientNet-B2 batched across clips vs one frame per call;
 - box carrying: detection at a lower rate vs on every frame (speed and box IoU);
 - peak memory of a run on a small and on a 4x larger corpus (it must stay flat).
+
+    python bench/preprocess.py --mp4 24 --workers 2
+
+``--mp4 N`` measures the ``folder`` recipe instead: N synthetic 10 s mp4 clips (H.264 + AAC,
+480x360, 25 fps, the shape of AVE / VGGSound downloads): the floor, frames+audio+pack, and
+each stage alone.
 """
 
 from __future__ import annotations
@@ -81,11 +87,13 @@ def rate(fn, items, workers: int) -> float:
     return len(items) / (time.perf_counter() - start)
 
 
-def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[str] | None = None) -> tuple[float, dict, int]:
-    """Run the CLI in a subprocess; return (clips/s over the whole run, summary, peak RSS MB)."""
+def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[str] | None = None,
+                   corpus: list[str] | None = None) -> tuple[float, dict, int]:
+    """Run the CLI in a subprocess; return (clips/s over the whole run, summary, peak RSS MB).
+    ``corpus``: the recipe and its options (default CREMA-D, split ogm)."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, os.path.join(REPO, "cli.py"), "preprocess", "cremad", "--root", root, "--out", out,
-           "--split", "ogm", "--stages", stages, "--workers", str(workers), *(extra or [])]
+    cmd = [sys.executable, os.path.join(REPO, "cli.py"), "preprocess", *(corpus or ["cremad", "--split", "ogm"]),
+           "--root", root, "--out", out, "--stages", stages, "--workers", str(workers), *(extra or [])]
     # A wrapper process reports the peak RSS of this run's processes alone (the largest one).
     wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
@@ -182,6 +190,28 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a) + area(b) - inter)
 
 
+def mp4_bench(n: int, workers: int, work: str) -> dict:
+    """The folder recipe on ``n`` 10 s mp4 clips: clips/s against the in-process decode floor."""
+    from pipelines.synth.layouts import write_folder_corpus
+
+    root = os.path.join(work, f"mp4_{n}")
+    if not os.path.exists(os.path.join(root, "labels.csv")):
+        write_folder_corpus(root + ".part", classes=4, per_class=-(-n // 4), seconds=10.0, fps=25, size=(480, 360))
+        os.replace(root + ".part", root)
+    labels = os.path.join(root, "labels.csv")
+    files = sorted(glob.glob(os.path.join(root, "*", "*.mp4")))
+    corpus = ["folder", "--labels", labels]
+    out = os.path.join(work, "out_mp4")
+    res: dict = {"clips": len(files), "seconds_per_clip": 10.0, "size": "480x360", "fps": 25, "workers": workers,
+                 "cpu": os.cpu_count(), "floor_clips_s": rate(_decode_all, files, workers)}
+    res["pipeline_clips_s"], summary, res["pipeline_peak_mb"] = run_preprocess(root, out, "frames,audio,pack", workers, corpus=corpus)
+    res["pipeline_phase_seconds"] = summary["phase_seconds"]
+    res["frames_clips_s"] = run_preprocess(root, out, "frames", workers, corpus=corpus)[0]
+    res["audio_clips_s"] = run_preprocess(root, out, "audio", workers, corpus=corpus)[0]
+    res["pipeline_vs_floor"] = res["pipeline_clips_s"] / res["floor_clips_s"]
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=144, help="corpus size: 6 emotions x 4 sentences x actors")
@@ -189,7 +219,15 @@ def main() -> None:
     ap.add_argument("--face-clips", type=int, default=6, help="clips for the (slow) face stages")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "avbalance-bench"))
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--mp4", type=int, default=0, metavar="N", help="instead: the folder recipe on N 10 s mp4 clips")
     args = ap.parse_args()
+    if args.mp4:
+        res = mp4_bench(args.mp4, args.workers, args.work)
+        print(json.dumps(res, indent=2))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=2)
+        return
     actors = max(1, args.clips // 24)
     small_root = os.path.join(args.work, f"corpus{actors}")
     synth(small_root, actors, 4)

@@ -199,7 +199,7 @@ def test_ucf101_rgb_flow_trains_and_evaluates(ucf_out, tmp_path):
     run = str(tmp_path / "run")
     run_cli("train", "--config", os.path.join(REPO, "trainer", "configs", "resnet_rgb_flow_mlb.yaml"),
             "--shards", os.path.join(ucf_out, "shards", "ucf1"), "--out", run,
-            "--set", "train.epochs=1", "model.n_classes=3", "model.encoders.rgb.width=8", "model.encoders.flow.width=8", "data.image_size=32",
+            "--set", "train.epochs=1", "model.encoders.rgb.width=8", "model.encoders.flow.width=8", "data.image_size=32",
             "data.batch_size=4", "data.workers=0", "train.device=cpu", check=True)
     run_cli("evaluate", "--run", run, check=True)
     result = read_json(os.path.join(run, "eval_test.json"))
@@ -214,7 +214,7 @@ def test_vggsound_audio_visual_trains_and_evaluates(vgg_tree, tmp_path):
     run_cli("preprocess", "vggsound", "--root", root, "--out", out, check=True)
     run_cli("train", "--config", os.path.join(REPO, "trainer", "configs", "resnet_joint.yaml"),
             "--shards", os.path.join(out, "shards", "vggsound"), "--out", run,
-            "--set", "train.epochs=1", "model.n_classes=3", "model.encoders.audio.width=8", "model.encoders.visual.width=8",
+            "--set", "train.epochs=1", "model.encoders.audio.width=8", "model.encoders.visual.width=8",
             "data.image_size=32", "data.batch_size=3", "data.workers=0", "train.device=cpu", check=True)
     run_cli("evaluate", "--run", run, check=True)
     result = read_json(os.path.join(run, "eval_test.json"))

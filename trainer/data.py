@@ -58,6 +58,7 @@ class DataConfig:
     workers: int = 2
     shuffle_buffer: int = 256
     frames: int = 3  # 1-fps frames per clip for frame encoders
+    frame_sampling: str = "consecutive"  # consecutive (MLB, CREMA-D) | spread (OGM-GE's AVE/KS loaders)
     image_size: int = 224
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop at train time
     max_face_frames: int = 300  # longer sequences are cropped (randomly at train time)
@@ -174,9 +175,12 @@ def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, r
 
     ``cfg.frames`` consecutive 1-fps frames, as the MLB paper samples them: a random window
     at train time with one random resized crop and flip for the whole clip (its frames stay
-    aligned), the centred window at evaluation, resized and centre-cropped. ``flow=True``:
-    the frames are quantised flow fields (x, y channels alternating, ``trainer/flow_input.py``),
-    normalised to [-1, 1] around zero flow, and a flip also negates the x components.
+    aligned), the centred window at evaluation, resized and centre-cropped. ``spread``
+    (``cfg.frame_sampling``) takes frames 0, s, 2s, ... with s = count // frames instead, at
+    train and evaluation time alike, as OGM-GE's AVE and Kinetics-Sounds loaders do.
+    ``flow=True``: the frames are quantised flow fields (x, y channels alternating,
+    ``trainer/flow_input.py``), normalised to [-1, 1] around zero flow, and a flip also
+    negates the x components.
     """
     from torchvision.transforms.v2 import functional as F
 
@@ -185,7 +189,11 @@ def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, r
         return torch.zeros(cfg.frames, channels, cfg.image_size, cfg.image_size), torch.zeros(cfg.frames, dtype=torch.bool)
     height, width = frames[0].shape[1:]
     n = min(cfg.frames, count)
-    start = rng.randint(0, count - n) if train else (count - n) // 2
+    if cfg.frame_sampling == "spread":
+        picked = [k * (count // n) for k in range(n)]
+    else:
+        start = rng.randint(0, count - n) if train else (count - n) // 2
+        picked = list(range(start, start + n))
     if train:
         area = height * width * rng.uniform(*cfg.crop_scale)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -194,7 +202,7 @@ def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, r
         top, left = rng.randint(0, height - h), rng.randint(0, width - w)
         flip = rng.random() < 0.5
     tensors = []
-    for frame in frames[start:start + n]:
+    for frame in (frames[k] for k in picked):
         if train:
             frame = F.resized_crop(frame, top, left, h, w, [cfg.image_size, cfg.image_size], antialias=True)
             frame = frame.flip(-1) if flip else frame

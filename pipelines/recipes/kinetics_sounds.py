@@ -73,7 +73,10 @@ class KineticsSounds(Recipe):
     default_split = "ks"
     clip_seconds = CLIP_SECONDS
     default_stages = ("frames", "audio", "pack")  # sound and scene; no face stages
-    train_defaults = {"data.frames": 3}  # OGM-GE / BalanceBenchmark KS loaders: 3 frames of the 1-fps frames
+    spec_seconds = CLIP_SECONDS  # the whole clip, as OGM-GE's KS spectrograms cover it
+    # BalanceBenchmark's KS loader (KS_dataset.py, KSDataset.__getitem__): 3 of the 1-fps
+    # frames, one from each third of the clip.
+    train_defaults = {"data.frames": 3, "data.frame_sampling": "spread"}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -87,8 +87,10 @@ class UCF101(Recipe):
     default_split = "ucf1"
     clip_seconds = None  # 1.1 to 71 s, mean 7.2 s
     default_stages = ("frames", "flow", "pack")  # no audio: RGB and motion are the two modalities
-    # The two-stream preset's modalities; frames as the balancing benchmarks sample them (3).
-    train_defaults = {"data.frames": 3}
+    # BalanceBenchmark's UCF-101 loader (ucf101_dataset.py, UCF101Dataset.__getitem__): 3 RGB
+    # frames and 3 flow fields, one from each third of the clip. "spread" picks the same
+    # instants for both: flow slot k starts at RGB frame k.
+    train_defaults = {"data.frames": 3, "data.frame_sampling": "spread"}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

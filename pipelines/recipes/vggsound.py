@@ -46,7 +46,10 @@ class VGGSound(Recipe):
     default_split = "vggsound"
     clip_seconds = CLIP_SECONDS
     default_stages = ("frames", "audio", "pack")  # sound and scene; no face stages
-    train_defaults = {"data.frames": 3}  # OGM-GE's VGGSound loader: 3 frames of the 1-fps frames
+    spec_seconds = CLIP_SECONDS  # the whole clip (OGM-GE's loader crops 5 s of it at random)
+    # OGM-GE's VGGSound loader (dataset/VGGSoundDataset.py): a few frames drawn across the
+    # clip; here 3, spread over it deterministically.
+    train_defaults = {"data.frames": 3, "data.frame_sampling": "spread"}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

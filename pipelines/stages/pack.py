@@ -93,7 +93,7 @@ class PackStage(Stage):
             out = outputs["audio"]
             sample["wav.npy"] = npy_bytes(out["wav"].astype(np.int16))
             sample["spec.npy"] = npy_bytes(out["spec"].astype(np.float16))
-            meta["audio"] = {"seconds": round(len(out["wav"]) / 16000, 4), "source": clip.get("audio_source", "wav")}
+            meta["audio"] = {"seconds": round(len(out["wav"]) / 16000, 4), "source": clip.get("audio_source", "wav" if "wav" in clip["files"] else "video")}
         for stage in ("frames", "flow", "faces"):
             if stage in outputs and "video_info" in outputs[stage]:
                 fps, width, height, n_frames, duration = outputs[stage]["video_info"].tolist()[:5]

@@ -86,3 +86,57 @@ def write_video(path: str, frames: np.ndarray, fps: int, audio: np.ndarray | Non
                 for packet in stream.encode():
                     out.mux(packet)
     os.replace(tmp, path)
+
+
+# extension -> (container, video codec, audio codec, audio rate): what such files usually hold
+CONTAINERS = {
+    ".mp4": ("mp4", "libx264", "aac", 44100),  # YouTube downloads (AVE, VGGSound, Kinetics)
+    ".mkv": ("matroska", "libx264", "aac", 44100),
+    ".webm": ("webm", "libvpx-vp9", "libopus", 48000),
+    ".avi": ("avi", "mpeg4", "libmp3lame", 44100),
+}
+
+
+def write_video(path: str, frames: np.ndarray, fps: int, audio: np.ndarray | None, sr: int) -> None:
+    """Encode frames (N, H, W, 3 uint8) and an optional mono float track in [-1, 1] into the
+    container the extension names (mp4/mkv: H.264 + AAC; webm: VP9 + Opus; avi: MPEG-4 +
+    MP3; flv: ``write_flv``). Audio is fed in step with the video, as ``write_flv`` does."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".flv":
+        write_flv(path, frames, fps, audio, sr)
+        return
+    fmt, vcodec, acodec, arate = CONTAINERS[ext]
+    tmp = path + ".part"
+    with av.open(tmp, "w", format=fmt) as out:
+        vstream = out.add_stream(vcodec, rate=fps)
+        vstream.width, vstream.height = frames.shape[2], frames.shape[1]
+        vstream.pix_fmt = "yuv420p"
+        if vcodec == "libx264":
+            vstream.options = {"preset": "veryfast", "crf": "23"}
+        astream = pcm = None
+        if audio is not None:
+            astream = out.add_stream(acodec, rate=arate, layout="mono")
+            track = resample_linear(audio, sr, arate)
+            pcm = np.clip(np.round(track * 32767), -32768, 32767).astype(np.int16)[None, :]
+        fed = 0
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            frame.time_base = Fraction(1, fps)
+            for packet in vstream.encode(frame):
+                out.mux(packet)
+            if pcm is not None:
+                upto = pcm.shape[1] if i == len(frames) - 1 else min(pcm.shape[1], (i + 1) * arate // fps)
+                if upto > fed:
+                    aframe = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, fed:upto]), format="s16", layout="mono")
+                    aframe.sample_rate = arate
+                    aframe.pts = fed
+                    aframe.time_base = Fraction(1, arate)
+                    for packet in astream.encode(aframe):
+                        out.mux(packet)
+                    fed = upto
+        for stream in (vstream, astream):
+            if stream is not None:
+                for packet in stream.encode():
+                    out.mux(packet)
+    os.replace(tmp, path)
