@@ -76,7 +76,7 @@ class KineticsSounds(Recipe):
     spec_seconds = CLIP_SECONDS  # the whole clip, as OGM-GE's KS spectrograms cover it
     # BalanceBenchmark's KS loader (KS_dataset.py, KSDataset.__getitem__): 3 of the 1-fps
     # frames, one from each third of the clip.
-    train_defaults = {"data.frames": 3, "data.frame_sampling": "spread"}
+    train_defaults = {"data.frame_sampling": "spread"}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -90,7 +90,7 @@ class UCF101(Recipe):
     # BalanceBenchmark's UCF-101 loader (ucf101_dataset.py, UCF101Dataset.__getitem__): 3 RGB
     # frames and 3 flow fields, one from each third of the clip. "spread" picks the same
     # instants for both: flow slot k starts at RGB frame k.
-    train_defaults = {"data.frames": 3, "data.frame_sampling": "spread"}
+    train_defaults = {"data.frame_sampling": "spread"}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -49,7 +49,7 @@ class VGGSound(Recipe):
     spec_seconds = CLIP_SECONDS  # the whole clip (OGM-GE's loader crops 5 s of it at random)
     # OGM-GE's VGGSound loader (dataset/VGGSoundDataset.py): a few frames drawn across the
     # clip; here 3, spread over it deterministically.
-    train_defaults = {"data.frames": 3, "data.frame_sampling": "spread"}
+    train_defaults = {"data.frame_sampling": "spread"}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
