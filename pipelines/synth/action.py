@@ -62,7 +62,7 @@ def synth_ucf101(out: str, groups: tuple[int, ...] = (1, 2, 8, 9, 15, 16, 22), s
         for g in groups:
             stem = f"v_{file_cls}_g{g:02d}_c01"
             frames = clip_frames(label, len(UCF_CLASSES), seconds, fps, size, seed + 100 * label + g)
-            write_video(os.path.join(folder, stem + ".avi"), frames, fps, None, SR, fmt="avi", vcodec="mpeg4")
+            write_video(os.path.join(folder, stem + ".avi"), frames, fps, None, SR)
             rows.append((f"{cls}/{stem}.avi", label + 1, g))
             stems.append(stem)
     for n in (1, 2, 3):
