@@ -121,3 +121,14 @@ def encode_gray(images: list[np.ndarray]) -> bytes:
     from pipelines.stages.frames import encode_strip
 
     return encode_strip(images, 95)[0]
+
+
+def test_the_flow_encoder_must_read_the_flow_source():
+    from trainer.loop import check_inputs
+
+    cfg = {"data": {"modalities": {"rgb": "frames", "flow": "frames"}},
+           "model": {"encoders": {"rgb": {"name": "resnet18_visual"}, "flow": {"name": "resnet18_flow"}}}}
+    with pytest.raises(UserError, match="resnet18_flow reads 'flow'"):
+        check_inputs(cfg)
+    cfg["data"]["modalities"]["flow"] = "flow"
+    check_inputs(cfg)
