@@ -219,3 +219,19 @@ def test_vggsound_audio_visual_trains_and_evaluates(vgg_tree, tmp_path):
     run_cli("evaluate", "--run", run, check=True)
     result = read_json(os.path.join(run, "eval_test.json"))
     assert result["samples"] == 3 and set(result["unimodal_accuracy"]) == {"audio", "visual"}
+
+
+def test_ucf101_flow_is_exported_to_hdf5_byte_for_byte(ucf_out, tmp_path):
+    import tarfile
+
+    from pipelines.export_h5 import export_h5, read_h5_sample
+
+    shards = os.path.join(ucf_out, "shards", "ucf1")
+    out = str(tmp_path / "ucf.h5")
+    export_h5(shards, out, parts=["test"])
+    first = read_h5_sample(out, "test", 0)
+    name = read_json(os.path.join(shards, "shards.json"))["parts"]["test"]["shards"][0]["name"]
+    with tarfile.open(os.path.join(shards, name)) as tar:
+        key = first["clip_id"]
+        for axis in ("x", "y"):
+            assert first[f"flow_{axis}_jpeg"] == tar.extractfile(f"{key}.flow_{axis}.jpg").read()
