@@ -191,7 +191,10 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def mp4_bench(n: int, workers: int, work: str) -> dict:
-    """The folder recipe on ``n`` 10 s mp4 clips: clips/s against the in-process decode floor."""
+    """The folder recipe on ``n`` 10 s mp4 clips: clips/s against the in-process decode floor.
+    Start-up (imports, warm-up) weighs heavily on a few long clips, so the steady-state rate
+    is the marginal one: the extra clips of the ``n``-clip run over a quarter-size run, per
+    extra second, as for CREMA-D."""
     from pipelines.synth.layouts import write_folder_corpus
 
     root = os.path.join(work, f"mp4_{n}")
@@ -199,16 +202,24 @@ def mp4_bench(n: int, workers: int, work: str) -> dict:
         write_folder_corpus(root + ".part", classes=4, per_class=-(-n // 4), seconds=10.0, fps=25, size=(480, 360))
         os.replace(root + ".part", root)
     labels = os.path.join(root, "labels.csv")
+    with open(labels) as fh:
+        lines = fh.read().splitlines()
+    small_n = max(1, (len(lines) - 1) // 4)
+    small = os.path.join(work, f"labels_{small_n}.csv")
+    with open(small, "w") as fh:
+        fh.write("\n".join([lines[0]] + lines[1:][::4][:small_n]) + "\n")
     files = sorted(glob.glob(os.path.join(root, "*", "*.mp4")))
-    corpus = ["folder", "--labels", labels]
     out = os.path.join(work, "out_mp4")
-    res: dict = {"clips": len(files), "seconds_per_clip": 10.0, "size": "480x360", "fps": 25, "workers": workers,
-                 "cpu": os.cpu_count(), "floor_clips_s": rate(_decode_all, files, workers)}
-    res["pipeline_clips_s"], summary, res["pipeline_peak_mb"] = run_preprocess(root, out, "frames,audio,pack", workers, corpus=corpus)
+    res: dict = {"clips": len(files), "small_clips": small_n, "seconds_per_clip": 10.0, "size": "480x360", "fps": 25,
+                 "workers": workers, "cpu": os.cpu_count(), "floor_clips_s": rate(_decode_all, files, workers)}
+    big_rate, summary, res["pipeline_peak_mb"] = run_preprocess(root, out, "frames,audio,pack", workers,
+                                                                corpus=["folder", "--labels", labels])
+    small_rate = run_preprocess(root, out + "_small", "frames,audio,pack", workers, corpus=["folder", "--labels", small])[0]
+    res["pipeline_clips_s"] = big_rate
     res["pipeline_phase_seconds"] = summary["phase_seconds"]
-    res["frames_clips_s"] = run_preprocess(root, out, "frames", workers, corpus=corpus)[0]
-    res["audio_clips_s"] = run_preprocess(root, out, "audio", workers, corpus=corpus)[0]
-    res["pipeline_vs_floor"] = res["pipeline_clips_s"] / res["floor_clips_s"]
+    t_big, t_small = len(files) / big_rate, small_n / small_rate
+    res["pipeline_marginal_clips_s"] = (len(files) - small_n) / (t_big - t_small)
+    res["floor_over_marginal"] = res["floor_clips_s"] / res["pipeline_marginal_clips_s"]
     return res
 
 

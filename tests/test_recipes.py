@@ -112,44 +112,56 @@ def test_folder_bad_csv_is_refused_with_a_message(folder_root, tmp_path, rows, m
     assert not (tmp_path / "m" / "summary.json").exists()
 
 
-def test_folder_end_to_end_with_bad_files_recorded_and_resumable(folder_root, tmp_path):
-    """Missing, empty and non-video rows are recorded (manifest, coverage, status), the rest
-    is packed; the trainer takes 3 classes from shards.json; a re-run computes nothing."""
-    root = str(tmp_path / "videos")
+@pytest.fixture(scope="module")
+def folder_run(folder_root, tmp_path_factory) -> dict:
+    """The folder corpus plus an empty, a missing and a non-video row, preprocessed once."""
+    base = tmp_path_factory.mktemp("folder_run")
+    root = str(base / "videos")
     shutil.copytree(folder_root, root)
     open(os.path.join(root, "class0", "empty.mp4"), "wb").close()
     open(os.path.join(root, "notes.txt"), "w").write("x")
     rows = labels_of(root) + [{"path": "class0/empty.mp4", "label": "class0", "speaker": "spk0"},
                               {"path": "class1/gone.mp4", "label": "class1", "speaker": "spk1"},
                               {"path": "notes.txt", "label": "class2", "speaker": "spk2"}]
-    labels = write_csv(tmp_path / "labels.csv", rows)
-    out = str(tmp_path / "out")
+    labels = write_csv(base / "labels.csv", rows)
+    out = str(base / "out")
     args = ["preprocess", "folder", "--root", root, "--labels", labels, "--out", out, "--stages", "frames,audio,pack",
             "--val-fraction", "0.2"]
-    proc = run_cli(*args)
+    return {"args": args, "out": out, "first": run_cli(*args), "shards": os.path.join(out, "shards", "main"), "base": base}
+
+
+def test_folder_preprocess_records_bad_files_and_resumes(folder_run):
+    """Missing, empty and non-video rows are recorded (manifest, coverage, status), the rest is
+    packed with the classes in shards.json; a re-run computes nothing."""
+    proc, out = folder_run["first"], folder_run["out"]
     assert proc.returncode == 1, proc.stderr  # clips failed: reported, not fatal
     assert "15 clips done, 3 failed" in proc.stdout
     status = {r["clip_id"]: r for r in read_jsonl(os.path.join(out, "status.jsonl"))}
     assert "empty file" in status["class0_empty"]["reason"] and "missing" in status["class1_gone"]["reason"]
     assert "not a video file" in status["notes"]["reason"]
-    shards = os.path.join(out, "shards", "main")
-    index = json.load(open(os.path.join(shards, "shards.json")))
+    index = json.load(open(os.path.join(folder_run["shards"], "shards.json")))
     assert index["corpus"] == "folder" and index["classes"] == ["class0", "class1", "class2"]
+    assert set(index["parts"]) == {"train", "val", "test"}
     named = sum(row["named"] for row in index["coverage"].values())
     written = sum(row["written"] for row in index["coverage"].values())
     assert (named, written) == (18, 15)  # nothing lost silently: the 3 bad rows are named and missing
-    again = run_cli(*args)
+    again = run_cli(*folder_run["args"])
     assert "(0 computed this run" in again.stdout
 
-    run = str(tmp_path / "run")
+
+@pytest.mark.slow
+def test_folder_shards_train_and_evaluate_with_their_class_count(folder_run):
+    shards, base = folder_run["shards"], folder_run["base"]
+    index = json.load(open(os.path.join(shards, "shards.json")))
+    run = str(base / "run")
     run_cli("train", "--config", "trainer/configs/resnet_mlb.yaml", "--shards", shards, "--out", run, *TRAIN, check=True)
     config = open(os.path.join(run, "config.yaml")).read()
     assert "n_classes: 3" in config
-    proc = run_cli("evaluate", "--run", run, "--split", "test", check=True)
+    run_cli("evaluate", "--run", run, "--split", "test", check=True)
     result = json.load(open(os.path.join(run, "eval_test.json")))
     assert result["classes"] == index["classes"] and len(result["confusion"]) == 3
     mismatch = run_cli("train", "--config", "trainer/configs/resnet_mlb.yaml", "--shards", shards, "--out",
-                       str(tmp_path / "run2"), *TRAIN, "model.n_classes=6")
+                       str(base / "run2"), *TRAIN, "model.n_classes=6")
     text = " ".join(mismatch.stderr.split())
     assert mismatch.returncode != 0 and "model.n_classes is 6" in text and "has 3 classes" in text and "Traceback" not in text
 
@@ -205,6 +217,7 @@ def read_samples(shards: str) -> dict[str, tuple[dict, object, object]]:
     return out
 
 
+@pytest.mark.slow
 def test_ave_end_to_end_whole_videos_and_event_windows(ave_root, tmp_path):
     """Whole videos (the default): 10 frames, black until the event starts, and a run that
     takes 3 classes and OGM-GE's spread frames from shards.json. Event windows: the clip
