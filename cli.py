@@ -73,6 +73,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from pipelines.stages.audio import AudioConfig
     from pipelines.stages.face_features import FaceFeaturesConfig
     from pipelines.stages.faces import FacesConfig
+    from pipelines.stages.flow import FlowConfig
     from pipelines.stages.pack import PackConfig
 
     from pipelines.recipes import get_recipe
@@ -94,6 +95,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
                           margin=args.face_margin, size=args.face_size, keep_crops=args.keep_face_crops),
         face_features=FaceFeaturesConfig(weights=args.face_weights, allow_random=args.allow_random_weights),
         audio=AudioConfig(spec=args.spec, seconds=args.spec_seconds or recipe.spec_seconds),
+        flow=FlowConfig(rate=args.flow_rate, stack=args.flow_stack, bound=args.flow_bound, preset=args.flow_preset),
         pack=PackConfig(samples_per_shard=args.shard_samples),
     )
     summary = preprocess(cfg)
@@ -219,12 +221,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_preprocess_options(p: argparse.ArgumentParser, default_split: str) -> None:
+def add_preprocess_options(p: argparse.ArgumentParser, default_split: str, default_stages: tuple[str, ...]) -> None:
     """The options every ``preprocess CORPUS`` shares (stages, workers, faces, audio, pack)."""
     p.add_argument("--out", required=True, help="output folder: manifest/, cache/, shards/<split>/, status.jsonl")
     p.add_argument("--split", default=default_split, help=f"comma-separated split names to pack (the manifest summary lists them) (default {default_split})")
-    p.add_argument("--stages", default=",".join(["frames", "faces", "face_features", "audio", "pack"]),
-                   help="comma-separated subset of frames,faces,face_features,audio,pack (default all)")
+    p.add_argument("--stages", default=",".join(default_stages),
+                   help=f"comma-separated subset of frames,flow,faces,face_features,audio,pack (default {','.join(default_stages)})")
     p.add_argument("--workers", type=arg(int, Allowed(lo=1)), default=1, help="worker processes (default 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet (default cpu)")
     p.add_argument("--batch-size", type=arg(int, Allowed(lo=1)), default=32, help="face frames per MTCNN/EfficientNet batch (default 32)")
@@ -239,6 +241,14 @@ def add_preprocess_options(p: argparse.ArgumentParser, default_split: str) -> No
                    "(default: none; then --allow-random-weights is needed)")
     p.add_argument("--allow-random-weights", action="store_true", help="tests/demos only: seeded random EfficientNet-B2 weights")
     p.add_argument("--keep-face-crops", action="store_true", help="also store the face crops (faces.jpg)")
+    p.add_argument("--flow-rate", type=arg(float, Allowed(lo=0, lo_open=True)), default=1.0,
+                   help="optical-flow slots per second, > 0; slot n starts at the frame on screen at n/rate s (default 1.0: one per 1-fps frame)")
+    p.add_argument("--flow-stack", type=arg(int, Allowed(lo=1)), default=1,
+                   help="consecutive flow fields per slot, >= 1 (two-stream networks stack 10) (default 1)")
+    p.add_argument("--flow-bound", type=arg(float, Allowed(lo=0, lo_open=True)), default=20.0,
+                   help="flow is clipped to +-bound pixels before quantising to 0..255, > 0 (default 20)")
+    p.add_argument("--flow-preset", choices=("ultrafast", "fast", "medium"), default="medium",
+                   help="OpenCV DIS optical-flow preset (default medium)")
     p.add_argument("--spec", choices=("logmel", "linear"), default="logmel", help="spectrogram: 128-bin log-Mel or the reference linear 257 x 188 (default logmel)")
     p.add_argument("--spec-seconds", type=arg(float, Allowed(lo=0, lo_open=True)), default=None,
                    help="seconds the spectrogram covers, shorter clips tiled (default: the corpus', 3 for CREMA-D as the "
@@ -285,14 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         recipe.add_arguments(q)
         q.set_defaults(func=cmd_manifest)
 
-    p = sub.add_parser("preprocess", help="decode, frames, faces, face features, audio, pack into WebDataset shards")
+    p = sub.add_parser("preprocess", help="decode, frames, optical flow, faces, face features, audio, pack into WebDataset shards")
     corpora = p.add_subparsers(dest="corpus", metavar="CORPUS", required=True,
                                help=f"the corpus recipe: {', '.join(recipe_names())} (docs/recipes.md)")
     for name in recipe_names():
         recipe = get_recipe(name)
         q = corpora.add_parser(name, help=recipe.description, description=recipe.description)
         q.add_argument("--root", required=True, help=recipe.root_help)
-        add_preprocess_options(q, recipe.default_split)
+        add_preprocess_options(q, recipe.default_split, recipe.default_stages)
         recipe.add_arguments(q)
         q.set_defaults(func=cmd_preprocess)
 

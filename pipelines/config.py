@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass, field
 from pipelines.stages.audio import AudioConfig
 from pipelines.stages.face_features import FaceFeaturesConfig
 from pipelines.stages.faces import FacesConfig
+from pipelines.stages.flow import FlowConfig
 from pipelines.stages.frames import FramesConfig
 from pipelines.stages.pack import PackConfig
 
-ALL_STAGES = ("frames", "faces", "face_features", "audio", "pack")
+ALL_STAGES = ("frames", "flow", "faces", "face_features", "audio", "pack")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class PreprocessConfig:
     chunk: int = 8  # clips per work unit
     overwrite: bool = False
     frames: FramesConfig = field(default_factory=FramesConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     faces: FacesConfig = field(default_factory=FacesConfig)
     face_features: FaceFeaturesConfig = field(default_factory=FaceFeaturesConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -34,7 +36,7 @@ class PreprocessConfig:
 
     def stage_configs(self) -> dict:
         """What changes outputs (paths, workers and devices do not)."""
-        return {name: asdict(getattr(self, name)) for name in ("frames", "faces", "face_features", "audio", "pack")}
+        return {name: asdict(getattr(self, name)) for name in ("frames", "flow", "faces", "face_features", "audio", "pack")}
 
     def as_dict(self) -> dict:
         return asdict(self)

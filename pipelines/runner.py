@@ -29,12 +29,13 @@ from pipelines.stages.audio import AudioStage
 from pipelines.stages.base import stable_hash
 from pipelines.stages.face_features import face_features_key, weights_identity
 from pipelines.stages.faces import FacesStage
+from pipelines.stages.flow import FlowStage
 from pipelines.stages.frames import FramesStage
 from pipelines.stages.pack import PackStage, samples_per_shard, shard_order
 from pipelines.shards import SCHEMA_VERSION, ShardWriter, read_index, write_index
 from pipelines.worker import ClipJob, init_worker, process_chunk, warm_up
 
-CLIP_STAGES = ("frames", "faces", "face_features", "audio")
+CLIP_STAGES = ("frames", "flow", "faces", "face_features", "audio")
 UPSTREAM = {"face_features": "faces"}
 
 
@@ -55,6 +56,7 @@ def stage_keys(cfg: PreprocessConfig, clip: dict) -> dict[str, str]:
         audio_src = stable_hash(video, "track")
     keys = {"video": video, "audio_source": audio_src}
     keys["frames"] = FramesStage(cfg.frames).key(keys)
+    keys["flow"] = FlowStage(cfg.flow).key(keys)
     keys["faces"] = FacesStage(cfg.faces).key(keys)
     keys["face_features"] = face_features_key(cfg.face_features, keys)
     keys["audio"] = AudioStage(cfg.audio).key(keys)
@@ -197,6 +199,8 @@ def status_rows(cfg: PreprocessConfig, clips: list[dict], skipped: list[dict], f
     listed = {c["clip_id"] for c in clips}
     for s in skipped:  # files (or list entries) the manifest could not use
         stem = s.get("clip_id") or os.path.splitext(os.path.basename(s["path"]))[0]
+        if s.get("absent"):
+            continue  # named by a list but not in the user's copy: coverage counts it, it did not fail
         if stem in listed:
             continue  # e.g. a bad WAV whose clip still has its video
         listed.add(stem)
@@ -251,7 +255,7 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
         try:
             for cid in progress_bar_iter(order, f"pack {split}/{part}"):
                 outputs = {s: cache.load(s, cid, keys[cid][s]) if cache.done(s, cid, keys[cid][s])
-                           else placeholder(s, cfg.audio, cfg.faces) for s in stages}
+                           else placeholder(s, cfg.audio, cfg.faces, cfg.flow) for s in stages}
                 done = {s: o for s, o in outputs.items() if cache.done(s, cid, keys[cid][s])}
                 quality = clip_quality(by_id[cid], done, failures.get(cid, {}), stages, cfg.audio)
                 for flag in quality:

@@ -13,9 +13,10 @@ from pipelines.cache import ClipCache
 from pipelines.config import PreprocessConfig
 from pipelines.stages.audio import AudioError, AudioStage, read_wav
 from pipelines.stages.decode import DecodedClip, DecodeError, FrameSampler, cut_audio, decode_clip
+from pipelines.stages.flow import FlowStage
 from pipelines.stages.frames import FramesStage
 
-VIDEO_STAGES = ("frames", "faces", "face_features")
+VIDEO_STAGES = ("frames", "flow", "faces", "face_features")
 
 
 @dataclass
@@ -120,6 +121,10 @@ def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome
     if "frames" in job.todo:
         frames_stage = FramesStage(cfg.frames)
         samplers.append(FrameSampler(cfg.frames.rate, frames_stage.add))
+    flow_stage = None
+    if "flow" in job.todo:
+        flow_stage = FlowStage(cfg.flow)
+        samplers.append(flow_stage)  # sees every frame: flow is between consecutive ones
     wants_faces = "faces" in job.todo or "face_features" in job.todo
     if wants_faces:
         batcher = _batcher()
@@ -150,6 +155,11 @@ def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome
             out.update(info)
             cache.save("frames", job.clip_id, job.keys["frames"], out)
             outcome.done.append("frames")
+        if flow_stage is not None:
+            out = flow_stage.finish_clip()
+            out.update(info)
+            cache.save("flow", job.clip_id, job.keys["flow"], out)
+            outcome.done.append("flow")
     if "audio" in job.todo and "audio" not in outcome.failed:
         try:
             if job.wav is not None:

@@ -36,11 +36,14 @@ import webdataset as wds
 from PIL import Image
 
 from avbalance.errors import UserError
+from trainer.flow_input import flow_values, split_flow
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 # modality -> the shard key it reads
-SOURCES = {"spec": "spec.npy", "wav": "wav.npy", "frames": "frames.jpg", "face_feats": "face_feats.npy"}
+SOURCES = {"spec": "spec.npy", "wav": "wav.npy", "frames": "frames.jpg", "face_feats": "face_feats.npy", "flow": "flow_x.jpg"}
+# sources that need more than their SOURCES member
+COMPANIONS = {"face_feats": ("face_mask.npy",), "flow": ("flow_y.jpg",)}
 MIN_WAV_SECONDS = 1.0  # shorter waveforms are tiled to this length at load time
 ON_CORRUPT = ("error", "skip")
 
@@ -48,7 +51,7 @@ ON_CORRUPT = ("error", "skip")
 @dataclass
 class DataConfig:
     """What to read and how to batch it. ``modalities`` maps a modality name to its source:
-    spec | wav | frames | face_feats."""
+    spec | wav | frames | face_feats | flow."""
 
     modalities: dict[str, str] = field(default_factory=lambda: {"audio": "spec", "visual": "frames"})
     batch_size: int = 16
@@ -166,20 +169,24 @@ def split_strip(data: bytes, meta: dict) -> list[torch.Tensor]:
     return [strip[:, :, k * stride:k * stride + width] for k in range(count)]
 
 
-def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, 3, S, S) normalised frames and a (T,) mask.
+def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, rng: random.Random,
+                     flow: bool = False, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, C, S, S) normalised frames and a (T,) mask.
 
     ``cfg.frames`` consecutive 1-fps frames, as the MLB paper samples them: a random window
     at train time with one random resized crop and flip for the whole clip (its frames stay
     aligned), the centred window at evaluation, resized and centre-cropped. ``spread``
     (``cfg.frame_sampling``) takes frames 0, s, 2s, ... with s = count // frames instead, at
     train and evaluation time alike, as OGM-GE's AVE and Kinetics-Sounds loaders do.
+    ``flow=True``: the frames are quantised flow fields (x, y channels alternating,
+    ``trainer/flow_input.py``), normalised to [-1, 1] around zero flow, and a flip also
+    negates the x components.
     """
     from torchvision.transforms.v2 import functional as F
 
     count = len(frames)
     if count == 0:  # a clip whose video did not decode (quality flag no_video): nothing to see
-        return torch.zeros(cfg.frames, 3, cfg.image_size, cfg.image_size), torch.zeros(cfg.frames, dtype=torch.bool)
+        return torch.zeros(cfg.frames, channels, cfg.image_size, cfg.image_size), torch.zeros(cfg.frames, dtype=torch.bool)
     height, width = frames[0].shape[1:]
     n = min(cfg.frames, count)
     if cfg.frame_sampling == "spread":
@@ -201,7 +208,10 @@ def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, r
             frame = frame.flip(-1) if flip else frame
         else:
             frame = F.center_crop(F.resize(frame, cfg.image_size, antialias=True), [cfg.image_size, cfg.image_size])
-        tensors.append((frame.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD)
+        if flow:
+            tensors.append(flow_values(frame, negate_x=train and flip))
+        else:
+            tensors.append((frame.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD)
     mask = torch.zeros(cfg.frames, dtype=torch.bool)
     mask[: len(tensors)] = True
     while len(tensors) < cfg.frames:  # short clips: repeat the last frame, masked out
@@ -254,6 +264,10 @@ def to_inputs(cfg: DataConfig, train: bool, seed: int = 0):
             elif source == "frames":
                 frames, mask = frames_to_tensor(split_strip(sample["frames.jpg"], meta), cfg, train, rng)
                 inputs[modality] = {"x": frames, "mask": mask}
+            elif source == "flow":
+                fields = split_flow(sample["flow_x.jpg"], sample["flow_y.jpg"], meta)
+                x, mask = frames_to_tensor(fields, cfg, train, rng, flow=True, channels=2 * meta["flow"]["stack"])
+                inputs[modality] = {"x": x, "mask": mask}
         return {"inputs": inputs, "label": int(meta["label"]), "clip_id": meta["clip_id"]}
 
     return convert
@@ -497,8 +511,7 @@ def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int 
         raise UserError(f"data.exclude_quality {list(cfg.exclude_quality)} leaves no sample in part {part!r} of {shards}")
     expected = {os.path.join(shards, s["name"]): s["samples"] for s in index["parts"][part]["shards"]}
     keys = {"json"} | {SOURCES[s] for s in cfg.modalities.values()}
-    if "face_feats" in cfg.modalities.values():
-        keys.add("face_mask.npy")
+    keys |= {k for s in cfg.modalities.values() for k in COMPANIONS.get(s, ())}
     workers = min(cfg.workers, len(urls))
     if train:
         per_epoch = cfg.samples_per_epoch or n_samples

@@ -51,7 +51,7 @@ def data_config(cfg: dict) -> DataConfig:
 
 
 # Which shard source each encoder reads.
-ENCODER_SOURCES = {"resnet18_audio": "spec", "resnet18_visual": "frames", "face_conformer": "face_feats", "wav2vec2_conformer": "wav"}
+ENCODER_SOURCES = {"resnet18_audio": "spec", "resnet18_visual": "frames", "resnet18_flow": "flow", "face_conformer": "face_feats", "wav2vec2_conformer": "wav"}
 
 
 def check_inputs(cfg: dict) -> None:

@@ -31,6 +31,8 @@ class Recipe:
     default_split: ClassVar[str]  # what ``preprocess --split`` packs by default
     clip_seconds: ClassVar[float | None] = None  # nominal clip length (shards.json; None: varies)
     spec_seconds: ClassVar[float] = 3.0  # what the spectrogram covers (clips tiled or cut to it)
+    # What ``preprocess --stages`` runs by default: the modalities this corpus has.
+    default_stages: ClassVar[tuple[str, ...]] = ("frames", "faces", "face_features", "audio", "pack")
     # Trainer settings this corpus needs on top of a preset (docs/recipes.md says why), e.g.
     # {"data.frames": 3}; written to shards.json, applied unless the user sets the key.
     train_defaults: ClassVar[dict[str, Any]] = {}

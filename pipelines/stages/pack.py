@@ -1,7 +1,7 @@
 """pack: one WebDataset shard set per split, from the per-clip stage caches.
 
 Sample keys (docs/shards.md has dtypes and shapes): ``frames.jpg`` (the 1-fps frames side
-by side), optional ``faces.jpg`` (face crops side by side), ``face_feats.npy``,
+by side), ``flow_x.jpg`` / ``flow_y.jpg`` (quantised optical flow side by side), optional ``faces.jpg`` (face crops side by side), ``face_feats.npy``,
 ``face_mask.npy``, ``face_boxes.npy``, ``face_times.npy``, ``wav.npy``, ``spec.npy``,
 ``cls`` and ``json``. Every sample of a shard set has the same keys; nothing is pickled.
 """
@@ -71,6 +71,12 @@ class PackStage(Stage):
             out = outputs["frames"]
             sample["frames.jpg"] = out["strip"].tobytes()
             meta["frames"] = {"count": int(len(out["times"])), "stride": int(out["stride"]), "times": [round(float(t), 3) for t in out["times"]]}
+        if "flow" in outputs:
+            out = outputs["flow"]
+            sample["flow_x.jpg"], sample["flow_y.jpg"] = out["x_strip"].tobytes(), out["y_strip"].tobytes()
+            meta["flow"] = {"count": int(len(out["times"])), "stack": int(out["stack"]), "stride": int(out["stride"]),
+                            "bound": float(out["bound"]), "times": [round(float(t), 3) for t in out["times"]],
+                            "pairs": [int(p) for p in out["pairs"]]}
         if "faces" in outputs:
             out = outputs["faces"]
             sample["face_mask.npy"] = npy_bytes(out["mask"].astype(np.uint8))
@@ -88,7 +94,7 @@ class PackStage(Stage):
             sample["wav.npy"] = npy_bytes(out["wav"].astype(np.int16))
             sample["spec.npy"] = npy_bytes(out["spec"].astype(np.float16))
             meta["audio"] = {"seconds": round(len(out["wav"]) / 16000, 4), "source": clip.get("audio_source", "wav" if "wav" in clip["files"] else "video")}
-        for stage in ("frames", "faces"):
+        for stage in ("frames", "flow", "faces"):
             if stage in outputs and "video_info" in outputs[stage]:
                 fps, width, height, n_frames, duration = outputs[stage]["video_info"].tolist()[:5]
                 meta["video"] = {"fps": round(fps, 3), "width": int(width), "height": int(height), "frames": int(n_frames), "seconds": round(duration, 4)}
