@@ -77,7 +77,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
     if not os.path.isdir(args.root):  # the cheapest, most basic check first
         raise UserError(f"--root {args.root} is not a folder; give the corpus folder that holds VideoFlash/ and AudioWAV/")
-    if args.device == "cuda":
+    if args.ray_address and args.engine != "ray":
+        raise UserError(f"--ray-address {args.ray_address} is for --engine ray; add --engine ray or drop --ray-address")
+    if args.device == "cuda" and args.engine == "local":  # a Ray cluster's GPUs are checked on the cluster
         import torch
 
         if not torch.cuda.is_available():
@@ -87,6 +89,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         splits=tuple(s for s in args.split.split(",") if s),
         stages=tuple(s for s in args.stages.split(",") if s),
         workers=args.workers, device=args.device, batch_size=args.batch_size, overwrite=args.overwrite,
+        engine=args.engine, ray_address=args.ray_address,
         faces=FacesConfig(fps=args.face_fps, detect_fps=args.face_detect_fps, min_face_size=args.face_min_size,
                           margin=args.face_margin, size=args.face_size, keep_crops=args.keep_face_crops),
         face_features=FaceFeaturesConfig(weights=args.face_weights, allow_random=args.allow_random_weights),
@@ -254,11 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="decode, frames, faces, face features, audio, pack into WebDataset shards")
     p.add_argument("corpus", choices=CORPORA, help="the corpus recipe (cremad)")
     p.add_argument("--root", required=True, help="corpus folder (holds VideoFlash/ and AudioWAV/)")
-    p.add_argument("--out", required=True, help="output folder: manifest/, cache/, shards/<split>/, status.jsonl")
+    p.add_argument("--out", required=True, help="output folder or fsspec URL (file://, s3://, gs://): manifest/, cache/, "
+                   "shards/<split>/, status.jsonl; with --engine ray on several nodes, storage every node sees")
     p.add_argument("--split", default="ogm", help="comma-separated split names to pack: ogm, vavl1..vavl5, kfold1..kfoldK (default ogm)")
     p.add_argument("--stages", default=",".join(["frames", "faces", "face_features", "audio", "pack"]),
                    help="comma-separated subset of frames,faces,face_features,audio,pack (default all)")
-    p.add_argument("--workers", type=arg(int, Allowed(lo=1)), default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=arg(int, Allowed(lo=1)), default=1,
+                   help="worker processes (default 1); with --engine ray, the CPUs of a local runtime and the face actors")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="where the work runs: local (a process pool) or ray (tasks and actors on a Ray cluster) (default local)")
+    p.add_argument("--ray-address", help="--engine ray: a running cluster, auto or HOST:PORT (default: start a local runtime sized by --workers)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet (default cpu)")
     p.add_argument("--batch-size", type=arg(int, Allowed(lo=1)), default=32, help="face frames per MTCNN/EfficientNet batch (default 32)")
     p.add_argument("--face-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None, help="face frames per second, > 0 (default: every frame)")

@@ -3,7 +3,6 @@ stage that still has work; models are loaded once per process; failures become r
 
 from __future__ import annotations
 
-import os
 import traceback
 from dataclasses import dataclass, field
 
@@ -14,6 +13,7 @@ from pipelines.config import PreprocessConfig
 from pipelines.stages.audio import AudioError, AudioStage, read_wav
 from pipelines.stages.decode import DecodedClip, DecodeError, FrameSampler, decode_clip
 from pipelines.stages.frames import FramesStage
+from pipelines.storage import Storage
 
 VIDEO_STAGES = ("frames", "faces", "face_features")
 
@@ -80,7 +80,7 @@ def _batcher():
 
 def process_chunk(jobs: list[ClipJob]) -> list[ClipOutcome]:
     cfg: PreprocessConfig = _STATE["cfg"]
-    cache = ClipCache(os.path.join(cfg.out, "cache"))
+    cache = ClipCache(Storage(cfg.out))
     outcomes = {job.clip_id: ClipOutcome(job.clip_id) for job in jobs}
     face_jobs: list[tuple[ClipJob, np.ndarray]] = []
     for job in jobs:
