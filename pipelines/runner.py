@@ -25,7 +25,7 @@ from manifests.io import read_jsonl
 from pipelines.cache import ClipCache
 from pipelines.config import ALL_STAGES, PreprocessConfig
 from pipelines.coverage import coverage, named_clips
-from pipelines.engines import Engine, make_engine
+from pipelines.engines import Engine, check_engine, make_engine
 from pipelines.quality import clip_quality, gives_sample, placeholder
 from pipelines.recipes.cremad import prepare_cremad
 from pipelines.stages.audio import AudioStage
@@ -116,6 +116,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         raise UserError(f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(ALL_STAGES)}")
     if "face_features" in cfg.stages and "faces" not in cfg.stages:
         raise UserError("the face_features stage needs the faces stage: add faces to --stages")
+    check_engine(cfg)
     storage = Storage(cfg.out)
     if cfg.overwrite:
         for sub in ("cache", "shards"):

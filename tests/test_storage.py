@@ -53,8 +53,3 @@ def test_an_aborted_write_leaves_no_file(tmp_path, url):
     storage.write_bytes("a/b.json", b"{}")
     assert storage.read_bytes("a/b.json") == b"{}" and storage.listdir("a") == ["b.json"]
 
-
-def test_ray_address_needs_the_ray_engine(corpus, tmp_path):
-    proc = run_cli("preprocess", "cremad", "--root", corpus, "--out", str(tmp_path), "--ray-address", "auto")
-    assert proc.returncode != 0 and "error:" in proc.stderr and "--engine ray" in proc.stderr
-    assert "Traceback" not in proc.stderr

@@ -27,6 +27,10 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @classmethod
+    def check(cls, cfg: PreprocessConfig) -> None:
+        """Refuse a config this engine cannot run, before any work (raise UserError)."""
+
     def close(self) -> None:
         """Release the runtime (no-op when it was never started)."""
 
@@ -43,3 +47,7 @@ class Engine:
 
 def make_engine(cfg: PreprocessConfig) -> Engine:
     return ENGINES.get(cfg.engine)(cfg)
+
+
+def check_engine(cfg: PreprocessConfig) -> None:
+    ENGINES.get(cfg.engine).check(cfg)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from typing import Any, Callable
 
@@ -77,14 +78,20 @@ class RayEngine(Engine):
                 self._temp_dir = tempfile.mkdtemp(prefix="avb-ray-")
                 ray.init(address="local", num_cpus=self.cfg.workers, include_dashboard=False,
                          object_store_memory=OBJECT_STORE_BYTES, _temp_dir=self._temp_dir, **common)
-        except (ConnectionError, RuntimeError, ValueError) as err:
+        except Exception as err:  # Ray raises bare Exceptions too (a node that timed out starting)
+            ray.shutdown()  # stop whatever part of a local runtime did start
             self._cleanup_temp()
             where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
-            raise UserError(f"--engine ray could not start or reach {where} ({err}); start a cluster with "
-                            "`ray start --head` and pass --ray-address HOST:PORT (or auto), or omit "
-                            "--ray-address for a local runtime") from None
+            raise UserError(f"--engine ray could not start or reach {where} ({type(err).__name__}: {err}); "
+                            "start a cluster with `ray start --head` and pass --ray-address HOST:PORT (or auto), "
+                            "or omit --ray-address for a local runtime (on an overloaded machine, try again)") from None
         self._ray = ray
         return ray
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.ray_address:
+            _check_reachable(cfg.ray_address)
 
     def close(self) -> None:
         if self._ray is not None:
@@ -154,6 +161,31 @@ class RayEngine(Engine):
             if on_done:
                 on_done()
         return results
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse at once an address where no cluster answers (``ray.init`` retries for minutes)."""
+    if address.startswith("ray://"):
+        return  # Ray Client: its own connection timeout applies
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            resolved = canonicalize_bootstrap_address("auto")
+        except Exception:  # noqa: BLE001 -- a private helper: without it, ray.init decides
+            return
+        if resolved is None:
+            raise UserError("--ray-address auto found no running Ray cluster on this machine; start one with "
+                            "`ray start --head`, give HOST:PORT, or omit --ray-address for a local runtime")
+        address = resolved
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address {address}: expected auto or HOST:PORT (the head node's GCS port, 6379 by default)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise UserError(f"--ray-address {address}: no Ray cluster answers there ({err}); start the head node with "
+                        f"`ray start --head --port {port}`, or omit --ray-address for a local runtime") from None
 
 
 def _raise_user_error(err: Exception) -> None:
