@@ -24,6 +24,7 @@ from pipelines.worker import ClipJob, ClipOutcome, init_worker, process_chunk, w
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RETRIES = 3  # per task and per actor restart; past them the clips are reported as lost
+LOCAL_START_ATTEMPTS = 3  # Ray gives its raylet 30 s to register: a busy machine can miss that
 OBJECT_STORE_BYTES = 256 * 1024**2  # chunks pass paths and small outcomes, never arrays
 FACE_STAGES = ("faces", "face_features")
 PASSED_ENV = ("AVBALANCE_QUIET", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
@@ -70,21 +71,27 @@ class RayEngine(Engine):
         common = dict(runtime_env={"env_vars": env}, logging_level=logging.WARNING,
                       log_to_driver=not quiet())  # worker warnings reach the user, not tests' output
         address = self.cfg.ray_address
-        try:
-            if address:
-                ray.init(address=address, **common)
-            else:
-                # address="local": a RAY_ADDRESS in the environment must not redirect the run.
-                self._temp_dir = tempfile.mkdtemp(prefix="avb-ray-")
-                ray.init(address="local", num_cpus=self.cfg.workers, include_dashboard=False,
-                         object_store_memory=OBJECT_STORE_BYTES, _temp_dir=self._temp_dir, **common)
-        except Exception as err:  # Ray raises bare Exceptions too (a node that timed out starting)
-            ray.shutdown()  # stop whatever part of a local runtime did start
-            self._cleanup_temp()
+        failure: Exception | None = None
+        for _ in range(1 if address else LOCAL_START_ATTEMPTS):
+            try:
+                if address:
+                    ray.init(address=address, **common)
+                else:
+                    # address="local": a RAY_ADDRESS in the environment must not redirect the run.
+                    self._temp_dir = tempfile.mkdtemp(prefix="avb-ray-")
+                    ray.init(address="local", num_cpus=self.cfg.workers, include_dashboard=False,
+                             object_store_memory=OBJECT_STORE_BYTES, _temp_dir=self._temp_dir, **common)
+                failure = None
+                break
+            except Exception as err:  # Ray raises bare Exceptions too (a node that timed out starting)
+                ray.shutdown()  # stop whatever part of a local runtime did start
+                self._cleanup_temp()
+                failure = err
+        if failure is not None:
             where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
-            raise UserError(f"--engine ray could not start or reach {where} ({type(err).__name__}: {err}); "
+            raise UserError(f"--engine ray could not start or reach {where} ({type(failure).__name__}: {failure}); "
                             "start a cluster with `ray start --head` and pass --ray-address HOST:PORT (or auto), "
-                            "or omit --ray-address for a local runtime (on an overloaded machine, try again)") from None
+                            "or omit --ray-address for a local runtime (on an overloaded machine, try again)")
         self._ray = ray
         return ray
 
