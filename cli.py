@@ -81,7 +81,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.corpus)
     if not os.path.isdir(args.root):  # the cheapest, most basic check first
         raise UserError(f"--root {args.root} is not a folder; give the {recipe.root_help}")
-    if args.device == "cuda":
+    if args.ray_address and args.engine != "ray":
+        raise UserError(f"--ray-address {args.ray_address} is for --engine ray; add --engine ray or drop --ray-address")
+    if args.device == "cuda" and args.engine == "local":  # a Ray cluster's GPUs are checked on the cluster
         import torch
 
         if not torch.cuda.is_available():
@@ -91,6 +93,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         splits=tuple(s for s in args.split.split(",") if s),
         stages=tuple(s for s in args.stages.split(",") if s),
         workers=args.workers, device=args.device, batch_size=args.batch_size, overwrite=args.overwrite,
+        engine=args.engine, ray_address=args.ray_address,
         faces=FacesConfig(fps=args.face_fps, detect_fps=args.face_detect_fps, min_face_size=args.face_min_size,
                           margin=args.face_margin, size=args.face_size, keep_crops=args.keep_face_crops),
         face_features=FaceFeaturesConfig(weights=args.face_weights, allow_random=args.allow_random_weights),
@@ -223,11 +226,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_preprocess_options(p: argparse.ArgumentParser, default_split: str, default_stages: tuple[str, ...]) -> None:
     """The options every ``preprocess CORPUS`` shares (stages, workers, faces, audio, pack)."""
-    p.add_argument("--out", required=True, help="output folder: manifest/, cache/, shards/<split>/, status.jsonl")
+    p.add_argument("--out", required=True, help="output folder or fsspec URL (file://, s3://, gs://): manifest/, cache/, "
+                   "shards/<split>/, status.jsonl; with --engine ray on several nodes, storage every node sees")
     p.add_argument("--split", default=default_split, help=f"comma-separated split names to pack (the manifest summary lists them) (default {default_split})")
     p.add_argument("--stages", default=",".join(default_stages),
                    help=f"comma-separated subset of frames,flow,faces,face_features,audio,pack (default {','.join(default_stages)})")
-    p.add_argument("--workers", type=arg(int, Allowed(lo=1)), default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=arg(int, Allowed(lo=1)), default=1,
+                   help="worker processes (default 1); with --engine ray, the CPUs of a local runtime and the face actors")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="where the work runs: local (a process pool) or ray (tasks and actors on a Ray cluster) (default local)")
+    p.add_argument("--ray-address", help="--engine ray: a running cluster, auto or HOST:PORT (default: start a local runtime sized by --workers)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet (default cpu)")
     p.add_argument("--batch-size", type=arg(int, Allowed(lo=1)), default=32, help="face frames per MTCNN/EfficientNet batch (default 32)")
     p.add_argument("--face-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None, help="face frames per second, > 0 (default: every frame)")

@@ -3,6 +3,7 @@
 invocation, on the same clips, with the same process count.
 
     python bench/preprocess.py --clips 144 --workers 2 --face-clips 6
+    python bench/preprocess.py --clips 144 --workers 2 --engine ray --json bench/preprocess.json
 
 - floor: in-process PyAV decoding of every frame, nothing else;
 - reference: OpenCV decoding every frame and writing a JPEG per second to files
@@ -10,7 +11,10 @@ invocation, on the same clips, with the same process count.
 - pipeline: `preprocess --stages frames,audio,pack` (and each stage alone);
 - faces: MTCNN + EfficientNet-B2 batched across clips vs one frame per call;
 - box carrying: detection at a lower rate vs on every frame (speed and box IoU);
-- peak memory of a run on a small and on a 4x larger corpus (it must stay flat).
+- peak memory of a run on a small and on a 4x larger corpus (it must stay flat);
+- with ``--engine ray`` only: the Ray engine against the local one, `frames,audio,pack` on the
+  same clips and worker count, whole runs and steady state, and whether the shards are
+  byte-identical; stored under ``engine_ray`` in the ``--json`` file (other keys kept).
 
     python bench/preprocess.py --mp4 24 --workers 2
 
@@ -107,6 +111,29 @@ def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[s
     seconds = time.perf_counter() - start
     summary = json.load(open(os.path.join(out, "preprocess.json")))
     return summary["clips"] / seconds, summary, peak_kb // 1024
+
+
+def shard_bytes(out: str) -> dict[str, bytes]:
+    return {os.path.relpath(p, out): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(out, "shards", "*", "*")))}
+
+
+def engine_comparison(small_root: str, root: str, n: int, workers: int, work: str, address: str | None) -> dict:
+    """Ray against local, frames+audio+pack: the overhead ratio (Ray's time over local's) of
+    whole runs (start-up included) and at steady state (the extra clips of the 4x corpus)."""
+    res: dict = {"stages": "frames,audio,pack", "ray_address": address}
+    for engine in ("local", "ray"):
+        extra = ["--engine", engine] + (["--ray-address", address] if engine == "ray" and address else [])
+        out = os.path.join(work, f"engine-{engine}")
+        rate_big, summary, _ = run_preprocess(root, out, "frames,audio,pack", workers, extra)
+        rate_small, small, _ = run_preprocess(small_root, out + "-small", "frames,audio,pack", workers, extra)
+        t_big, t_small = n / rate_big, small["clips"] / rate_small
+        res[engine] = {"clips_s": rate_big, "seconds": t_big, "phase_seconds": summary["phase_seconds"],
+                       "small_clips": small["clips"], "small_seconds": t_small,
+                       "marginal_clips_s": (n - small["clips"]) / (t_big - t_small)}
+    res["identical_shards"] = shard_bytes(os.path.join(work, "engine-local")) == shard_bytes(os.path.join(work, "engine-ray"))
+    res["whole_run_ratio"] = res["ray"]["seconds"] / res["local"]["seconds"]
+    res["steady_state_ratio"] = res["local"]["marginal_clips_s"] / res["ray"]["marginal_clips_s"]
+    return res
 
 
 def face_batching(files: list[str], n_frames: int = 64, batch: int = 32) -> dict:
@@ -252,6 +279,9 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "avbalance-bench"))
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--mp4", type=int, default=0, metavar="N", help="instead: the folder recipe on N 10 s mp4 clips")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="ray: only compare the Ray engine with the local one (key engine_ray of --json)")
+    ap.add_argument("--ray-address", help="with --engine ray: a running cluster (default: a local runtime of --workers CPUs)")
     args = ap.parse_args()
     if args.mp4:
         res = mp4_bench(args.mp4, args.workers, args.work)
@@ -268,6 +298,16 @@ def main() -> None:
     root = os.path.join(args.work, f"corpus{actors * 4}")
     files = synth(root, actors * 4, 4)
     n = len(files)
+    if args.engine == "ray":
+        found = engine_comparison(small_root, root, n, args.workers, args.work, args.ray_address)
+        found.update(clips=n, workers=args.workers, cpu=os.cpu_count())
+        print(json.dumps(found, indent=2))
+        if args.json:
+            res = json.load(open(args.json)) if os.path.exists(args.json) else {}
+            res["engine_ray"] = found
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=2)
+        return
     res: dict = {"clips": n, "workers": args.workers, "cpu": os.cpu_count()}
 
     res["floor_clips_s"] = rate(_decode_all, files, args.workers)
@@ -313,6 +353,9 @@ def main() -> None:
     }
     print(json.dumps(res, indent=2))
     if args.json:
+        previous = json.load(open(args.json)) if os.path.exists(args.json) else {}
+        if "engine_ray" in previous:  # the Ray comparison is measured by its own invocation
+            res["engine_ray"] = previous["engine_ray"]
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)
 

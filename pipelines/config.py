@@ -27,6 +27,8 @@ class PreprocessConfig:
     batch_size: int = 32  # face frames per MTCNN / EfficientNet batch
     chunk: int = 8  # clips per work unit
     overwrite: bool = False
+    engine: str = "local"  # where work runs: local (process pool) or ray
+    ray_address: str | None = None  # --engine ray: auto or HOST:PORT; None starts a local runtime
     frames: FramesConfig = field(default_factory=FramesConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     faces: FacesConfig = field(default_factory=FacesConfig)

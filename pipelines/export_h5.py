@@ -278,7 +278,7 @@ class _PartWriter:
 
     def _append(self, name: str, data: np.ndarray) -> None:
         if name not in self.group:
-            dtype = {"frames_jpeg": VLEN_BYTES, "faces_jpeg": VLEN_BYTES}.get(name, UTF8 if data.dtype.kind == "O" else data.dtype)
+            dtype = dict.fromkeys(JPEG_KEYS.values(), VLEN_BYTES).get(name, UTF8 if data.dtype.kind == "O" else data.dtype)
             layout = self._layout(np.dtype(dtype), data.shape)
             self.group.create_dataset(name, shape=(0, *data.shape[1:]), maxshape=(None, *data.shape[1:]),
                                       dtype=dtype, **layout)

@@ -3,7 +3,6 @@ stage that still has work; models are loaded once per process; failures become r
 
 from __future__ import annotations
 
-import os
 import traceback
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ from pipelines.stages.audio import AudioError, AudioStage, read_wav
 from pipelines.stages.decode import DecodedClip, DecodeError, FrameSampler, cut_audio, decode_clip
 from pipelines.stages.flow import FlowStage
 from pipelines.stages.frames import FramesStage
+from pipelines.storage import Storage
 
 VIDEO_STAGES = ("frames", "flow", "faces", "face_features")
 
@@ -82,7 +82,7 @@ def _batcher():
 
 def process_chunk(jobs: list[ClipJob]) -> list[ClipOutcome]:
     cfg: PreprocessConfig = _STATE["cfg"]
-    cache = ClipCache(os.path.join(cfg.out, "cache"))
+    cache = ClipCache(Storage(cfg.out))
     outcomes = {job.clip_id: ClipOutcome(job.clip_id) for job in jobs}
     face_jobs: list[tuple[ClipJob, np.ndarray]] = []
     for job in jobs:
