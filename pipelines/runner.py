@@ -8,6 +8,7 @@ changed stage config redoes only that stage and those after it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -29,7 +30,7 @@ from pipelines.stages.base import stable_hash
 from pipelines.stages.face_features import face_features_key, weights_identity
 from pipelines.stages.faces import FacesStage
 from pipelines.stages.frames import FramesStage
-from pipelines.stages.pack import PackStage, samples_per_shard, shard_order
+from pipelines.stages.pack import PackStage, sample_bytes, samples_per_shard, shard_order
 from pipelines.shards import SCHEMA_VERSION, ShardWriter, read_index, write_index
 from pipelines.worker import ClipJob, init_worker, process_chunk, warm_up
 
@@ -234,18 +235,24 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
             continue
         by_id = {c["clip_id"]: c for c in members[part]}
         order = shard_order(list(by_id))
-        writer = ShardWriter(directory, part, samples_per_shard(len(order), cfg.pack))
         part_flags: dict[str, list[str]] = {}
+
+        def packed(cid: str) -> dict:
+            outputs = {s: cache.load(s, cid, keys[cid][s]) if cache.done(s, cid, keys[cid][s])
+                       else placeholder(s, cfg.audio, cfg.faces) for s in stages}
+            done = {s: o for s, o in outputs.items() if cache.done(s, cid, keys[cid][s])}
+            quality = clip_quality(by_id[cid], done, failures.get(cid, {}), stages, cfg.audio)
+            for flag in quality:
+                part_flags.setdefault(flag, []).append(cid)
+            flags[cid] = sorted(quality)
+            return packer.sample(by_id[cid], outputs, quality)
+
+        samples = (packed(cid) for cid in progress_bar_iter(order, f"pack {split}/{part}"))
+        first = next(samples)  # the first sample in shard order sizes the shards
+        writer = ShardWriter(directory, part, samples_per_shard(len(order), cfg.pack, sample_bytes(first)))
         try:
-            for cid in progress_bar_iter(order, f"pack {split}/{part}"):
-                outputs = {s: cache.load(s, cid, keys[cid][s]) if cache.done(s, cid, keys[cid][s])
-                           else placeholder(s, cfg.audio, cfg.faces) for s in stages}
-                done = {s: o for s, o in outputs.items() if cache.done(s, cid, keys[cid][s])}
-                quality = clip_quality(by_id[cid], done, failures.get(cid, {}), stages, cfg.audio)
-                for flag in quality:
-                    part_flags.setdefault(flag, []).append(cid)
-                flags[cid] = sorted(quality)
-                writer.write(packer.sample(by_id[cid], outputs, quality))
+            for sample in itertools.chain([first], samples):
+                writer.write(sample)
             shards = writer.close()
         except OSError as err:
             writer.abort()
