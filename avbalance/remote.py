@@ -1,7 +1,7 @@
 """Shard sets at URLs: one place that stats, reads and streams a shard set's files, local or not.
 
-A location is a local path, an fsspec URL (``http(s)://``, ``s3://``, ``gs://``, ``file://``)
-or ``pipe:COMMAND`` whose ``{name}`` is replaced by a file name (``shards.json``, a shard)
+A location is a local path, a URL (``http(s)://`` through the standard library; ``s3://``,
+``gs://``, ``file://`` and other fsspec protocols through fsspec) or ``pipe:COMMAND`` whose ``{name}`` is replaced by a file name (``shards.json``, a shard)
 and whose stdout is the file. Files are streamed, never copied whole before reading; with
 ``AVBALANCE_SHARD_CACHE=DIR`` (``--shard-cache``) a remote shard read to its end is kept
 there and read locally afterwards. Every network wait has a timeout
@@ -27,6 +27,7 @@ TIMEOUT_ENV = "AVBALANCE_REMOTE_TIMEOUT"
 CACHE_ENV = "AVBALANCE_SHARD_CACHE"
 DEFAULT_TIMEOUT = 60.0
 CHUNK = 1 << 20
+DRAIN = 64 << 10  # a tar reader stops within one 10 KB record of the end
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _EXTRAS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 
@@ -42,7 +43,9 @@ def is_remote(location: str) -> bool:
 
 def canonical(location: str) -> str:
     """How a run records where its shards are: local paths absolute, URLs as given."""
-    return location.rstrip("/") if is_remote(location) else os.path.abspath(location)
+    if is_pipe(location):
+        return location
+    return location.rstrip("/") if _URL.match(location) else os.path.abspath(location)
 
 
 def join(base: str, name: str) -> str:
@@ -141,12 +144,13 @@ def size(location: str) -> int | None:
         return -1
     if not _URL.match(location):
         return os.path.getsize(location) if os.path.isfile(location) else None
+    fs = None if _http(location) else _filesystem(location)
     try:
-        if _http(location):
+        if fs is None:
             with _http_open(location, "HEAD") as response:
                 length = response.headers.get("Content-Length")
             return int(length) if length is not None else -1
-        info = _filesystem(location).info(location)
+        info = fs.info(location)
     except FileNotFoundError:
         return None
     except OSError as err:
@@ -240,10 +244,10 @@ class _Stream:
         if self.copy is not None:
             # A tar reader stops at the end-of-archive blocks, just short of EOF: finish small
             # tails so the copy is kept; a stream left half-way is dropped, not cached.
+            left = DRAIN
             try:
-                for _ in range(4):
-                    if not self.read(CHUNK // 4) or self.copy is None:
-                        break
+                while self.copy is not None and left > 0:  # an empty read (EOF) keeps the copy
+                    left -= len(self.read(left))
             except OSError:
                 pass
             if self.copy is not None:
@@ -312,8 +316,9 @@ def open_stream(location: str, cache: bool = True) -> BinaryIO:
         return _Stream(location, _Pipe(location[len("pipe:"):]), kept)  # type: ignore[return-value]
     if _http(location):
         return _Stream(location, _http_open(location), kept)  # type: ignore[return-value]
+    fs = _filesystem(location)
     try:
-        fh = _filesystem(location).open(location, "rb")
+        fh = fs.open(location, "rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"{location}: not found") from None
     except Exception as err:  # noqa: BLE001
