@@ -4,13 +4,13 @@
     python cli.py synth cremad --out DIR
     python cli.py manifest cremad --root DIR --out DIR [--verify]
     python cli.py preprocess cremad --root DIR --out DIR
-    python cli.py train --config FILE --shards DIR --out RUN_DIR
+    python cli.py train --config FILE --shards DIR|URL --out RUN_DIR [--shard-cache DIR]
     python cli.py evaluate --run RUN_DIR [--split test]
     python cli.py sweep --config FILE
     python cli.py report --runs DIR --out DIR [--markdown]
     python cli.py report --summary FILE --markdown
     python cli.py export h5 --shards DIR --out FILE.h5
-    python cli.py verify-shards DIR [--hash]
+    python cli.py verify-shards DIR|URL [--hash]
 
 Bad input ends with a one-paragraph message and a non-zero exit, never a traceback.
 """
@@ -99,7 +99,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         face_features=FaceFeaturesConfig(weights=args.face_weights, allow_random=args.allow_random_weights),
         audio=AudioConfig(spec=args.spec, seconds=args.spec_seconds or recipe.spec_seconds),
         flow=FlowConfig(rate=args.flow_rate, stack=args.flow_stack, bound=args.flow_bound, preset=args.flow_preset),
-        pack=PackConfig(samples_per_shard=args.shard_samples),
+        pack=PackConfig(samples_per_shard=args.shard_samples, shard_mb=args.shard_mb, min_shards=args.min_shards),
     )
     summary = preprocess(cfg)
     for split, parts in summary["shards"].items():
@@ -151,10 +151,20 @@ def set_items(groups: list[list[str]] | None) -> list[str]:
     return items
 
 
+def use_shard_cache(args: argparse.Namespace) -> None:
+    """``--shard-cache DIR``: remote shards read to their end are kept there. An environment
+    variable, because loader workers and torchrun's other ranks inherit it."""
+    from avbalance.remote import CACHE_ENV
+
+    if args.shard_cache:
+        os.environ[CACHE_ENV] = os.path.abspath(args.shard_cache)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.resume import requested_config
 
+    use_shard_cache(args)
     overrides = set_items(args.set)
     cfg = requested_config(args.out, args.config, overrides) if args.resume else load_config(args.config, overrides)
     from trainer.loop import train  # torch loads only once the settings are known to be valid
@@ -174,6 +184,7 @@ def _probes(metrics: dict) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate_run
 
+    use_shard_cache(args)
     m = evaluate_run(args.run, args.split, shards=args.shards, checkpoint=args.checkpoint)
     uni = ", ".join(f"{k} {v:.3f}" for k, v in m["unimodal_accuracy"].items())
     print(f"evaluate: {args.split}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, ECE {m['ece']:.3f}, "
@@ -261,7 +272,12 @@ def add_preprocess_options(p: argparse.ArgumentParser, default_split: str, defau
     p.add_argument("--spec-seconds", type=arg(float, Allowed(lo=0, lo_open=True)), default=None,
                    help="seconds the spectrogram covers, shorter clips tiled (default: the corpus', 3 for CREMA-D as the "
                         "reference, 10 for AVE; docs/recipes.md)")
-    p.add_argument("--shard-samples", type=arg(int, Allowed(lo=1)), default=None, help="samples per shard (default: about 16 shards per part)")
+    p.add_argument("--shard-samples", type=arg(int, Allowed(lo=1)), default=None,
+                   help="samples per shard (default: as many as fill --shard-mb, at most part size / --min-shards, at least 8)")
+    p.add_argument("--shard-mb", type=arg(float, Allowed(lo=1)), default=256.0,
+                   help="target shard size in MB when --shard-samples is not given (default 256: webdataset's 100 MB - 1 GB for streaming)")
+    p.add_argument("--min-shards", type=arg(int, Allowed(lo=1)), default=16,
+                   help="shards per part at least, for parts large enough (default 16; raise it to ranks x loader workers of a cluster)")
     p.add_argument("--overwrite", action="store_true", help="drop cached stage outputs and shards, redo everything")
 
 
@@ -315,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("verify-shards", help="check a shard set against its shards.json (sizes; sha256 with --hash)")
-    p.add_argument("dir", metavar="DIR", help="shard set folder (holds shards.json), e.g. OUT/shards/ogm")
+    p.add_argument("dir", metavar="DIR|URL", help="shard set folder (holds shards.json), e.g. OUT/shards/ogm, or its URL "
+                   "(http(s)://, s3://, gs://, file://, pipe:CMD with {name})")
     p.add_argument("--hash", action="store_true", help="also compare every shard's sha256 (reads every byte; default: sizes only)")
     p.set_defaults(func=cmd_verify_shards)
 
@@ -329,20 +346,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a multimodal classifier from shards (torchrun for several processes)")
     p.add_argument("--config", help="YAML preset (trainer/configs/*.yaml); built-in defaults apply where it is silent "
                    "(default: none, all built-in defaults; with --resume: the run's own config)")
-    p.add_argument("--shards", required=True, help="a shard set folder with shards.json (OUT/shards/<split>)")
+    p.add_argument("--shards", required=True, metavar="DIR|URL", help="a shard set folder with shards.json (OUT/shards/<split>), "
+                   "or its URL: http(s)://, s3://, gs://, file://, or pipe:CMD with {name} for the file name (streamed)")
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, tb/, best.pt, last.pt")
     p.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE",
                    help="override a config key, e.g. optim.lr=1e-4 (repeatable; default: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with the run's own config.yaml")
+    p.add_argument("--shard-cache", metavar="DIR", help="keep remote shards read to their end in DIR and read them from there "
+                   "afterwards (default: none, always streamed)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run: accuracy, macro-F1, heads, ECE, agreement, confusion")
     p.add_argument("--run", required=True, help="a run folder written by train")
     p.add_argument("--split", default="test", help="the part to evaluate: train, val or test (default test)")
-    p.add_argument("--shards", help="evaluate on another shard set than the run's (default: the run's own)")
+    p.add_argument("--shards", metavar="DIR|URL", help="evaluate on another shard set (folder or URL) than the run's (default: the run's own)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="best.pt (best validation accuracy) or last.pt (the last epoch) (default best)")
+    p.add_argument("--shard-cache", metavar="DIR", help="keep remote shards read to their end in DIR and read them from there "
+                   "afterwards (default: none, always streamed)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="run a grid of training runs (methods x fusions x presets x splits x seeds) from one YAML file")

@@ -35,7 +35,7 @@ from pipelines.stages.face_features import face_features_key, weights_identity
 from pipelines.stages.faces import FacesStage
 from pipelines.stages.flow import FlowStage
 from pipelines.stages.frames import FramesStage
-from pipelines.stages.pack import PackStage, samples_per_shard, shard_order
+from pipelines.stages.pack import PackStage, sample_bytes, samples_per_shard, shard_order
 from pipelines.shards import MAX_SHARD_BYTES, SCHEMA_VERSION, ShardWriter, read_index, write_index
 from pipelines.storage import Storage
 from pipelines.worker import ClipJob
@@ -249,6 +249,16 @@ class ShardTask:
     meta: dict[str, dict]  # the recipe's extra sample fields per clip (computed by the driver)
 
 
+def build_sample(cfg: PreprocessConfig, cache: ClipCache, packer: PackStage, clip: dict, keys: dict[str, str],
+                 failures: dict[str, str], stages: list[str], meta: dict | None) -> tuple[dict, dict]:
+    """One clip's shard sample from the cache (placeholders for what it lacks) and its quality flags."""
+    cid = clip["clip_id"]
+    done = {s: cache.load(s, cid, keys[s]) for s in stages if cache.done(s, cid, keys[s])}
+    outputs = {s: done[s] if s in done else placeholder(s, cfg.audio, cfg.faces, cfg.flow) for s in stages}
+    quality = clip_quality(clip, done, failures, stages, cfg.audio)
+    return packer.sample(clip, outputs, quality, meta=meta), quality
+
+
 def pack_shard(task: ShardTask) -> dict:
     """Write one shard from the clip cache; return its index entry, its clips' flag names
     and its sample keys. Runs wherever the engine puts it."""
@@ -261,12 +271,10 @@ def pack_shard(task: ShardTask) -> dict:
     size = 0
     try:
         for clip in task.clips:
-            cid, keys = clip["clip_id"], task.keys[clip["clip_id"]]
-            done = {s: cache.load(s, cid, keys[s]) for s in task.stages if cache.done(s, cid, keys[s])}
-            outputs = {s: done[s] if s in done else placeholder(s, cfg.audio, cfg.faces, cfg.flow) for s in task.stages}
-            quality = clip_quality(clip, done, task.failures.get(cid, {}), task.stages, cfg.audio)
+            cid = clip["clip_id"]
+            sample, quality = build_sample(cfg, cache, packer, clip, task.keys[cid], task.failures.get(cid, {}),
+                                           task.stages, task.meta.get(cid))
             flags[cid] = sorted(quality)
-            sample = packer.sample(clip, outputs, quality, meta=task.meta.get(cid))
             size += sum(len(v) for k, v in sample.items() if k != "__key__")
             if size > MAX_SHARD_BYTES:
                 writer.abort()
@@ -312,12 +320,18 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
     if index is not None:
         storage.remove(f"{directory}/shards.json")  # the old set is no longer complete
     tasks = []
+    cache, packer = ClipCache(storage), PackStage(cfg.pack)
     for part in ("train", "val", "test"):
         if part not in members:
             continue
         by_id = {c["clip_id"]: c for c in members[part]}
         order = shard_order(list(by_id))
-        n = samples_per_shard(len(order), cfg.pack)
+        # The first sample in shard order sizes the shards (pack.samples_per_shard), so both
+        # engines cut the same shards before any is written.
+        first = by_id[order[0]]
+        first_bytes = sample_bytes(build_sample(cfg, cache, packer, first, keys[first["clip_id"]],
+                                                failures.get(first["clip_id"], {}), stages, recipe.sample_meta(first))[0])
+        n = samples_per_shard(len(order), cfg.pack, first_bytes)
         for number, start in enumerate(range(0, len(order), n)):
             ids = order[start:start + n]
             tasks.append(ShardTask(cfg, directory, part, number, [by_id[c] for c in ids], {c: keys[c] for c in ids},

@@ -35,6 +35,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from avbalance import remote
 from avbalance.errors import UserError
 from trainer.flow_input import flow_values, split_flow
 
@@ -79,15 +80,15 @@ def split_folders(folder: str) -> list[str]:
 
 
 def read_index(shards: str) -> dict:
-    path = os.path.join(shards, "shards.json")
-    if not os.path.exists(path):
-        splits = split_folders(shards)
+    """``shards.json`` of the set at ``shards`` (a folder or a URL: avbalance.remote)."""
+    index = remote.read_json(remote.join(shards, "shards.json"))
+    if index is None:
+        splits = [] if remote.is_remote(shards) else split_folders(shards)
         if splits:
             raise UserError(f"{shards} holds shard sets, one per split, but is not one itself: pass one of "
                             f"{', '.join(splits)} as --shards")
         raise UserError(f"no shards.json in {shards}: not a complete shard set; run `python cli.py preprocess` first")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return index
 
 
 def shard_urls(shards: str, part: str, on_corrupt: str = "error") -> tuple[list[str], int]:
@@ -97,13 +98,13 @@ def shard_urls(shards: str, part: str, on_corrupt: str = "error") -> tuple[list[
     if part not in index["parts"]:
         raise UserError(f"{shards} has no {part!r} part (parts: {', '.join(index['parts'])})")
     listed = index["parts"][part]["shards"]
-    urls = [os.path.join(shards, s["name"]) for s in listed]
-    missing = [u for u in urls if not os.path.exists(u)]
+    urls = [remote.join(shards, s["name"]) for s in listed]
+    sizes = remote.sizes(urls)  # a stat per shard; HEAD requests at a URL
+    missing = [u for u, size in zip(urls, sizes) if size is None]
     if missing:
         raise UserError(f"{len(missing)} shard(s) listed in {shards}/shards.json are missing, e.g. {missing[0]}")
-    for entry, url in zip(listed, urls):
-        size = os.path.getsize(url)
-        if "bytes" in entry and size != entry["bytes"]:
+    for entry, url, size in zip(listed, urls, sizes):
+        if "bytes" in entry and size != entry["bytes"] and size != -1:  # -1: pipe:, size unknown
             message = (f"shard {url} is {size} bytes but shards.json records {entry['bytes']}: it is damaged or cut "
                        f"short. Check the set with `python cli.py verify-shards {shards}` and re-create it with "
                        "`python cli.py preprocess` (finished stages are cached)")
@@ -364,7 +365,7 @@ def read_shards(expected: dict[str, int]):
                 return
             count, key, current = 0, None, None
             try:
-                with open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+                with remote.open_stream(url) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
                     for member in tar:
                         if not member.isfile():
                             continue
@@ -451,7 +452,7 @@ class GuardedLoader:
         for batch in self.loader:
             for record in batch.pop("corrupt", []):
                 damaged += 1
-                fix = (f"Check the set with `python cli.py verify-shards {os.path.dirname(record['shard'])}` and "
+                fix = (f"Check the set with `python cli.py verify-shards {remote.parent(record['shard'])}` and "
                        "re-create it with `python cli.py preprocess` (finished stages are cached)")
                 if record.get("fatal"):
                     raise UserError(f"damaged data: {record['reason']} (e.g. {record['shard']}). {fix}")
@@ -509,7 +510,7 @@ def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int 
     n_samples -= len(exclude)
     if n_samples <= 0:
         raise UserError(f"data.exclude_quality {list(cfg.exclude_quality)} leaves no sample in part {part!r} of {shards}")
-    expected = {os.path.join(shards, s["name"]): s["samples"] for s in index["parts"][part]["shards"]}
+    expected = {remote.join(shards, s["name"]): s["samples"] for s in index["parts"][part]["shards"]}
     keys = {"json"} | {SOURCES[s] for s in cfg.modalities.values()}
     keys |= {k for s in cfg.modalities.values() for k in COMPANIONS.get(s, ())}
     workers = min(cfg.workers, len(urls))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from avbalance import remote
 from avbalance.errors import UserError
 from avbalance.hub import weight_sources
 from avbalance.progress import progress_bar, quiet
@@ -305,7 +306,7 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
         if dist_info.main:
             print(line, file=sys.stderr, flush=True)
     SKIPPED.records.clear()
-    cfg["data"]["shards"] = os.path.abspath(shards)
+    cfg["data"]["shards"] = remote.canonical(shards)  # a URL stays a URL
 
     # Data: the loaders are rebuilt per epoch, seeded by (seed, rank, epoch).
     _, steps_per_epoch = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,

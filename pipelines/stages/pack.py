@@ -23,14 +23,31 @@ from pipelines.stages.frames import encode_strip, unpack_blobs
 
 @dataclass(frozen=True)
 class PackConfig:
-    samples_per_shard: int | None = None  # None: about 16 shards per part, 8..256 samples each
+    samples_per_shard: int | None = None  # None: derived from shard_mb and min_shards (samples_per_shard)
+    shard_mb: float = 256.0  # target shard size for streaming (webdataset: 100 MB - 1 GB)
+    min_shards: int = 16  # per part, when the part is large enough; a cluster wants ranks x loader workers
     jpeg_quality: int = 90
 
 
-def samples_per_shard(n: int, cfg: PackConfig) -> int:
+MIN_SHARD_SAMPLES = 8  # fewer samples a shard and opening shards (a request each when remote) dominates
+
+
+def samples_per_shard(n: int, cfg: PackConfig, sample_bytes: int | None = None) -> int:
+    """Samples per shard for a part of ``n`` samples of about ``sample_bytes`` each.
+
+    ``--shard-samples`` when given; else as many samples as fill ``shard_mb``, but no more
+    than keeps ``min_shards`` shards in the part (so every reader of a cluster, rank x
+    loader worker, owns a shard), and never under ``MIN_SHARD_SAMPLES``.
+    """
     if cfg.samples_per_shard:
         return cfg.samples_per_shard
-    return max(8, min(256, math.ceil(n / 16)))
+    by_size = max(1, int(cfg.shard_mb * 2**20 // sample_bytes)) if sample_bytes else n
+    return max(MIN_SHARD_SAMPLES, min(by_size, math.ceil(n / cfg.min_shards)))
+
+
+def sample_bytes(sample: dict[str, bytes | str]) -> int:
+    """The bytes a sample adds to a shard (tar headers aside)."""
+    return sum(len(v) for k, v in sample.items() if k != "__key__")
 
 
 def shard_order(clip_ids: list[str]) -> list[str]:
