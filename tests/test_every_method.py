@@ -150,7 +150,8 @@ def test_joint_under_torchrun_leaves_unused_heads_untouched(train_shards, tmp_pa
 
     out = str(tmp_path / "ddp")
     check_ddp_run(train_shards, out, torchrun_train(train_shards, out, "joint", "resnet", 29541))
-    cfg = load_config(preset("joint", "resnet"), overrides("joint", "resnet"))
+    # The class count the run took from shards.json (presets leave it to the shard set).
+    cfg = load_config(preset("joint", "resnet"), [*overrides("joint", "resnet"), "model.n_classes=6"])
     seed_everything(cfg["seed"], deterministic=False)  # rank 0's initial weights, which DDP broadcasts
     initial, _ = build_run_model(cfg)
     trained = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["model"]
