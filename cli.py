@@ -281,6 +281,20 @@ def add_preprocess_options(p: argparse.ArgumentParser, default_split: str, defau
     p.add_argument("--overwrite", action="store_true", help="drop cached stage outputs and shards, redo everything")
 
 
+def corpus_parsers(sub, command: str, help_text: str):
+    """``cli.py COMMAND CORPUS``: one sub-parser per registered recipe, each with its ``--root``."""
+    from pipelines.recipes import get_recipe, recipe_names
+
+    p = sub.add_parser(command, help=help_text)
+    corpora = p.add_subparsers(dest="corpus", metavar="CORPUS", required=True,
+                               help=f"the corpus recipe: {', '.join(recipe_names())} (docs/recipes.md)")
+    for name in recipe_names():
+        recipe = get_recipe(name)
+        q = corpora.add_parser(name, help=recipe.description, description=recipe.description)
+        q.add_argument("--root", required=True, help=recipe.root_help)
+        yield recipe, q
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cli.py",
@@ -306,26 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"worker processes (default {min(2, os.cpu_count() or 1)}: up to 2, one per CPU core)")
     p.set_defaults(func=cmd_synth)
 
-    from pipelines.recipes import get_recipe, recipe_names
-
-    p = sub.add_parser("manifest", help="index a corpus: clip manifest, metadata and splits")
-    corpora = p.add_subparsers(dest="corpus", metavar="CORPUS", required=True,
-                               help=f"the corpus recipe: {', '.join(recipe_names())} (docs/recipes.md)")
-    for name in recipe_names():
-        recipe = get_recipe(name)
-        q = corpora.add_parser(name, help=recipe.description, description=recipe.description)
-        q.add_argument("--root", required=True, help=recipe.root_help)
+    for recipe, q in corpus_parsers(sub, "manifest", "index a corpus: clip manifest, metadata and splits"):
         q.add_argument("--out", required=True, help="manifest folder (clips.jsonl, skipped.jsonl, summary.json)")
         recipe.add_arguments(q)
         q.set_defaults(func=cmd_manifest)
 
-    p = sub.add_parser("preprocess", help="decode, frames, optical flow, faces, face features, audio, pack into WebDataset shards")
-    corpora = p.add_subparsers(dest="corpus", metavar="CORPUS", required=True,
-                               help=f"the corpus recipe: {', '.join(recipe_names())} (docs/recipes.md)")
-    for name in recipe_names():
-        recipe = get_recipe(name)
-        q = corpora.add_parser(name, help=recipe.description, description=recipe.description)
-        q.add_argument("--root", required=True, help=recipe.root_help)
+    for recipe, q in corpus_parsers(sub, "preprocess", "decode, frames, optical flow, faces, face features, audio, pack into WebDataset shards"):
         add_preprocess_options(q, recipe.default_split, recipe.default_stages)
         recipe.add_arguments(q)
         q.set_defaults(func=cmd_preprocess)
