@@ -24,19 +24,29 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 # --- the float32 path as it was before issue 14, kept here as the reference -----------------
 
-def old_frames(data: bytes, meta: dict, frames: int, size: int, scale, train: bool, rng: random.Random):
-    """PIL decode, per-clip crop, per-frame float normalisation in the worker (the old code)."""
-    from torchvision.transforms.v2 import functional as F
-
+def old_strip(data: bytes, meta: dict) -> list[torch.Tensor]:
     strip = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.uint8).copy()).permute(2, 0, 1)
     count, stride = meta["frames"]["count"], meta["frames"]["stride"]
     width = meta.get("video", {}).get("width", stride)
-    clips = [strip[:, :, k * stride:k * stride + width] for k in range(count)]
+    return [strip[:, :, k * stride:k * stride + width] for k in range(count)]
+
+
+def old_frames(clips: list[torch.Tensor], frames: int, size: int, scale, train: bool, rng: random.Random,
+               sampling: str = "consecutive", flow: bool = False, channels: int = 3):
+    """PIL decode, per-clip crop, per-frame float normalisation in the worker (the old code;
+    ``spread`` sampling and flow as #15 added them)."""
+    from torchvision.transforms.v2 import functional as F
+
+    count = len(clips)
     if count == 0:
-        return torch.zeros(frames, 3, size, size), torch.zeros(frames, dtype=torch.bool)
+        return torch.zeros(frames, channels, size, size), torch.zeros(frames, dtype=torch.bool)
     height, width = clips[0].shape[1:]
     n = min(frames, count)
-    start = rng.randint(0, count - n) if train else (count - n) // 2
+    if sampling == "spread":
+        picked = [k * (count // n) for k in range(n)]
+    else:
+        start = rng.randint(0, count - n) if train else (count - n) // 2
+        picked = list(range(start, start + n))
     if train:
         area = height * width * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -45,13 +55,19 @@ def old_frames(data: bytes, meta: dict, frames: int, size: int, scale, train: bo
         top, left = rng.randint(0, height - h), rng.randint(0, width - w)
         flip = rng.random() < 0.5
     out = []
-    for frame in clips[start:start + n]:
+    for frame in (clips[k] for k in picked):
         if train:
             frame = F.resized_crop(frame, top, left, h, w, [size, size], antialias=True)
             frame = frame.flip(-1) if flip else frame
         else:
             frame = F.center_crop(F.resize(frame, size, antialias=True), [size, size])
-        out.append((frame.float() / 255 - MEAN) / STD)
+        if flow:
+            values = (frame.float() - 128.0) / 127.5
+            if train and flip:
+                values[0::2] = -values[0::2]
+            out.append(values)
+        else:
+            out.append((frame.float() / 255 - MEAN) / STD)
     mask = torch.zeros(frames, dtype=torch.bool)
     mask[: len(out)] = True
     out += [out[-1]] * (frames - len(out))
@@ -80,8 +96,15 @@ def old_sample(sample: dict, cfg, train: bool, rng: random.Random) -> dict:
                 start = rng.randrange(len(feats) - cfg.max_face_frames + 1) if train else 0
                 feats, mask = feats[start:start + cfg.max_face_frames], mask[start:start + cfg.max_face_frames]
             inputs[modality] = {"x": torch.from_numpy(feats), "mask": torch.from_numpy(mask)}
+        elif source == "flow":
+            from trainer.flow_input import split_flow
+
+            x, mask = old_frames(split_flow(sample["flow_x.jpg"], sample["flow_y.jpg"], meta), cfg.frames, cfg.image_size,
+                                 cfg.crop_scale, train, rng, cfg.frame_sampling, flow=True, channels=2 * meta["flow"]["stack"])
+            inputs[modality] = {"x": x, "mask": mask}
         else:
-            x, mask = old_frames(sample["frames.jpg"], meta, cfg.frames, cfg.image_size, cfg.crop_scale, train, rng)
+            x, mask = old_frames(old_strip(sample["frames.jpg"], meta), cfg.frames, cfg.image_size, cfg.crop_scale, train, rng,
+                                 cfg.frame_sampling)
             inputs[modality] = {"x": x, "mask": mask}
     return {"inputs": inputs, "label": int(meta["label"]), "clip_id": meta["clip_id"]}
 
@@ -125,13 +148,15 @@ MODALITIES = {"audio": "wav", "spec": "spec", "face": "face_feats", "visual": "f
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("jpeg_on_device", [False, True])
-def test_batches_equal_the_float32_path(shards, train, jpeg_on_device):
+@pytest.mark.parametrize("sampling", ["consecutive", "spread"])
+def test_batches_equal_the_float32_path(shards, train, jpeg_on_device, sampling):
     from trainer.data import DataConfig, collate, to_inputs
     from trainer.device_batch import LoaderPlan, finish
 
     # 4 frames: clips of 2-3 s have fewer, so padding and masks are exercised; 3 s of waveform
     # and 20 face frames: both are cut (randomly at train time), so their draws interleave.
-    cfg = DataConfig(modalities=MODALITIES, frames=4, image_size=40, max_wav_seconds=3.0, max_face_frames=20)
+    cfg = DataConfig(modalities=MODALITIES, frames=4, image_size=40, max_wav_seconds=3.0, max_face_frames=20,
+                     frame_sampling=sampling)
     samples = raw_samples(shards, "train")[:11]
     samples.insert(3, empty_strip_sample(samples[0]))
     seed = 5
@@ -148,6 +173,43 @@ def test_batches_equal_the_float32_path(shards, train, jpeg_on_device):
         assert_same_batch(finish(collate(new[lo:lo + 6]), cfg, plan), collate(old[lo:lo + 6]))
     empty = finish(collate(new[:6]), cfg, plan)["inputs"]["visual"]
     assert not empty["mask"][3].any() and (empty["x"][3] == 0).all()  # the no-video clip: zeros, masked
+
+
+def flow_sample(index: int, count: int, width: int = 24, height: int = 16) -> dict:
+    """A sample with flow strips in the ``flow`` stage's layout (2 fields per slot); every
+    field a different ramp, so a wrong slot, channel, crop or sign shows."""
+    from pipelines.stages.frames import encode_strip
+
+    stack = 2
+    grid = np.add.outer(np.arange(height), np.arange(width)).astype(np.float64)
+    fields = {axis: [np.clip(128 + (j * 7 + shift + index) % 90 - 45 + grid * sign, 0, 255).astype(np.uint8)
+                     for j in range(max(count, 1) * stack)] for axis, shift, sign in (("x", 3, 1), ("y", 11, -1))}
+    meta = {"clip_id": f"c{index}", "label": index % 3, "flow": {"count": count, "stack": stack, "stride": width},
+            "video": {"width": width}}
+    return {"json": json.dumps(meta).encode(), "flow_x.jpg": encode_strip(fields["x"], 95)[0],
+            "flow_y.jpg": encode_strip(fields["y"], 95)[0]}
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("sampling", ["consecutive", "spread"])
+def test_flow_batches_equal_the_float32_path(train, sampling):
+    from trainer.data import DataConfig, collate, to_inputs
+    from trainer.device_batch import LoaderPlan, finish
+
+    cfg = DataConfig(modalities={"motion": "flow"}, frames=3, image_size=12, frame_sampling=sampling)
+    samples = [flow_sample(i, count) for i, count in enumerate([5, 2, 0, 7, 3, 6, 1, 4])]
+    convert = to_inputs(cfg, train=train, seed=3)
+    new = [convert(dict(s)) for s in samples]
+    assert new[0]["inputs"]["motion"]["x"].dtype == torch.uint8  # what crosses the worker boundary
+    rng = random.Random(3 * 1000)
+    old = [old_sample(s, cfg, train, rng) for s in samples]
+    plan = LoaderPlan(torch.device("cpu"))
+    got, want = finish(collate(new), cfg, plan), collate(old)
+    assert_same_batch(got, want)
+    assert not got["inputs"]["motion"]["mask"][2].any() and (got["inputs"]["motion"]["x"][2] == 0).all()
+    if train:  # some clips were flipped and some not, so both signs of the x fields were checked
+        flips = collate(new)["inputs"]["motion"]["flip"]
+        assert flips.any() and not flips.all()
 
 
 def test_set_epoch_replays_what_a_fresh_loader_gives(shards):

@@ -42,12 +42,16 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from avbalance import remote
 from avbalance.errors import UserError
 from trainer.device_batch import DeviceLoader, EpochStream, LoaderPlan, plan_for
-from trainer.transforms import cut_frames, decode_strip, draw_cut, strip_layout
+from trainer.flow_input import split_flow
+from trainer.transforms import Cut, cut_frames, decode_strip, draw_cut, strip_frames, strip_layout
 
 # modality -> the shard key it reads
-SOURCES = {"spec": "spec.npy", "wav": "wav.npy", "frames": "frames.jpg", "face_feats": "face_feats.npy"}
+SOURCES = {"spec": "spec.npy", "wav": "wav.npy", "frames": "frames.jpg", "face_feats": "face_feats.npy", "flow": "flow_x.jpg"}
+# sources that need more than their SOURCES member
+COMPANIONS = {"face_feats": ("face_mask.npy",), "flow": ("flow_y.jpg",)}
 MIN_WAV_SECONDS = 1.0  # shorter waveforms are tiled to this length at load time
 ON_CORRUPT = ("error", "skip")
 
@@ -55,13 +59,14 @@ ON_CORRUPT = ("error", "skip")
 @dataclass
 class DataConfig:
     """What to read and how to batch it. ``modalities`` maps a modality name to its source:
-    spec | wav | frames | face_feats."""
+    spec | wav | frames | face_feats | flow."""
 
     modalities: dict[str, str] = field(default_factory=lambda: {"audio": "spec", "visual": "frames"})
     batch_size: int = 16
     workers: int = 2
     shuffle_buffer: int = 256
     frames: int = 3  # 1-fps frames per clip for frame encoders
+    frame_sampling: str = "consecutive"  # consecutive (MLB, CREMA-D) | spread (OGM-GE's AVE/KS loaders)
     image_size: int = 224
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop at train time
     max_face_frames: int = 300  # longer sequences are cropped (randomly at train time)
@@ -86,15 +91,15 @@ def split_folders(folder: str) -> list[str]:
 
 
 def read_index(shards: str) -> dict:
-    path = os.path.join(shards, "shards.json")
-    if not os.path.exists(path):
-        splits = split_folders(shards)
+    """``shards.json`` of the set at ``shards`` (a folder or a URL: avbalance.remote)."""
+    index = remote.read_json(remote.join(shards, "shards.json"))
+    if index is None:
+        splits = [] if remote.is_remote(shards) else split_folders(shards)
         if splits:
             raise UserError(f"{shards} holds shard sets, one per split, but is not one itself: pass one of "
                             f"{', '.join(splits)} as --shards")
         raise UserError(f"no shards.json in {shards}: not a complete shard set; run `python cli.py preprocess` first")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return index
 
 
 def shard_urls(shards: str, part: str, on_corrupt: str = "error") -> tuple[list[str], int]:
@@ -104,13 +109,13 @@ def shard_urls(shards: str, part: str, on_corrupt: str = "error") -> tuple[list[
     if part not in index["parts"]:
         raise UserError(f"{shards} has no {part!r} part (parts: {', '.join(index['parts'])})")
     listed = index["parts"][part]["shards"]
-    urls = [os.path.join(shards, s["name"]) for s in listed]
-    missing = [u for u in urls if not os.path.exists(u)]
+    urls = [remote.join(shards, s["name"]) for s in listed]
+    sizes = remote.sizes(urls)  # a stat per shard; HEAD requests at a URL
+    missing = [u for u, size in zip(urls, sizes) if size is None]
     if missing:
         raise UserError(f"{len(missing)} shard(s) listed in {shards}/shards.json are missing, e.g. {missing[0]}")
-    for entry, url in zip(listed, urls):
-        size = os.path.getsize(url)
-        if "bytes" in entry and size != entry["bytes"]:
+    for entry, url, size in zip(listed, urls, sizes):
+        if "bytes" in entry and size != entry["bytes"] and size != -1:  # -1: pipe:, size unknown
             message = (f"shard {url} is {size} bytes but shards.json records {entry['bytes']}: it is damaged or cut "
                        f"short. Check the set with `python cli.py verify-shards {shards}` and re-create it with "
                        "`python cli.py preprocess` (finished stages are cached)")
@@ -170,16 +175,36 @@ def _npy(data: bytes) -> np.ndarray:
 
 def frames_input(data: bytes, meta: dict, cfg: DataConfig, train: bool, rng: random.Random,
                  jpeg_on_device: bool) -> dict[str, torch.Tensor]:
-    """A clip's frames as the worker hands them over: ``cfg.frames`` consecutive 1-fps frames
-    cut from the strip (trainer/transforms.py), uint8 (T, 3, S, S) with a (T,) mask; or, when
-    the device decodes (``data.jpeg_decode=cuda``), the strip's bytes and the drawn cut."""
+    """A clip's frames as the worker hands them over: ``cfg.frames`` 1-fps frames cut from
+    the strip (``cfg.frame_sampling``; trainer/transforms.py), uint8 (T, 3, S, S) with a (T,)
+    mask; or, when the device decodes (``data.jpeg_decode=cuda``), the strip's bytes and the
+    drawn cut."""
     header = Image.open(io.BytesIO(data))  # reads the header only; a file that is no image fails here, named
     count, stride, width = strip_layout(meta)
-    cut = draw_cut(count, stride, width, header.height, cfg.frames, cfg.crop_scale, train, rng)
+    cut = draw_cut(count, stride, width, header.height, cfg.frames, cfg.crop_scale, train, rng, cfg.frame_sampling)
     if jpeg_on_device:
         return {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8), "cut": cut.as_tensor()}
     x, mask = cut_frames(decode_strip(data), cut, cfg.frames, cfg.image_size)
     return {"x": x, "mask": mask}
+
+
+def flow_input(x_jpeg: bytes, y_jpeg: bytes, meta: dict, cfg: DataConfig, train: bool,
+               rng: random.Random) -> dict[str, torch.Tensor]:
+    """A clip's flow slots cut as frames are (same window, crop and flip draws), uint8
+    (T, 2k, S, S) with a (T,) mask and whether the crop was flipped: the device turns them
+    into signed flow (``transforms.normalize_flow``), negating x where flipped."""
+    slots = split_flow(x_jpeg, y_jpeg, meta)
+    channels = 2 * meta["flow"]["stack"]
+    height, width = (slots[0].shape[1:] if slots else (0, 0))
+    cut = draw_cut(len(slots), width, width, height, cfg.frames, cfg.crop_scale, train, rng, cfg.frame_sampling)
+    x, mask = cut_frames(slots, cut, cfg.frames, cfg.image_size, channels)
+    return {"x": x, "mask": mask, "flip": torch.tensor(cut.flip)}
+
+
+def split_strip(data: bytes, meta: dict) -> list[torch.Tensor]:
+    """The 1-fps frames of a ``frames.jpg`` strip, each (3, H, W) uint8."""
+    count, stride, width = strip_layout(meta)
+    return strip_frames(decode_strip(data), Cut(count, stride, width))
 
 
 def tile_short(wav: np.ndarray, length: int) -> np.ndarray:
@@ -231,6 +256,8 @@ def to_inputs(cfg: DataConfig, train: bool, seed: int = 0, jpeg_on_device: bool 
                 inputs[modality] = {"x": torch.from_numpy(np.ascontiguousarray(feats)), "mask": torch.from_numpy(mask)}
             elif source == "frames":
                 inputs[modality] = frames_input(sample["frames.jpg"], meta, cfg, train, rng, jpeg_on_device)
+            elif source == "flow":
+                inputs[modality] = flow_input(sample["flow_x.jpg"], sample["flow_y.jpg"], meta, cfg, train, rng)
         return {"inputs": inputs, "label": int(meta["label"]), "clip_id": meta["clip_id"]}
 
     return convert
@@ -258,8 +285,9 @@ def collate(samples: list[dict]) -> dict:
             batch_inputs[modality] = {"jpeg": [p["jpeg"] for p in parts], "cut": torch.stack([p["cut"] for p in parts])}
             continue
         x = [p["x"] for p in parts]
+        extra = {k: torch.stack([p[k] for p in parts]) for k in parts[0] if k not in ("x", "mask")}  # flow's flips
         if all(t.shape == x[0].shape for t in x) and "mask" in parts[0]:
-            batch_inputs[modality] = {"x": torch.stack(x), "mask": torch.stack([p["mask"] for p in parts])}
+            batch_inputs[modality] = {"x": torch.stack(x), "mask": torch.stack([p["mask"] for p in parts]), **extra}
         elif all(t.shape == x[0].shape for t in x):
             batch_inputs[modality] = {"x": torch.stack(x)}
         else:
@@ -330,7 +358,7 @@ def read_shards(expected: dict[str, int]):
                 return
             count, key, current = 0, None, None
             try:
-                with open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+                with remote.open_stream(url) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
                     for member in tar:
                         if not member.isfile():
                             continue
@@ -417,7 +445,7 @@ class GuardedLoader:
         for batch in self.loader:
             for record in batch.pop("corrupt", []):
                 damaged += 1
-                fix = (f"Check the set with `python cli.py verify-shards {os.path.dirname(record['shard'])}` and "
+                fix = (f"Check the set with `python cli.py verify-shards {remote.parent(record['shard'])}` and "
                        "re-create it with `python cli.py preprocess` (finished stages are cached)")
                 if record.get("fatal"):
                     raise UserError(f"damaged data: {record['reason']} (e.g. {record['shard']}). {fix}")
@@ -522,10 +550,9 @@ def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int 
     n_samples -= len(exclude)
     if n_samples <= 0:
         raise UserError(f"data.exclude_quality {list(cfg.exclude_quality)} leaves no sample in part {part!r} of {shards}")
-    expected = {os.path.join(shards, s["name"]): s["samples"] for s in index["parts"][part]["shards"]}
+    expected = {remote.join(shards, s["name"]): s["samples"] for s in index["parts"][part]["shards"]}
     keys = {"json"} | {SOURCES[s] for s in cfg.modalities.values()}
-    if "face_feats" in cfg.modalities.values():
-        keys.add("face_mask.npy")
+    keys |= {k for s in cfg.modalities.values() for k in COMPANIONS.get(s, ())}
     workers = min(cfg.workers, len(urls))
     if train:
         per_epoch = cfg.samples_per_epoch or n_samples

@@ -1,6 +1,6 @@
 """Batches onto the training device, where the float work happens.
 
-Loader workers hand over inputs in their stored dtypes (frames uint8, spectrogram and face
+Loader workers hand over inputs in their stored dtypes (frames and flow uint8, spectrogram and face
 features float16, waveform int16; trainer/data.py). ``finish`` copies a batch to the device
 and converts it there, batched, to the float32 inputs the model reads: the same values the
 workers used to compute, at a quarter (frames) or half (the rest) of the bytes crossing
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 
-from trainer.transforms import decode_and_cut, normalize
+from trainer.transforms import decode_and_cut, normalize, normalize_flow
 
 if TYPE_CHECKING:
     from trainer.data import DataConfig
@@ -64,6 +64,8 @@ def finish(batch: dict, cfg: DataConfig, plan: LoaderPlan) -> dict:
         x = moved["x"]
         if source == "frames":
             x = normalize(x, moved["mask"])
+        elif source == "flow":
+            x = normalize_flow(x, moved["mask"], moved.pop("flip"))
         elif source == "wav":
             x = x.float() / 32768.0  # int16 -> [-1, 1): exact in float32
         else:

@@ -20,22 +20,26 @@ from dataclasses import dataclass
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from trainer.flow_input import flow_values
+
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-CUT_FIELDS = ("count", "stride", "width", "start", "n", "top", "left", "h", "w", "flip")
+CUT_FIELDS = ("count", "stride", "width", "start", "n", "step", "top", "left", "h", "w", "flip")
 
 
 @dataclass(frozen=True)
 class Cut:
     """Which frames of a strip to use and where to crop them: ``count`` frames of ``width``
-    pixels every ``stride`` columns; ``n`` of them from ``start``; at train time one crop box
-    (``top``, ``left``, ``h``, ``w``; h = 0 at evaluation) and a flip for the whole clip."""
+    pixels every ``stride`` columns; ``n`` of them from ``start``, ``step`` apart; at train
+    time one crop box (``top``, ``left``, ``h``, ``w``; h = 0 at evaluation) and a flip for
+    the whole clip."""
 
     count: int
     stride: int
     width: int
     start: int = 0
     n: int = 0
+    step: int = 1
     top: int = 0
     left: int = 0
     h: int = 0
@@ -65,39 +69,57 @@ def strip_layout(meta: dict) -> tuple[int, int, int]:
 
 
 def draw_cut(count: int, stride: int, width: int, height: int, frames: int, crop_scale: tuple[float, float],
-             train: bool, rng: random.Random) -> Cut:
-    """The window and crop of one clip: ``frames`` consecutive frames, a random window, crop
-    box and flip at train time (one for the whole clip, so its frames stay aligned), the
-    centred window at evaluation. Draws from ``rng`` in a fixed order; none for an empty strip."""
+             train: bool, rng: random.Random, sampling: str = "consecutive") -> Cut:
+    """The frames and crop of one clip, drawn from ``rng`` in a fixed order (none for an empty strip).
+
+    ``consecutive`` (MLB's sampling): ``frames`` consecutive frames, a random window at train
+    time, the centred one at evaluation. ``spread`` (OGM-GE's AVE and Kinetics-Sounds
+    loaders): frames 0, s, 2s, ... with s = count // frames, at train and evaluation time
+    alike. At train time one random resized crop box and flip for the whole clip, so its
+    frames stay aligned.
+    """
     if count == 0:
         return Cut(0, stride, width)
     n = min(frames, count)
-    start = rng.randint(0, count - n) if train else (count - n) // 2
+    if sampling == "spread":
+        start, step = 0, count // n
+    else:
+        start, step = (rng.randint(0, count - n) if train else (count - n) // 2), 1
     if not train:
-        return Cut(count, stride, width, start, n)
+        return Cut(count, stride, width, start, n, step)
     area = height * width * rng.uniform(*crop_scale)
     aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
     h = min(height, int(round(math.sqrt(area / aspect))))
     w = min(width, int(round(math.sqrt(area * aspect))))
     top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-    return Cut(count, stride, width, start, n, top, left, h, w, rng.random() < 0.5)
+    return Cut(count, stride, width, start, n, step, top, left, h, w, rng.random() < 0.5)
 
 
-def cut_frames(strip: torch.Tensor, cut: Cut, frames: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(frames, 3, size, size) uint8 and a (frames,) mask from a decoded strip (any device).
+def strip_frames(strip: torch.Tensor, cut: Cut) -> list[torch.Tensor]:
+    """Every frame of a decoded (C, H, W) strip, as views."""
+    return [strip[:, :, k * cut.stride:k * cut.stride + cut.width] for k in range(cut.count)]
+
+
+def cut_frames(frames: torch.Tensor | list[torch.Tensor], cut: Cut, n_out: int, size: int,
+               channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_out, C, size, size) uint8 and a (n_out,) mask from a decoded strip or a clip's
+    list of (C, H, W) frames (flow slots: ``trainer/flow_input.py``), on any device.
 
     Train: the crop box resized to size x size, flipped when drawn. Evaluation: the shorter
     side resized to ``size``, centre-cropped. Short clips repeat their last frame, masked out;
-    an empty strip gives zeros and an all-False mask (``normalize`` keeps those zeros).
+    an empty clip gives zeros and an all-False mask (``normalize`` keeps those zeros).
     """
     from torchvision.transforms.v2 import functional as F
 
-    mask = torch.zeros(frames, dtype=torch.bool)
+    mask = torch.zeros(n_out, dtype=torch.bool)
     if cut.count == 0:
-        return torch.zeros(frames, 3, size, size, dtype=torch.uint8, device=strip.device), mask
+        device = frames.device if isinstance(frames, torch.Tensor) else "cpu"
+        return torch.zeros(n_out, channels, size, size, dtype=torch.uint8, device=device), mask
+    if isinstance(frames, torch.Tensor):
+        frames = strip_frames(frames, cut)
     out = []
-    for k in range(cut.start, cut.start + cut.n):
-        frame = strip[:, :, k * cut.stride:k * cut.stride + cut.width]
+    for k in range(cut.start, cut.start + cut.n * cut.step, cut.step):
+        frame = frames[k]
         if cut.h:
             frame = F.resized_crop(frame, cut.top, cut.left, cut.h, cut.w, [size, size], antialias=True)
             frame = frame.flip(-1) if cut.flip else frame
@@ -105,7 +127,7 @@ def cut_frames(strip: torch.Tensor, cut: Cut, frames: int, size: int) -> tuple[t
             frame = F.center_crop(F.resize(frame, size, antialias=True), [size, size])
         out.append(frame)
     mask[: len(out)] = True
-    out += [out[-1]] * (frames - len(out))
+    out += [out[-1]] * (n_out - len(out))
     return torch.stack(out), mask
 
 
@@ -118,6 +140,19 @@ def normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # The float32 path's operations in its order (same rounding), in place: one allocation
     # instead of four, which on CPU costs more than the arithmetic.
     out = x.float().div_(255).sub_(mean).div_(std)
+    empty = ~mask.any(-1)
+    if empty.any():
+        out[empty] = 0
+    return out
+
+
+def normalize_flow(x: torch.Tensor, mask: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+    """uint8 flow slots (B, T, 2k, S, S) -> float32 in [-1, 1] around zero motion, batched
+    (``flow_input.flow_values``' arithmetic); the x channels (even) of clips whose crop was
+    flipped change sign. Clips with no frame stay zeros."""
+    out = flow_values(x)
+    if flipped.any():
+        out[flipped, :, 0::2] = -out[flipped, :, 0::2]
     empty = ~mask.any(-1)
     if empty.any():
         out[empty] = 0
