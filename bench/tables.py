@@ -1,0 +1,120 @@
+"""docs/benchmarks.md's generated tables: each is rendered from a benchmark's JSON alone, so a
+figure in the docs is what the named command measured, never typed by hand.
+
+A block in a markdown file::
+
+    <!-- bench-table:begin bench/train.json loader -->
+    ...exactly what the ``loader`` renderer prints for bench/train.json...
+    <!-- bench-table:end -->
+
+``python bench/tables.py docs/benchmarks.md`` rewrites every block; ``--check`` exits 1 when
+one is stale (``tests/test_bench_tables.py`` runs the check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCK = re.compile(r"(<!-- bench-table:begin (?P<path>\S+) (?P<name>\S+) -->\n)(?P<body>.*?)(<!-- bench-table:end -->)", re.S)
+RENDERERS: dict[str, Callable[[dict], str]] = {}
+LOADER_FLOOR_TARGET = 0.80  # issue 14: the shard loader at >= 80 % of the decode floor
+LOADER_OGM_TARGET = 2.0  # issue 14: >= 2x the OGM-style per-sample loader
+
+
+def renderer(name: str):
+    def register(fn: Callable[[dict], str]) -> Callable[[dict], str]:
+        RENDERERS[name] = fn
+        return fn
+
+    return register
+
+
+def _verdict(value: float, target: float) -> str:
+    return "met" if value >= target else "not met"
+
+
+@renderer("loader")
+def loader_table(data: dict) -> str:
+    """bench/train.py's loader comparison: rates, ratios and the issue's targets."""
+    d = data["loader"]
+    wall, cpu = d["samples_per_s"], d["samples_per_cpu_s"]
+    rows = [("OGM-style per-sample loader (rebuilt in the bench)", "ogm_style"),
+            ("decode floor: strip decode + cut only", "decode_floor"),
+            ("**shards** (`trainer/data.py`), uint8 batches to the device", "shards"),
+            ("shards, normalised on the CPU (a CPU-only run)", "shards_normalised_on_cpu")]
+    out = ["| loader | samples/s (wall) | samples per CPU-second | vs OGM-style (CPU) | vs floor (CPU) |",
+           "|---|--:|--:|--:|--:|"]
+    for label, key in rows:
+        out.append(f"| {label} | {wall[key]:.1f} | {cpu[key]:.1f} | {cpu[key] / cpu['ogm_style']:.2f}x | "
+                   f"{cpu[key] / cpu['decode_floor']:.2f} |")
+    ogm, floor = d["cpu_ratios"]["shards_over_ogm_style"], d["cpu_ratios"]["shards_over_floor"]
+    out += ["", f"{d['clips']} clips, {d['frames']} frames at {d['image']} px, batch {d['batch']}, {d['workers']} loader "
+                f"workers each, {d['epochs_per_round']} epochs a round, best of {d['rounds']} interleaved rounds; load "
+                f"average {d['load_average_at_end']:.1f} at the end. Targets, per CPU-second: shards ≥ "
+                f"{LOADER_OGM_TARGET:.0f}x the OGM-style loader: **{ogm:.2f}x, {_verdict(ogm, LOADER_OGM_TARGET)}** "
+                f"({d['wall_ratios']['shards_over_ogm_style']:.2f}x in wall time); shards ≥ "
+                f"{LOADER_FLOOR_TARGET:.0%} of the decode floor: **{floor:.0%}, {_verdict(floor, LOADER_FLOOR_TARGET)}** "
+                f"({d['wall_ratios']['shards_over_floor']:.0%} in wall time). One H100 (derived, below) needs about "
+                f"**{d['cores_for_one_h100']:.0f} cores** of loader workers at "
+                f"{cpu['shards']:.0f} samples per CPU-second."]
+    return "\n".join(out) + "\n"
+
+
+@renderer("decode")
+def decode_table(data: dict) -> str:
+    """bench/train.py's strip decode costs (CPU time, one thread)."""
+    d = data["decode"]
+    ms = d["ms_per_strip"]
+    labels = {"pil": "PIL open + RGB convert + array (the old loader)", "torchvision": "torchvision `decode_jpeg` (the loader now)",
+              "pil_draft_half": "PIL draft, 1/2 size (DCT scaling)", "pil_draft_quarter": "PIL draft, 1/4 size"}
+    out = ["| decoder | CPU ms per strip | vs PIL |", "|---|--:|--:|"]
+    out += [f"| {labels[k]} | {ms[k]:.2f} | {ms['pil'] / ms[k]:.2f}x |" for k in labels if k in ms]
+    unused = d["unused_columns"]
+    out += ["", f"{d['strips']} strips, best of 3. Strip columns a clip leaves unused: {unused['frames_3']:.0%} at "
+                f"`data.frames=3`, {unused['frames_1']:.0%} at `data.frames=1`."]
+    return "\n".join(out) + "\n"
+
+
+def blocks(text: str) -> list[tuple[str, str, str]]:
+    """(json path, renderer name, current body) of each block in ``text``."""
+    return [(m["path"], m["name"], m["body"]) for m in BLOCK.finditer(text)]
+
+
+def render(path: str, name: str) -> str:
+    with open(os.path.join(REPO, path), encoding="utf-8") as fh:
+        return RENDERERS[name](json.load(fh))
+
+
+def rewrite(text: str) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + render(m["path"], m["name"]) + m.group(5), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a block differs from what its JSON renders")
+    args = ap.parse_args(argv)
+    stale = []
+    for file in args.files:
+        with open(file, encoding="utf-8") as fh:
+            text = fh.read()
+        new = rewrite(text)
+        if new != text:
+            if args.check:
+                stale += [f"{file}: {p} {n}" for p, n, body in blocks(text) if body != render(p, n)]
+            else:
+                with open(file, "w", encoding="utf-8") as fh:
+                    fh.write(new)
+    for line in stale:
+        print(f"stale: {line} (run `python bench/tables.py {line.split(':')[0]}`)", file=sys.stderr)
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
