@@ -191,8 +191,14 @@ def loader_rates(shards: str, corpus: str, work: str, workers: int, batch: int, 
         return sum(b["label"].shape[0] for _ in range(epochs) for b in data)
 
     def floor() -> int:
-        data = torch.utils.data.DataLoader(DecodeFloor(strips, frames, image, batch), batch_size=None, num_workers=workers)
-        return sum(n for _ in range(epochs) for n in data)
+        # Workers kept across the round's epochs, as the shard loader keeps its own: the floor
+        # pays its worker start once a round too.
+        data = torch.utils.data.DataLoader(DecodeFloor(strips, frames, image, batch), batch_size=None, num_workers=workers,
+                                           persistent_workers=True)
+        n = sum(n for _ in range(epochs) for n in data)
+        del data  # the workers exit: their CPU time is counted
+        gc.collect()
+        return n
 
     def shards_(finished: bool) -> int:
         # One loader a round, its workers kept across the round's epochs (set_epoch). finished:

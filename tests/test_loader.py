@@ -259,3 +259,29 @@ def test_loader_settings_are_checked(setting, named):
         load_config(None, [setting])
     cfg = load_config(None, ["data.prefetch=4", "data.jpeg_decode=cuda", "data.persistent_workers=false"])
     assert (cfg["data"]["prefetch"], cfg["data"]["jpeg_decode"], cfg["data"]["persistent_workers"]) == (4, "cuda", False)
+
+
+def test_npy_members_parse_without_numpys_header_eval(monkeypatch):
+    """The loader's .npy reader gives np.load's arrays for every dtype the shards store, without
+    calling np.load for plain arrays; object arrays are still refused (no pickle)."""
+    from trainer import data
+
+    arrays = [np.random.rand(128, 188).astype(np.float16), np.arange(-5, 5, dtype=np.int16), np.array([True, False]),
+              np.asfortranarray(np.random.rand(3, 4).astype(np.float32)), np.zeros((0, 1408), np.float16), np.float32(2.5)]
+    saved = []
+    for a in arrays:
+        buf = io.BytesIO()
+        np.save(buf, a)
+        saved.append(buf.getvalue())
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load was used for a plain array"))
+    for a, raw in zip(arrays, saved):
+        got = data._npy(raw)
+        assert got.dtype == a.dtype and got.shape == np.shape(a) and np.array_equal(got, a) and got.flags.writeable
+    with pytest.raises(ValueError):
+        data._npy(saved[0][:-10])  # cut short: an error the loader reports as a sample that does not decode
+    monkeypatch.setattr(np, "load", real_load)
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        data._npy(buf.getvalue())

@@ -59,7 +59,10 @@ def decode_strip(data: bytes | torch.Tensor, device: str | torch.device = "cpu")
     """A ``frames.jpg`` strip as (3, H, W) uint8 (libjpeg-turbo on CPU: the same pixels as
     PIL's decoder, in half its time here; nvJPEG on CUDA)."""
     raw = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    try:
+        return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as err:  # libjpeg's reason, without the binding's source location
+        raise ValueError(f"not a decodable JPEG: {str(err).rsplit(', ', 1)[-1]}") from None
 
 
 def strip_layout(meta: dict) -> tuple[int, int, int]:
