@@ -219,7 +219,7 @@ def test_set_epoch_replays_what_a_fresh_loader_gives(shards):
                      frames=2, samples_per_epoch=24, persistent_workers=True, prefetch=1)
     loader, n = make_loader(shards, "train", cfg, train=True, seed=2, epoch=0)
     first = list(loader)
-    pids = lambda: [w.pid for w in loader.source.loader.pipeline[0]._iterator._workers]  # noqa: E731 (DataLoader's)
+    pids = lambda: [w.pid for w in loader.source.loader._iterator._workers]  # noqa: E731 (DataLoader's)
     before = pids()
     loader.set_epoch(1)
     second = list(loader)
@@ -285,3 +285,25 @@ def test_npy_members_parse_without_numpys_header_eval(monkeypatch):
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="allow_pickle"):
         data._npy(buf.getvalue())
+
+
+def test_a_kept_loader_leaves_the_global_generator_where_fresh_loaders_did(shards):
+    """Model-side randomness (dropout, OGM-GE's noise) follows torch's global generator; a
+    fresh DataLoader iterator draws from it, so a loader whose workers live on must draw too,
+    or every epoch after the first trains with other random numbers than before."""
+    from trainer.data import DataConfig, make_loader
+
+    cfg = DataConfig(modalities={"audio": "spec"}, batch_size=4, workers=2, samples_per_epoch=8, prefetch=1)
+
+    def after_three_passes(kept: bool) -> torch.Tensor:
+        torch.manual_seed(11)
+        loader, _ = make_loader(shards, "train", cfg, train=True, seed=1)
+        for epoch in range(3):
+            if not kept:
+                loader, _ = make_loader(shards, "train", DataConfig(**{**cfg.__dict__, "persistent_workers": False}),
+                                        train=True, seed=1, epoch=epoch)
+            loader.set_epoch(epoch)
+            list(loader)
+        return torch.rand(4)
+
+    assert torch.equal(after_three_passes(kept=True), after_three_passes(kept=False))

@@ -595,7 +595,7 @@ def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int 
         stream = EpochStream(functools.partial(_train_pipeline, urls=urls, expected=expected, keys=keys, exclude=exclude,
                                                cfg=cfg, rank=rank, world_size=world_size, seed=seed,
                                                jpeg_on_device=plan.jpeg_on_device, n_batches=n_batches), epoch)
-        loader = wds.WebLoader(stream, batch_size=None, **_worker_options(cfg, workers, plan))
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, **_worker_options(cfg, workers, plan))
         return DeviceLoader(GuardedLoader(loader, cfg.on_corrupt), cfg, plan, stream), n_batches
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
@@ -606,5 +606,5 @@ def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int 
         _guard(to_inputs(cfg, train=False, jpeg_on_device=plan.jpeg_on_device)),
         _batched(cfg.batch_size, partial=True),
     )
-    loader = wds.WebLoader(dataset, batch_size=None, **_worker_options(cfg, workers, plan))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, **_worker_options(cfg, workers, plan))
     return DeviceLoader(GuardedLoader(loader, cfg.on_corrupt), cfg, plan), math.ceil(n_samples / (cfg.batch_size * world_size))

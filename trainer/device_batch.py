@@ -94,6 +94,17 @@ class EpochStream(torch.utils.data.IterableDataset):
         return iter(self.build(int(self.epoch.item())))
 
 
+def keep_global_rng_in_step(source: Iterable) -> None:
+    """A pass over a DataLoader whose workers live on draws nothing from torch's global
+    generator, while a fresh DataLoader iterator draws its workers' base seed from it. Make
+    the same draw here, so that a run's later random numbers (dropout, a method's noise, its
+    sampling) are those it got when every pass made a fresh iterator: the same seed gives
+    the same run as before the workers were kept."""
+    loader = getattr(source, "loader", source)  # GuardedLoader wraps the DataLoader
+    if isinstance(loader, torch.utils.data.DataLoader) and loader.persistent_workers and loader._iterator is not None:
+        torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+
+
 class DeviceLoader:
     """Iterates a loader's worker batches as finished batches on the device (``finish``).
 
@@ -111,6 +122,7 @@ class DeviceLoader:
         self.stream.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict]:
+        keep_global_rng_in_step(self.source)
         if self.plan.device.type != "cuda":
             for batch in self.source:
                 yield finish(batch, self.cfg, self.plan)
