@@ -86,8 +86,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         root=args.root, out=args.out,
         splits=tuple(s for s in args.split.split(",") if s),
         stages=tuple(s for s in args.stages.split(",") if s),
-        workers=args.workers, device=args.device, batch_size=args.batch_size, overwrite=args.overwrite,
-        faces=FacesConfig(fps=args.face_fps, detect_fps=args.face_detect_fps, min_face_size=args.face_min_size,
+        workers=args.workers, device=args.device, backend=args.backend, batch_size=args.batch_size, overwrite=args.overwrite,
+        faces=FacesConfig(fps=args.face_fps, detect_fps=args.face_detect_fps, detect_scale=args.face_detect_scale,
+                          min_face_size=args.face_min_size,
                           margin=args.face_margin, size=args.face_size, keep_crops=args.keep_face_crops),
         face_features=FaceFeaturesConfig(weights=args.face_weights, allow_random=args.allow_random_weights),
         audio=AudioConfig(spec=args.spec),
@@ -260,10 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of frames,faces,face_features,audio,pack (default all)")
     p.add_argument("--workers", type=arg(int, Allowed(lo=1)), default=1, help="worker processes (default 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet (default cpu)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default=None,
+                   help="inference backend of the face networks (MTCNN, EfficientNet-B2): torch, or onnx (ONNX Runtime, "
+                        "CPU only; the networks are exported once and cached, see docs/preprocessing.md) "
+                        "(default: onnx on CPU when onnxruntime is installed, else torch)")
     p.add_argument("--batch-size", type=arg(int, Allowed(lo=1)), default=32, help="face frames per MTCNN/EfficientNet batch (default 32)")
     p.add_argument("--face-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None, help="face frames per second, > 0 (default: every frame)")
     p.add_argument("--face-detect-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None,
                    help="detect faces at this rate and carry boxes in between (default: detect on every face frame)")
+    p.add_argument("--face-detect-scale", type=arg(float, Allowed(lo=0, hi=1, lo_open=True)), default=1.0,
+                   help="detect faces on the frame resized by this factor, 0-1, for large faces; --face-min-size then "
+                        "counts the resized frame's pixels (default 1: full size)")
     p.add_argument("--face-min-size", type=arg(int, Allowed(lo=1)), default=40, help="MTCNN minimum face size in pixels (default 40)")
     p.add_argument("--face-margin", type=arg(float, Allowed(lo=0)), default=0.2, help="crop side = max(w, h) x (1 + margin) (default 0.2)")
     p.add_argument("--face-size", type=int, choices=(260, 224), default=260, help="face crop size: 260 (EfficientNet-B2) or 224 (default 260)")

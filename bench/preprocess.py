@@ -3,13 +3,16 @@
 invocation, on the same clips, with the same process count.
 
     python bench/preprocess.py --clips 144 --workers 2 --face-clips 6
+    python bench/preprocess.py --faces-only --face-clips 6 --json bench/faces.json
 
 - floor: in-process PyAV decoding of every frame, nothing else;
 - reference: OpenCV decoding every frame and writing a JPEG per second to files
   (the way the reference repositories extract frames);
 - pipeline: `preprocess --stages frames,audio,pack` (and each stage alone);
 - faces: MTCNN + EfficientNet-B2 batched across clips vs one frame per call;
-- box carrying: detection at a lower rate vs on every frame (speed and box IoU);
+- backends: torch vs ONNX Runtime on the same frames, crops and threads (both networks,
+  EfficientNet-B2 at several batch sizes), and both face stages end to end per backend;
+- box carrying and downscaled detection vs full-size detection on every frame (speed, box IoU);
 - peak memory of a run on a small and on a 4x larger corpus (it must stay flat).
 """
 
@@ -87,13 +90,16 @@ def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[s
     cmd = [sys.executable, os.path.join(REPO, "cli.py"), "preprocess", "cremad", "--root", root, "--out", out,
            "--split", "ogm", "--stages", stages, "--workers", str(workers), *(extra or [])]
     # A wrapper process reports the peak RSS of this run's processes alone (the largest one).
+    # It also reports their CPU time (user + system, workers included): on a shared machine
+    # clips per CPU-second say what the work costs whatever else runs.
     wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+               "r = resource.getrusage(resource.RUSAGE_CHILDREN); print(r.ru_maxrss, r.ru_utime + r.ru_stime)")
     start = time.perf_counter()
-    peak_kb = int(subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True).stdout)
+    peak_kb, cpu = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True).stdout.split()
     seconds = time.perf_counter() - start
     summary = json.load(open(os.path.join(out, "preprocess.json")))
-    return summary["clips"] / seconds, summary, peak_kb // 1024
+    summary["clips_per_cpu_s"] = summary["clips"] / float(cpu)
+    return summary["clips"] / seconds, summary, int(peak_kb) // 1024
 
 
 def face_batching(files: list[str], n_frames: int = 64, batch: int = 32) -> dict:
@@ -140,8 +146,69 @@ def face_batching(files: list[str], n_frames: int = 64, batch: int = 32) -> dict
     }
 
 
-def box_carrying(files: list[str], rates=(10.0, 5.0, 2.0)) -> list[dict]:
-    """Speed and box agreement (IoU) of detection at a lower rate vs on every frame."""
+def _rates(fn, n: int) -> tuple[float, float]:
+    """(items/s of wall time, items/s of CPU time) of one call of ``fn`` over ``n`` items. CPU
+    time is what the work costs when other jobs share the cores (as on the benchmark machine)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
+
+
+def _effnet_call(stage, crops):
+    """One EfficientNet-B2 call on exactly these crops (the stage's own micro-batching aside)."""
+    import torch
+
+    if stage.backend == "onnx":
+        return stage.session.run(None, {"x": crops.numpy()})
+    with torch.inference_mode():
+        return stage.model(((crops - stage.mean) / stage.std).contiguous(memory_format=torch.channels_last))
+
+
+def backend_comparison(files: list[str], threads: tuple[int, ...], n_frames: int = 32, batches=(1, 4, 8, 16),
+                       rounds: int = 2) -> list[dict]:
+    """torch vs ONNX Runtime on the same frames and crops with the same threads: MTCNN on a
+    batch of ``n_frames`` frames, EfficientNet-B2 at each batch size; the backends alternate
+    and each keeps its best of ``rounds``."""
+    import av
+    import torch
+
+    from pipelines.stages import face_features as ff
+    from pipelines.stages.faces import FaceBatcher, FacesConfig
+
+    frames = []
+    for path in files:
+        with av.open(path) as c:
+            frames += [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    frames = np.stack(frames[:n_frames])
+    crops = torch.rand(16, 3, 260, 260, generator=torch.Generator().manual_seed(0)) * 255
+    rows = []
+    for n in threads:
+        torch.set_num_threads(n)
+        nets = {b: (FaceBatcher(FacesConfig(), None, backend=b, threads=n).mtcnn,
+                    ff.FaceFeaturesStage(ff.FaceFeaturesConfig(allow_random=True, weights_sha256="random-init-seed0"), backend=b, threads=n))
+                for b in ("torch", "onnx")}
+        best: dict[tuple[str, str], tuple[float, float]] = {}
+        for _ in range(rounds):
+            for b, (mtcnn, feats) in nets.items():
+                mtcnn.detect(frames[:2])  # warm
+                jobs = {"mtcnn": (lambda: mtcnn.detect(frames), len(frames))}
+                for bs in batches:
+                    jobs[f"effnet_b{bs}"] = (lambda bs=bs, f=feats: [_effnet_call(f, crops[i:i + bs]) for i in range(0, len(crops), bs)],
+                                             len(crops))
+                for name, (fn, count) in jobs.items():
+                    if name.startswith("effnet"):
+                        fn()  # warm this shape
+                    got = _rates(fn, count)
+                    old = best.get((b, name), (0.0, 0.0))
+                    best[(b, name)] = (max(old[0], got[0]), max(old[1], got[1]))
+        for (b, name), (wall, cpu) in sorted(best.items()):
+            rows.append({"threads": n, "backend": b, "what": name, "per_s": wall, "per_cpu_s": cpu})
+    return rows
+
+
+def box_carrying(files: list[str], rates=(10.0, 5.0, 2.0), scales=(0.5,), backend: str = "torch") -> list[dict]:
+    """Speed and box agreement (IoU) of detection at a lower rate, and of detection on a
+    downscaled frame, vs full-size detection on every frame."""
     import av
 
     from pipelines.stages.faces import FaceBatcher, FacesConfig
@@ -152,7 +219,7 @@ def box_carrying(files: list[str], rates=(10.0, 5.0, 2.0)) -> list[dict]:
             clips.append([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
     def run(cfg):
-        batcher = FaceBatcher(cfg, None)
+        batcher = FaceBatcher(cfg, None, backend=backend)
         start = time.perf_counter()
         out = []
         for i, frames in enumerate(clips):
@@ -171,6 +238,12 @@ def box_carrying(files: list[str], rates=(10.0, 5.0, 2.0)) -> list[dict]:
         ious = np.concatenate([_iou(a["boxes"], b["boxes"]) for a, b in zip(base, got)])
         rows.append({"detect_fps": r, "speedup": base_s / s, "iou_mean": float(ious.mean()), "iou_min": float(ious.min()),
                      "iou_p05": float(np.percentile(ious, 5))})
+    for scale in scales:
+        s, got = run(FacesConfig(detect_scale=scale))
+        full, small = (np.concatenate([c["mask"] for c in run_]).astype(bool) for run_ in (base, got))
+        ious = np.concatenate([_iou(a["boxes"], b["boxes"]) for a, b in zip(base, got)])[full & small]
+        rows.append({"detect_scale": scale, "speedup": base_s / s, "iou_mean": float(ious.mean()), "iou_min": float(ious.min()),
+                     "iou_p05": float(np.percentile(ious, 5)), "faces_found": int(small.sum()), "faces_full_size": int(full.sum())})
     return rows
 
 
@@ -188,18 +261,41 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--face-clips", type=int, default=6, help="clips for the (slow) face stages")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "avbalance-bench"))
+    ap.add_argument("--faces-only", action="store_true", help="only the face-stage measurements")
+    ap.add_argument("--rounds", type=int, default=2, help="face runs per backend, alternating; the best counts")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    # Exported ONNX networks are cached here, so the end-to-end runs measure the steady state.
+    os.environ.setdefault("AVBALANCE_CACHE_DIR", os.path.join(args.work, "cache"))
     actors = max(1, args.clips // 24)
     small_root = os.path.join(args.work, f"corpus{actors}")
     synth(small_root, actors, 4)
     # Throughput is measured on the 4x corpus, where start-up costs (imports, model loads)
     # weigh little; the 1x corpus serves the peak-memory comparison and the marginal rate.
-    root = os.path.join(args.work, f"corpus{actors * 4}")
-    files = synth(root, actors * 4, 4)
+    # The face stages need only a few clips: --faces-only uses the 1x corpus.
+    root = small_root if args.faces_only else os.path.join(args.work, f"corpus{actors * 4}")
+    files = synth(root, actors * (1 if args.faces_only else 4), 4)
     n = len(files)
     res: dict = {"clips": n, "workers": args.workers, "cpu": os.cpu_count()}
+    if not args.faces_only:
+        pipeline_rates(res, files, root, small_root, args)
+    face_rates(res, files, root, args)
 
+    # CREMA-D: 7,442 clips, mean 2.5 s at 30 fps (~75 face frames a clip).
+    full = 7442
+    res["estimate_cremad_hours"] = {f"faces_{k}": full / v / 3600 for k, v in res["faces_clips_s"].items()
+                                    if not k.endswith("_over_torch")}
+    if not args.faces_only:
+        res["estimate_cremad_hours"]["frames_audio_pack"] = full / res["pipeline_marginal_clips_s"] / 3600
+    print(json.dumps(res, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
+def pipeline_rates(res: dict, files: list[str], root: str, small_root: str, args: argparse.Namespace) -> None:
+    """Decode floor, the OpenCV reference, the pipeline without faces, peak memory."""
+    n = len(files)
     res["floor_clips_s"] = rate(_decode_all, files, args.workers)
     try:
         import cv2  # noqa: F401
@@ -221,6 +317,13 @@ def main() -> None:
     res["frames_clips_s"] = run_preprocess(root, out, "frames", args.workers)[0]
     res["audio_clips_s"] = run_preprocess(root, out, "audio", args.workers)[0]
 
+
+def face_rates(res: dict, files: list[str], root: str, args: argparse.Namespace) -> None:
+    """Both face stages end to end per backend (alternating, best of two), the backends side
+    by side per network, batching, box carrying and downscaled detection."""
+    from pipelines.stages.face_features import FaceFeaturesConfig, export_onnx
+    from pipelines.stages.faces import export_mtcnn
+
     face_root = os.path.join(args.work, "faces")
     shutil.rmtree(face_root, ignore_errors=True)
     for d in ("VideoFlash", "AudioWAV"):
@@ -229,22 +332,26 @@ def main() -> None:
         stem = os.path.splitext(os.path.basename(f))[0]
         shutil.copy(f, os.path.join(face_root, "VideoFlash"))
         shutil.copy(os.path.join(root, "AudioWAV", stem + ".wav"), os.path.join(face_root, "AudioWAV"))
-    res["faces_every_frame_clips_s"] = run_preprocess(face_root, out, "faces,face_features", args.workers, ["--allow-random-weights"])[0]
-    res["faces_fps5_clips_s"] = run_preprocess(face_root, out, "faces,face_features", args.workers, ["--allow-random-weights", "--face-fps", "5"])[0]
+    export_mtcnn()  # once, outside the timed runs (a re-run finds them in the cache)
+    export_onnx(FaceFeaturesConfig(allow_random=True, weights_sha256="random-init-seed0"))
+    out = os.path.join(args.work, "out")
+    runs = {"every_frame": [], "fps5": ["--face-fps", "5"]}
+    res["faces_clips_s"], res["faces_clips_per_cpu_s"] = {}, {}
+    for _ in range(args.rounds):
+        for name, extra in runs.items():
+            for backend in ("torch", "onnx"):
+                got, summary, _ = run_preprocess(face_root, out, "faces,face_features", args.workers,
+                                                 ["--allow-random-weights", "--backend", backend, *extra])
+                key = f"{name}_{backend}"
+                res["faces_clips_s"][key] = max(got, res["faces_clips_s"].get(key, 0.0))
+                res["faces_clips_per_cpu_s"][key] = max(summary["clips_per_cpu_s"], res["faces_clips_per_cpu_s"].get(key, 0.0))
+    for name in runs:
+        for what in ("faces_clips_s", "faces_clips_per_cpu_s"):
+            res[what][f"{name}_onnx_over_torch"] = res[what][f"{name}_onnx"] / res[what][f"{name}_torch"]
+    threads = tuple(sorted({1, os.cpu_count() or 1}))
+    res["backends"] = backend_comparison(files[:4], threads, rounds=args.rounds)
     res["face_batching"] = face_batching(files[:4])
-    res["box_carrying"] = box_carrying(files[:3])
-
-    # CREMA-D: 7,442 clips, mean 2.5 s at 30 fps (~75 face frames a clip).
-    full = 7442
-    res["estimate_cremad_hours"] = {
-        "frames_audio_pack": full / res["pipeline_marginal_clips_s"] / 3600,
-        "faces_every_frame": full / res["faces_every_frame_clips_s"] / 3600,
-        "faces_5fps": full / res["faces_fps5_clips_s"] / 3600,
-    }
-    print(json.dumps(res, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+    res["box_carrying"] = box_carrying(files[:3], backend="onnx")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ class PreprocessConfig:
     stages: tuple[str, ...] = ALL_STAGES
     workers: int = 1
     device: str = "cpu"
+    backend: str | None = None  # face networks: torch or onnx; None = the fastest installed (resolved at start)
     batch_size: int = 32  # face frames per MTCNN / EfficientNet batch
     chunk: int = 8  # clips per work unit
     overwrite: bool = False
@@ -31,7 +32,7 @@ class PreprocessConfig:
     pack: PackConfig = field(default_factory=PackConfig)
 
     def stage_configs(self) -> dict:
-        """What changes outputs (paths, workers and devices do not)."""
+        """What changes outputs (paths, workers, devices and backends do not)."""
         return {name: asdict(getattr(self, name)) for name in ("frames", "faces", "face_features", "audio", "pack")}
 
     def as_dict(self) -> dict:

@@ -28,6 +28,7 @@ from pipelines.stages.audio import AudioStage
 from pipelines.stages.base import stable_hash
 from pipelines.stages.face_features import face_features_key, weights_identity
 from pipelines.stages.faces import FacesStage
+from pipelines.stages.onnx_backend import resolve_backend
 from pipelines.stages.frames import FramesStage
 from pipelines.stages.pack import PackStage, samples_per_shard, shard_order
 from pipelines.shards import SCHEMA_VERSION, ShardWriter, read_index, write_index
@@ -121,6 +122,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         for sub in ("cache", "shards"):
             shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
     os.makedirs(cfg.out, exist_ok=True)
+    cfg.backend = resolve_backend(cfg.backend, cfg.device)
     if "face_features" in cfg.stages:
         cfg.face_features = type(cfg.face_features)(
             model=cfg.face_features.model, weights=cfg.face_features.weights,
@@ -163,6 +165,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "done": len(done_ids),
         "failed": n_failed,
         "computed_clips": len(jobs),
+        "face_backend": cfg.backend if {"faces", "face_features"} & set(cfg.stages) else None,
         "shards": packed,
         "coverage": coverage_by_split,
         "seconds": round(time.time() - started, 2),
@@ -283,6 +286,6 @@ def progress_bar_iter(items: list, desc: str):
 def _public_config(cfg: PreprocessConfig) -> dict:
     """The resolved config for the index, without machine-specific run options."""
     out = cfg.as_dict()
-    for k in ("out", "workers", "device", "overwrite", "chunk"):
+    for k in ("out", "workers", "device", "backend", "overwrite", "chunk"):
         out.pop(k, None)
     return out

@@ -49,6 +49,14 @@ def warm_up(cfg: PreprocessConfig) -> None:
         import facenet_pytorch  # noqa: F401
         import timm  # noqa: F401
 
+        if cfg.backend == "onnx":  # export (or find) the ONNX files once, before workers fork
+            from pipelines.stages.face_features import export_onnx
+            from pipelines.stages.faces import export_mtcnn
+
+            export_mtcnn()
+            if "face_features" in cfg.stages:
+                export_onnx(cfg.face_features)
+
 
 def init_worker(cfg: PreprocessConfig, threads: int) -> None:
     """Pool initializer: remember the config; models are built on first use.
@@ -65,6 +73,7 @@ def init_worker(cfg: PreprocessConfig, threads: int) -> None:
         torch.set_num_threads(max(1, threads))
     _STATE.clear()
     _STATE["cfg"] = cfg
+    _STATE["threads"] = max(1, threads)  # ONNX Runtime's intra-op threads, as torch's
 
 
 def _batcher():
@@ -73,8 +82,10 @@ def _batcher():
         from pipelines.stages.faces import FaceBatcher
 
         cfg: PreprocessConfig = _STATE["cfg"]
-        featurizer = FaceFeaturesStage(cfg.face_features, cfg.device) if "face_features" in cfg.stages else None
-        _STATE["batcher"] = FaceBatcher(cfg.faces, featurizer, cfg.device, cfg.batch_size)
+        backend, threads = cfg.backend or "torch", _STATE.get("threads")
+        featurizer = (FaceFeaturesStage(cfg.face_features, cfg.device, backend, threads)
+                      if "face_features" in cfg.stages else None)
+        _STATE["batcher"] = FaceBatcher(cfg.faces, featurizer, cfg.device, cfg.batch_size, backend, threads)
     return _STATE["batcher"]
 
 

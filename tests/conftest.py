@@ -27,6 +27,14 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory) -> str:
+    """Exported face networks go to a per-session folder (inherited by CLI subprocesses), not ~/.cache."""
+    path = str(tmp_path_factory.mktemp("avbalance-cache"))
+    os.environ["AVBALANCE_CACHE_DIR"] = path
+    return path
+
+
 @pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory) -> str:
     """6 actors x 1 sentence x 6 emotions = 36 clips (kfold needs at least k+2 actors)."""
