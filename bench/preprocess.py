@@ -279,6 +279,7 @@ def main() -> None:
     res: dict = {"clips": n, "workers": args.workers, "cpu": os.cpu_count()}
     if not args.faces_only:
         pipeline_rates(res, files, root, small_root, args)
+        _save(res, args.json)
     face_rates(res, files, root, args)
 
     # CREMA-D: 7,442 clips, mean 2.5 s at 30 fps (~75 face frames a clip).
@@ -288,8 +289,13 @@ def main() -> None:
     if not args.faces_only:
         res["estimate_cremad_hours"]["frames_audio_pack"] = full / res["pipeline_marginal_clips_s"] / 3600
     print(json.dumps(res, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
+    _save(res, args.json)
+
+
+def _save(res: dict, path: str | None) -> None:
+    """Write what is measured so far (a long run on a shared machine keeps its parts)."""
+    if path:
+        with open(path, "w") as fh:
             json.dump(res, fh, indent=2)
 
 
@@ -348,10 +354,13 @@ def face_rates(res: dict, files: list[str], root: str, args: argparse.Namespace)
     for name in runs:
         for what in ("faces_clips_s", "faces_clips_per_cpu_s"):
             res[what][f"{name}_onnx_over_torch"] = res[what][f"{name}_onnx"] / res[what][f"{name}_torch"]
+    _save(res, args.json)
     threads = tuple(sorted({1, os.cpu_count() or 1}))
     res["backends"] = backend_comparison(files[:4], threads, rounds=args.rounds)
-    res["face_batching"] = face_batching(files[:4])
+    _save(res, args.json)
     res["box_carrying"] = box_carrying(files[:3], backend="onnx")
+    _save(res, args.json)
+    res["face_batching"] = face_batching(files[:4])
 
 
 if __name__ == "__main__":
