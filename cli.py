@@ -4,13 +4,13 @@
     python cli.py synth cremad --out DIR
     python cli.py manifest cremad --root DIR --out DIR [--verify]
     python cli.py preprocess cremad --root DIR --out DIR
-    python cli.py train --config FILE --shards DIR --out RUN_DIR
+    python cli.py train --config FILE --shards DIR|URL --out RUN_DIR [--shard-cache DIR]
     python cli.py evaluate --run RUN_DIR [--split test]
     python cli.py sweep --config FILE
     python cli.py report --runs DIR --out DIR [--markdown]
     python cli.py report --summary FILE --markdown
     python cli.py export h5 --shards DIR --out FILE.h5
-    python cli.py verify-shards DIR [--hash]
+    python cli.py verify-shards DIR|URL [--hash]
 
 Bad input ends with a one-paragraph message and a non-zero exit, never a traceback.
 """
@@ -45,18 +45,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from pipelines.recipes.cremad import prepare_cremad
+    from pipelines.recipes import get_recipe
 
-    summary = prepare_cremad(
-        args.root, args.out, verify=args.verify, checksums=args.checksums,
-        kfold=args.kfold, kfold_seed=args.kfold_seed,
-    )
-    print(f"manifest: {summary['clips']} clips, {summary['actors']} actors -> {os.path.join(args.out, 'clips.jsonl')}")
+    recipe = get_recipe(args.corpus).from_args(args)
+    summary = recipe.prepare(args.root, args.out)
+    groups = "".join(f", {summary[w]} {w}" for w in ("actors", "groups") if w in summary)
+    print(f"manifest: {summary['clips']} clips{groups}, {len(summary['classes'])} classes -> {os.path.join(args.out, 'clips.jsonl')}")
     for split, parts in summary["splits"].items():
         if parts:
-            counts = ", ".join(f"{p} {v['clips']} clips/{v['actors']} actors" for p, v in parts.items())
+            counts = ", ".join(f"{p} {v['clips']} clips" + "".join(f"/{v[w]} {w}" for w in ("actors", "groups") if w in v)
+                               for p, v in parts.items())
             print(f"  {split:7s} {counts}")
-    if summary["verify"]:
+    if summary.get("verify"):
         v = summary["verify"]
         print(f"verify: {v['files_checked']} files checked, {v['files_failed']} failed, "
               f"{v['official_missing']} official files not present")
@@ -73,26 +73,34 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from pipelines.stages.audio import AudioConfig
     from pipelines.stages.face_features import FaceFeaturesConfig
     from pipelines.stages.faces import FacesConfig
+    from pipelines.stages.flow import FlowConfig
     from pipelines.stages.pack import PackConfig
 
+    from pipelines.recipes import get_recipe
+
+    recipe = get_recipe(args.corpus)
     if not os.path.isdir(args.root):  # the cheapest, most basic check first
-        raise UserError(f"--root {args.root} is not a folder; give the corpus folder that holds VideoFlash/ and AudioWAV/")
-    if args.device == "cuda":
+        raise UserError(f"--root {args.root} is not a folder; give the {recipe.root_help}")
+    if args.ray_address and args.engine != "ray":
+        raise UserError(f"--ray-address {args.ray_address} is for --engine ray; add --engine ray or drop --ray-address")
+    if args.device == "cuda" and args.engine == "local":  # a Ray cluster's GPUs are checked on the cluster
         import torch
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     cfg = PreprocessConfig(
-        root=args.root, out=args.out,
+        root=args.root, out=args.out, corpus=args.corpus, recipe_options=recipe.from_args(args).options,
         splits=tuple(s for s in args.split.split(",") if s),
         stages=tuple(s for s in args.stages.split(",") if s),
         workers=args.workers, device=args.device, backend=args.backend, batch_size=args.batch_size, overwrite=args.overwrite,
+        engine=args.engine, ray_address=args.ray_address,
         faces=FacesConfig(fps=args.face_fps, detect_fps=args.face_detect_fps, detect_scale=args.face_detect_scale,
                           min_face_size=args.face_min_size,
                           margin=args.face_margin, size=args.face_size, keep_crops=args.keep_face_crops),
         face_features=FaceFeaturesConfig(weights=args.face_weights, allow_random=args.allow_random_weights),
-        audio=AudioConfig(spec=args.spec),
-        pack=PackConfig(samples_per_shard=args.shard_samples),
+        audio=AudioConfig(spec=args.spec, seconds=args.spec_seconds or recipe.spec_seconds),
+        flow=FlowConfig(rate=args.flow_rate, stack=args.flow_stack, bound=args.flow_bound, preset=args.flow_preset),
+        pack=PackConfig(samples_per_shard=args.shard_samples, shard_mb=args.shard_mb, min_shards=args.min_shards),
     )
     summary = preprocess(cfg)
     for split, parts in summary["shards"].items():
@@ -144,10 +152,20 @@ def set_items(groups: list[list[str]] | None) -> list[str]:
     return items
 
 
+def use_shard_cache(args: argparse.Namespace) -> None:
+    """``--shard-cache DIR``: remote shards read to their end are kept there. An environment
+    variable, because loader workers and torchrun's other ranks inherit it."""
+    from avbalance.remote import CACHE_ENV
+
+    if args.shard_cache:
+        os.environ[CACHE_ENV] = os.path.abspath(args.shard_cache)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.resume import requested_config
 
+    use_shard_cache(args)
     overrides = set_items(args.set)
     cfg = requested_config(args.out, args.config, overrides) if args.resume else load_config(args.config, overrides)
     from trainer.loop import train  # torch loads only once the settings are known to be valid
@@ -167,6 +185,7 @@ def _probes(metrics: dict) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate_run
 
+    use_shard_cache(args)
     m = evaluate_run(args.run, args.split, shards=args.shards, checkpoint=args.checkpoint)
     uni = ", ".join(f"{k} {v:.3f}" for k, v in m["unimodal_accuracy"].items())
     print(f"evaluate: {args.split}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, ECE {m['ece']:.3f}, "
@@ -177,7 +196,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from experiments.sweep import load_sweep, plan_lines, run_sweep
 
-    sweep = load_sweep(args.config, out=args.out)
+    sweep = load_sweep(args.config, out=args.out, shards=args.shards)
     if args.dry_run:
         lines, warnings = plan_lines(sweep, only=args.only)
         print("\n".join(lines))
@@ -217,6 +236,75 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_preprocess_options(p: argparse.ArgumentParser, default_split: str, default_stages: tuple[str, ...]) -> None:
+    """The options every ``preprocess CORPUS`` shares (stages, workers, faces, audio, pack)."""
+    from pipelines.stages.onnx_backend import BACKENDS  # light: no torch, no onnxruntime
+
+    p.add_argument("--out", required=True, help="output folder or fsspec URL (file://, s3://, gs://): manifest/, cache/, "
+                   "shards/<split>/, status.jsonl; with --engine ray on several nodes, storage every node sees")
+    p.add_argument("--split", default=default_split, help=f"comma-separated split names to pack (the manifest summary lists them) (default {default_split})")
+    p.add_argument("--stages", default=",".join(default_stages),
+                   help=f"comma-separated subset of frames,flow,faces,face_features,audio,pack (default {','.join(default_stages)})")
+    p.add_argument("--workers", type=arg(int, Allowed(lo=1)), default=1,
+                   help="worker processes (default 1); with --engine ray, the CPUs of a local runtime and the face actors")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="where the work runs: local (a process pool) or ray (tasks and actors on a Ray cluster) (default local)")
+    p.add_argument("--ray-address", help="--engine ray: a running cluster, auto or HOST:PORT (default: start a local runtime sized by --workers)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet (default cpu)")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                   help="inference backend of the face networks (MTCNN, EfficientNet-B2): torch, or onnx (ONNX Runtime, "
+                        "CPU only; exported from the same weights once and cached, README 'Face backends'); auto: onnx "
+                        "on CPU when onnxruntime is installed, else torch (default auto)")
+    p.add_argument("--batch-size", type=arg(int, Allowed(lo=1)), default=32, help="face frames per MTCNN/EfficientNet batch (default 32)")
+    p.add_argument("--face-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None, help="face frames per second, > 0 (default: every frame)")
+    p.add_argument("--face-detect-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None,
+                   help="detect faces at this rate and carry boxes in between (default: detect on every face frame)")
+    p.add_argument("--face-detect-scale", type=arg(float, Allowed(lo=0, hi=1, lo_open=True)), default=1.0,
+                   help="detect faces on the frame resized by this factor, 0-1, for large faces; --face-min-size then "
+                        "counts the resized frame's pixels (default 1: full size)")
+    p.add_argument("--face-min-size", type=arg(int, Allowed(lo=1)), default=40, help="MTCNN minimum face size in pixels (default 40)")
+    p.add_argument("--face-margin", type=arg(float, Allowed(lo=0)), default=0.2, help="crop side = max(w, h) x (1 + margin) (default 0.2)")
+    p.add_argument("--face-size", type=int, choices=(260, 224), default=260, help="face crop size: 260 (EfficientNet-B2) or 224 (default 260)")
+    p.add_argument("--face-weights", help="EfficientNet-B2 weights: a timm state dict (.pth or .safetensors) or a "
+                   "Hugging Face model id (hf-hub:timm/efficientnet_b2.ra_in1k), downloaded once into the HF cache "
+                   "(default: none; then --allow-random-weights is needed)")
+    p.add_argument("--allow-random-weights", action="store_true", help="tests/demos only: seeded random EfficientNet-B2 weights")
+    p.add_argument("--keep-face-crops", action="store_true", help="also store the face crops (faces.jpg)")
+    p.add_argument("--flow-rate", type=arg(float, Allowed(lo=0, lo_open=True)), default=1.0,
+                   help="optical-flow slots per second, > 0; slot n starts at the frame on screen at n/rate s (default 1.0: one per 1-fps frame)")
+    p.add_argument("--flow-stack", type=arg(int, Allowed(lo=1)), default=1,
+                   help="consecutive flow fields per slot, >= 1 (two-stream networks stack 10) (default 1)")
+    p.add_argument("--flow-bound", type=arg(float, Allowed(lo=0, lo_open=True)), default=20.0,
+                   help="flow is clipped to +-bound pixels before quantising to 0..255, > 0 (default 20)")
+    p.add_argument("--flow-preset", choices=("ultrafast", "fast", "medium"), default="medium",
+                   help="OpenCV DIS optical-flow preset (default medium)")
+    p.add_argument("--spec", choices=("logmel", "linear"), default="logmel", help="spectrogram: 128-bin log-Mel or the reference linear 257 x 188 (default logmel)")
+    p.add_argument("--spec-seconds", type=arg(float, Allowed(lo=0, lo_open=True)), default=None,
+                   help="seconds the spectrogram covers, shorter clips tiled (default: the corpus', 3 for CREMA-D as the "
+                        "reference, 10 for AVE; docs/recipes.md)")
+    p.add_argument("--shard-samples", type=arg(int, Allowed(lo=1)), default=None,
+                   help="samples per shard (default: as many as fill --shard-mb, at most part size / --min-shards, at least 8)")
+    p.add_argument("--shard-mb", type=arg(float, Allowed(lo=1)), default=256.0,
+                   help="target shard size in MB when --shard-samples is not given (default 256: webdataset's 100 MB - 1 GB for streaming)")
+    p.add_argument("--min-shards", type=arg(int, Allowed(lo=1)), default=16,
+                   help="shards per part at least, for parts large enough (default 16; raise it to ranks x loader workers of a cluster)")
+    p.add_argument("--overwrite", action="store_true", help="drop cached stage outputs and shards, redo everything")
+
+
+def corpus_parsers(sub, command: str, help_text: str):
+    """``cli.py COMMAND CORPUS``: one sub-parser per registered recipe, each with its ``--root``."""
+    from pipelines.recipes import get_recipe, recipe_names
+
+    p = sub.add_parser(command, help=help_text)
+    corpora = p.add_subparsers(dest="corpus", metavar="CORPUS", required=True,
+                               help=f"the corpus recipe: {', '.join(recipe_names())} (docs/recipes.md)")
+    for name in recipe_names():
+        recipe = get_recipe(name)
+        q = corpora.add_parser(name, help=recipe.description, description=recipe.description)
+        q.add_argument("--root", required=True, help=recipe.root_help)
+        yield recipe, q
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cli.py",
@@ -242,51 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"worker processes (default {min(2, os.cpu_count() or 1)}: up to 2, one per CPU core)")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("manifest", help="index a corpus: clip manifest, metadata and splits")
-    p.add_argument("corpus", choices=CORPORA, help="the corpus recipe (cremad)")
-    p.add_argument("--root", required=True, help="corpus folder (holds VideoFlash/, AudioWAV/, AudioMP3/)")
-    p.add_argument("--out", required=True, help="manifest folder (clips.jsonl, skipped.jsonl, summary.json)")
-    p.add_argument("--verify", action="store_true", help="check every file's size and sha256 against the official list")
-    p.add_argument("--checksums", help="a path,sha256,size CSV to verify against instead of the official list (default: the official list)")
-    p.add_argument("--kfold", type=arg(int, Allowed(lo=2)), default=3, help="number of actor-disjoint folds, >= 2 (default 3)")
-    p.add_argument("--kfold-seed", type=arg(int, Allowed(lo=0)), default=0, help="seed of the actor shuffle behind the folds (default 0)")
-    p.set_defaults(func=cmd_manifest)
+    for recipe, q in corpus_parsers(sub, "manifest", "index a corpus: clip manifest, metadata and splits"):
+        q.add_argument("--out", required=True, help="manifest folder (clips.jsonl, skipped.jsonl, summary.json)")
+        recipe.add_arguments(q)
+        q.set_defaults(func=cmd_manifest)
 
-    p = sub.add_parser("preprocess", help="decode, frames, faces, face features, audio, pack into WebDataset shards")
-    p.add_argument("corpus", choices=CORPORA, help="the corpus recipe (cremad)")
-    p.add_argument("--root", required=True, help="corpus folder (holds VideoFlash/ and AudioWAV/)")
-    p.add_argument("--out", required=True, help="output folder: manifest/, cache/, shards/<split>/, status.jsonl")
-    p.add_argument("--split", default="ogm", help="comma-separated split names to pack: ogm, vavl1..vavl5, kfold1..kfoldK (default ogm)")
-    p.add_argument("--stages", default=",".join(["frames", "faces", "face_features", "audio", "pack"]),
-                   help="comma-separated subset of frames,faces,face_features,audio,pack (default all)")
-    p.add_argument("--workers", type=arg(int, Allowed(lo=1)), default=1, help="worker processes (default 1)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet (default cpu)")
-    p.add_argument("--backend", choices=("torch", "onnx"), default=None,
-                   help="inference backend of the face networks (MTCNN, EfficientNet-B2): torch, or onnx (ONNX Runtime, "
-                        "CPU only; the networks are exported once and cached, see docs/preprocessing.md) "
-                        "(default: onnx on CPU when onnxruntime is installed, else torch)")
-    p.add_argument("--batch-size", type=arg(int, Allowed(lo=1)), default=32, help="face frames per MTCNN/EfficientNet batch (default 32)")
-    p.add_argument("--face-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None, help="face frames per second, > 0 (default: every frame)")
-    p.add_argument("--face-detect-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None,
-                   help="detect faces at this rate and carry boxes in between (default: detect on every face frame)")
-    p.add_argument("--face-detect-scale", type=arg(float, Allowed(lo=0, hi=1, lo_open=True)), default=1.0,
-                   help="detect faces on the frame resized by this factor, 0-1, for large faces; --face-min-size then "
-                        "counts the resized frame's pixels (default 1: full size)")
-    p.add_argument("--face-min-size", type=arg(int, Allowed(lo=1)), default=40, help="MTCNN minimum face size in pixels (default 40)")
-    p.add_argument("--face-margin", type=arg(float, Allowed(lo=0)), default=0.2, help="crop side = max(w, h) x (1 + margin) (default 0.2)")
-    p.add_argument("--face-size", type=int, choices=(260, 224), default=260, help="face crop size: 260 (EfficientNet-B2) or 224 (default 260)")
-    p.add_argument("--face-weights", help="EfficientNet-B2 weights: a timm state dict (.pth or .safetensors) or a "
-                   "Hugging Face model id (hf-hub:timm/efficientnet_b2.ra_in1k), downloaded once into the HF cache "
-                   "(default: none; then --allow-random-weights is needed)")
-    p.add_argument("--allow-random-weights", action="store_true", help="tests/demos only: seeded random EfficientNet-B2 weights")
-    p.add_argument("--keep-face-crops", action="store_true", help="also store the face crops (faces.jpg)")
-    p.add_argument("--spec", choices=("logmel", "linear"), default="logmel", help="spectrogram: 128-bin log-Mel or the reference linear 257 x 188 (default logmel)")
-    p.add_argument("--shard-samples", type=arg(int, Allowed(lo=1)), default=None, help="samples per shard (default: about 16 shards per part)")
-    p.add_argument("--overwrite", action="store_true", help="drop cached stage outputs and shards, redo everything")
-    p.set_defaults(func=cmd_preprocess)
+    for recipe, q in corpus_parsers(sub, "preprocess", "decode, frames, optical flow, faces, face features, audio, pack into WebDataset shards"):
+        add_preprocess_options(q, recipe.default_split, recipe.default_stages)
+        recipe.add_arguments(q)
+        q.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("verify-shards", help="check a shard set against its shards.json (sizes; sha256 with --hash)")
-    p.add_argument("dir", metavar="DIR", help="shard set folder (holds shards.json), e.g. OUT/shards/ogm")
+    p.add_argument("dir", metavar="DIR|URL", help="shard set folder (holds shards.json), e.g. OUT/shards/ogm, or its URL "
+                   "(http(s)://, s3://, gs://, file://, pipe:CMD with {name})")
     p.add_argument("--hash", action="store_true", help="also compare every shard's sha256 (reads every byte; default: sizes only)")
     p.set_defaults(func=cmd_verify_shards)
 
@@ -300,25 +356,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a multimodal classifier from shards (torchrun for several processes)")
     p.add_argument("--config", help="YAML preset (trainer/configs/*.yaml); built-in defaults apply where it is silent "
                    "(default: none, all built-in defaults; with --resume: the run's own config)")
-    p.add_argument("--shards", required=True, help="a shard set folder with shards.json (OUT/shards/<split>)")
+    p.add_argument("--shards", required=True, metavar="DIR|URL", help="a shard set folder with shards.json (OUT/shards/<split>), "
+                   "or its URL: http(s)://, s3://, gs://, file://, or pipe:CMD with {name} for the file name (streamed)")
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, tb/, best.pt, last.pt")
     p.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE",
                    help="override a config key, e.g. optim.lr=1e-4 (repeatable; default: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with the run's own config.yaml")
+    p.add_argument("--shard-cache", metavar="DIR", help="keep remote shards read to their end in DIR and read them from there "
+                   "afterwards (default: none, always streamed)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run: accuracy, macro-F1, heads, ECE, agreement, confusion")
     p.add_argument("--run", required=True, help="a run folder written by train")
     p.add_argument("--split", default="test", help="the part to evaluate: train, val or test (default test)")
-    p.add_argument("--shards", help="evaluate on another shard set than the run's (default: the run's own)")
+    p.add_argument("--shards", metavar="DIR|URL", help="evaluate on another shard set (folder or URL) than the run's (default: the run's own)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="best.pt (best validation accuracy) or last.pt (the last epoch) (default best)")
+    p.add_argument("--shard-cache", metavar="DIR", help="keep remote shards read to their end in DIR and read them from there "
+                   "afterwards (default: none, always streamed)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="run a grid of training runs (methods x fusions x presets x splits x seeds) from one YAML file")
     p.add_argument("--config", required=True, help="sweep file, e.g. experiments/sweeps/cremad_paper.yaml")
     p.add_argument("--out", help="folder for the runs (default: the file's `out`)")
+    p.add_argument("--shards", metavar="TEMPLATE", help="shard folder per split, with {split}, e.g. demo/pre/shards/{split} "
+                   "(default: the file's `shards`; a block's own `shards` still wins)")
     p.add_argument("--jobs", type=arg(int, Allowed(lo=1)), default=1, help="runs at a time (default 1); threads are split between them")
     p.add_argument("--devices", help="comma-separated GPU ids, one per parallel run in turn, e.g. 0,1,2,3 (default: none)")
     p.add_argument("--only", metavar="GLOB", help="run only the runs whose id matches, e.g. 'resnet_ogm/mlb-*' (default: all)")

@@ -4,6 +4,7 @@ invocation, on the same clips, with the same process count.
 
     python bench/preprocess.py --clips 144 --workers 2 --face-clips 6
     python bench/preprocess.py --faces-only --face-clips 6 --json bench/faces.json
+    python bench/preprocess.py --clips 144 --workers 2 --engine ray --json bench/preprocess.json
 
 - floor: in-process PyAV decoding of every frame, nothing else;
 - reference: OpenCV decoding every frame and writing a JPEG per second to files
@@ -13,7 +14,19 @@ invocation, on the same clips, with the same process count.
 - backends: torch vs ONNX Runtime on the same frames, crops and threads (both networks,
   EfficientNet-B2 at several batch sizes), and both face stages end to end per backend;
 - box carrying and downscaled detection vs full-size detection on every frame (speed, box IoU);
-- peak memory of a run on a small and on a 4x larger corpus (it must stay flat).
+- peak memory of a run on a small and on a 4x larger corpus (it must stay flat);
+- with ``--engine ray`` only: the Ray engine against the local one, `frames,audio,pack` on the
+  same clips and worker count, whole runs and steady state, and whether the shards are
+  byte-identical; stored under ``engine_ray`` in the ``--json`` file (other keys kept).
+
+    python bench/preprocess.py --mp4 24 --workers 2
+
+``--mp4 N`` measures the ``folder`` recipe instead: N synthetic 10 s mp4 clips (H.264 + AAC,
+480x360, 25 fps, the shape of AVE / VGGSound downloads): the floor, frames+audio+pack, and
+each stage alone.
+
+``--faces-only`` measures only the face stages (backends, batching, box carrying, downscaled
+detection) on ``--face-clips`` clips of the small corpus.
 """
 
 from __future__ import annotations
@@ -84,22 +97,52 @@ def rate(fn, items, workers: int) -> float:
     return len(items) / (time.perf_counter() - start)
 
 
-def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[str] | None = None) -> tuple[float, dict, int]:
-    """Run the CLI in a subprocess; return (clips/s over the whole run, summary, peak RSS MB)."""
+LAST_CPU_SECONDS = [0.0]
+
+
+def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[str] | None = None,
+                   corpus: list[str] | None = None) -> tuple[float, dict, int]:
+    """Run the CLI in a subprocess; return (clips/s over the whole run, summary, peak RSS MB).
+    ``corpus``: the recipe and its options (default CREMA-D, split ogm)."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, os.path.join(REPO, "cli.py"), "preprocess", "cremad", "--root", root, "--out", out,
-           "--split", "ogm", "--stages", stages, "--workers", str(workers), *(extra or [])]
+    cmd = [sys.executable, os.path.join(REPO, "cli.py"), "preprocess", *(corpus or ["cremad", "--split", "ogm"]),
+           "--root", root, "--out", out, "--stages", stages, "--workers", str(workers), *(extra or [])]
     # A wrapper process reports the peak RSS of this run's processes alone (the largest one).
     # It also reports their CPU time (user + system, workers included): on a shared machine
     # clips per CPU-second say what the work costs whatever else runs.
     wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
                "r = resource.getrusage(resource.RUSAGE_CHILDREN); print(r.ru_maxrss, r.ru_utime + r.ru_stime)")
     start = time.perf_counter()
-    peak_kb, cpu = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True).stdout.split()
+    peak, cpu = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True).stdout.split()
+    peak_kb = int(peak)
+    LAST_CPU_SECONDS[0] = float(cpu)  # CPU time of the run's processes: what a shared machine does not distort
     seconds = time.perf_counter() - start
     summary = json.load(open(os.path.join(out, "preprocess.json")))
     summary["clips_per_cpu_s"] = summary["clips"] / float(cpu)
     return summary["clips"] / seconds, summary, int(peak_kb) // 1024
+
+
+def shard_bytes(out: str) -> dict[str, bytes]:
+    return {os.path.relpath(p, out): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(out, "shards", "*", "*")))}
+
+
+def engine_comparison(small_root: str, root: str, n: int, workers: int, work: str, address: str | None) -> dict:
+    """Ray against local, frames+audio+pack: the overhead ratio (Ray's time over local's) of
+    whole runs (start-up included) and at steady state (the extra clips of the 4x corpus)."""
+    res: dict = {"stages": "frames,audio,pack", "ray_address": address}
+    for engine in ("local", "ray"):
+        extra = ["--engine", engine] + (["--ray-address", address] if engine == "ray" and address else [])
+        out = os.path.join(work, f"engine-{engine}")
+        rate_big, summary, _ = run_preprocess(root, out, "frames,audio,pack", workers, extra)
+        rate_small, small, _ = run_preprocess(small_root, out + "-small", "frames,audio,pack", workers, extra)
+        t_big, t_small = n / rate_big, small["clips"] / rate_small
+        res[engine] = {"clips_s": rate_big, "seconds": t_big, "phase_seconds": summary["phase_seconds"],
+                       "small_clips": small["clips"], "small_seconds": t_small,
+                       "marginal_clips_s": (n - small["clips"]) / (t_big - t_small)}
+    res["identical_shards"] = shard_bytes(os.path.join(work, "engine-local")) == shard_bytes(os.path.join(work, "engine-ray"))
+    res["whole_run_ratio"] = res["ray"]["seconds"] / res["local"]["seconds"]
+    res["steady_state_ratio"] = res["local"]["marginal_clips_s"] / res["ray"]["marginal_clips_s"]
+    return res
 
 
 def face_batching(files: list[str], n_frames: int = 64, batch: int = 32) -> dict:
@@ -255,6 +298,55 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a) + area(b) - inter)
 
 
+def _decode_cpu(files: list[str]) -> float:
+    """CPU seconds of the floor (in-process PyAV decode of every frame) over ``files``."""
+    start = time.process_time()
+    for f in files:
+        _decode_all(f)
+    return time.process_time() - start
+
+
+def mp4_bench(n: int, workers: int, work: str) -> dict:
+    """The folder recipe on ``n`` 10 s mp4 clips: clips/s against the in-process decode floor.
+    Start-up (imports, warm-up) weighs heavily on a few long clips, so the steady-state rate
+    is the marginal one: the extra clips of the ``n``-clip run over a quarter-size run, per
+    extra second, as for CREMA-D."""
+    from pipelines.synth.layouts import write_folder_corpus
+
+    root = os.path.join(work, f"mp4_{n}")
+    if not os.path.exists(os.path.join(root, "labels.csv")):
+        write_folder_corpus(root + ".part", classes=4, per_class=-(-n // 4), seconds=10.0, fps=25, size=(480, 360))
+        os.replace(root + ".part", root)
+    labels = os.path.join(root, "labels.csv")
+    with open(labels) as fh:
+        lines = fh.read().splitlines()
+    small_n = max(1, (len(lines) - 1) // 4)
+    small = os.path.join(work, f"labels_{small_n}.csv")
+    with open(small, "w") as fh:
+        fh.write("\n".join([lines[0]] + lines[1:][::4][:small_n]) + "\n")
+    files = sorted(glob.glob(os.path.join(root, "*", "*.mp4")))
+    out = os.path.join(work, "out_mp4")
+    res: dict = {"clips": len(files), "small_clips": small_n, "seconds_per_clip": 10.0, "size": "480x360", "fps": 25,
+                 "workers": workers, "cpu": os.cpu_count(), "floor_clips_s": rate(_decode_all, files, workers)}
+    # CPU seconds per clip too: on a machine shared with other jobs, wall times swing with the
+    # load, CPU time much less.
+    res["floor_cpu_s_per_clip"] = _decode_cpu(files) / len(files)
+    big_rate, summary, res["pipeline_peak_mb"] = run_preprocess(root, out, "frames,audio,pack", workers,
+                                                                corpus=["folder", "--labels", labels])
+    big_cpu = LAST_CPU_SECONDS[0]
+    small_rate = run_preprocess(root, out + "_small", "frames,audio,pack", workers, corpus=["folder", "--labels", small])[0]
+    small_cpu = LAST_CPU_SECONDS[0]
+    res["pipeline_cpu_s_per_clip"] = big_cpu / len(files)
+    res["pipeline_marginal_cpu_s_per_clip"] = (big_cpu - small_cpu) / (len(files) - small_n)
+    res["marginal_cpu_over_floor"] = res["pipeline_marginal_cpu_s_per_clip"] / res["floor_cpu_s_per_clip"]
+    res["pipeline_clips_s"] = big_rate
+    res["pipeline_phase_seconds"] = summary["phase_seconds"]
+    t_big, t_small = len(files) / big_rate, small_n / small_rate
+    res["pipeline_marginal_clips_s"] = (len(files) - small_n) / (t_big - t_small)
+    res["floor_over_marginal"] = res["floor_clips_s"] / res["pipeline_marginal_clips_s"]
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=144, help="corpus size: 6 emotions x 4 sentences x actors")
@@ -264,9 +356,20 @@ def main() -> None:
     ap.add_argument("--faces-only", action="store_true", help="only the face-stage measurements")
     ap.add_argument("--rounds", type=int, default=2, help="face runs per backend, alternating; the best counts")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--mp4", type=int, default=0, metavar="N", help="instead: the folder recipe on N 10 s mp4 clips")
+    ap.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="ray: only compare the Ray engine with the local one (key engine_ray of --json)")
+    ap.add_argument("--ray-address", help="with --engine ray: a running cluster (default: a local runtime of --workers CPUs)")
     args = ap.parse_args()
     # Exported ONNX networks are cached here, so the end-to-end runs measure the steady state.
     os.environ.setdefault("AVBALANCE_CACHE_DIR", os.path.join(args.work, "cache"))
+    if args.mp4:
+        res = mp4_bench(args.mp4, args.workers, args.work)
+        print(json.dumps(res, indent=2))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=2)
+        return
     actors = max(1, args.clips // 24)
     small_root = os.path.join(args.work, f"corpus{actors}")
     synth(small_root, actors, 4)
@@ -276,6 +379,16 @@ def main() -> None:
     root = small_root if args.faces_only else os.path.join(args.work, f"corpus{actors * 4}")
     files = synth(root, actors * (1 if args.faces_only else 4), 4)
     n = len(files)
+    if args.engine == "ray":
+        found = engine_comparison(small_root, root, n, args.workers, args.work, args.ray_address)
+        found.update(clips=n, workers=args.workers, cpu=os.cpu_count())
+        print(json.dumps(found, indent=2))
+        if args.json:
+            res = json.load(open(args.json)) if os.path.exists(args.json) else {}
+            res["engine_ray"] = found
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=2)
+        return
     res: dict = {"clips": n, "workers": args.workers, "cpu": os.cpu_count()}
     if not args.faces_only:
         pipeline_rates(res, files, root, small_root, args)
@@ -293,8 +406,12 @@ def main() -> None:
 
 
 def _save(res: dict, path: str | None) -> None:
-    """Write what is measured so far (a long run on a shared machine keeps its parts)."""
+    """Write what is measured so far (a long run on a shared machine keeps its parts); the
+    Ray comparison, measured by its own invocation, is kept from the file."""
     if path:
+        previous = json.load(open(path)) if os.path.exists(path) else {}
+        if "engine_ray" in previous:
+            res["engine_ray"] = previous["engine_ray"]
         with open(path, "w") as fh:
             json.dump(res, fh, indent=2)
 

@@ -144,8 +144,12 @@ def unsupported_reason(method: str, fusion: str, config: str | None = None) -> s
     return None
 
 
-def load_sweep(path: str, out: str | None = None) -> Sweep:
-    """Read and expand a sweep file; every preset must exist and every name be registered."""
+def load_sweep(path: str, out: str | None = None, shards: str | None = None) -> Sweep:
+    """Read and expand a sweep file; every preset must exist and every name be registered.
+
+    ``out`` and ``shards`` replace the file's own ``out`` and top-level ``shards`` template (a
+    block with its own ``shards`` keeps it), so one file serves any working folder.
+    """
     if not os.path.isfile(path):
         raise UserError(f"sweep config not found: {path}")
     with open(path, encoding="utf-8") as fh:
@@ -161,6 +165,8 @@ def load_sweep(path: str, out: str | None = None) -> Sweep:
             raise UserError(f"{where}: `shards` must be a path template containing {{split}}, e.g. data/shards/{{split}}")
         return value
 
+    if shards is not None:
+        doc["shards"] = shards_template(shards, "--shards")
     sweep = Sweep(path=path, out=out or doc.get("out") or "")
     if not sweep.out:
         raise UserError(f"{path}: no `out` folder; set it in the file or pass --out")

@@ -8,7 +8,6 @@ from collections import Counter
 from typing import Iterable
 
 from avbalance.errors import UserError
-from manifests.schema import EMOTIONS
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -30,8 +29,10 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def split_summary(clips: list[dict], split_names: list[str]) -> dict:
-    """Per split and part: clip count, actor count, clips per class."""
+def split_summary(clips: list[dict], split_names: list[str], classes: list[str] | tuple[str, ...],
+                  class_key: str = "label_name", group_key: str = "group", group_word: str = "groups") -> dict:
+    """Per split and part: clip count, group count (actors, speakers, videos: ``group_word``;
+    left out when no clip has ``group_key``) and clips per class (every class, 0 included)."""
     out: dict[str, dict] = {}
     for name in split_names:
         parts: dict[str, dict] = {}
@@ -39,15 +40,16 @@ def split_summary(clips: list[dict], split_names: list[str]) -> dict:
             part = clip["splits"].get(name)
             if part is None:
                 continue
-            entry = parts.setdefault(part, {"clips": 0, "actors": set(), "classes": Counter()})
+            entry = parts.setdefault(part, {"clips": 0, "groups": set(), "classes": Counter()})
             entry["clips"] += 1
-            entry["actors"].add(clip["actor"])
-            entry["classes"][clip["emotion"]] += 1
+            if clip.get(group_key) is not None:
+                entry["groups"].add(clip[group_key])
+            entry["classes"][clip[class_key]] += 1
         out[name] = {
             part: {
                 "clips": e["clips"],
-                "actors": len(e["actors"]),
-                "classes": {emo: e["classes"].get(emo, 0) for emo in EMOTIONS},
+                **({group_word: len(e["groups"])} if e["groups"] else {}),
+                "classes": {c: e["classes"].get(c, 0) for c in classes},
             }
             for part, e in sorted(parts.items(), key=lambda kv: ("train", "val", "test").index(kv[0]))
         }
@@ -67,6 +69,6 @@ def read_manifest(out_dir: str) -> tuple[list[dict], dict]:
     clips_path = os.path.join(out_dir, "clips.jsonl")
     summary_path = os.path.join(out_dir, "summary.json")
     if not (os.path.exists(clips_path) and os.path.exists(summary_path)):
-        raise UserError(f"no complete manifest in {out_dir}; run `python cli.py manifest cremad --root ROOT --out {out_dir}`")
+        raise UserError(f"no complete manifest in {out_dir}; run `python cli.py manifest CORPUS --root ROOT --out {out_dir}`")
     with open(summary_path, encoding="utf-8") as fh:
         return read_jsonl(clips_path), json.load(fh)

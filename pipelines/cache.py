@@ -1,54 +1,58 @@
 """Per-clip, per-stage output cache: ``cache/<stage>/<clip>-<key16>.npz`` or ``.fail.json``.
 
-Files are written to a temporary name and renamed, so a killed run never leaves a file
-that looks complete. Failures are cached too: a re-run with the same config redoes nothing.
+Files are written to a temporary name and renamed (or uploaded whole, on object stores),
+so a killed run never leaves a file that looks complete. Failures are cached too: a re-run
+with the same config redoes nothing.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 
+from pipelines.storage import Storage
+
 
 class ClipCache:
-    def __init__(self, root: str) -> None:
+    def __init__(self, storage: Storage, root: str = "cache") -> None:
+        self.storage = storage
         self.root = root
+        self._listing: dict[str, set[str]] | None = None
 
     def _base(self, stage: str, clip_id: str, key: str) -> str:
-        return os.path.join(self.root, stage, f"{clip_id}-{key[:16]}")
+        return f"{self.root}/{stage}/{clip_id}-{key[:16]}"
+
+    def scan(self, stages: list[str]) -> None:
+        """List each stage folder once; ``done`` and ``failure`` then answer from the listing
+        (one request per stage instead of two per clip, on remote storage)."""
+        self._listing = {s: set(self.storage.listdir(f"{self.root}/{s}")) for s in stages}
+
+    def _exists(self, stage: str, rel: str) -> bool:
+        if self._listing is not None and stage in self._listing:
+            return rel.rsplit("/", 1)[-1] in self._listing[stage]
+        return self.storage.exists(rel)
 
     def done(self, stage: str, clip_id: str, key: str) -> bool:
-        return os.path.exists(self._base(stage, clip_id, key) + ".npz")
+        return self._exists(stage, self._base(stage, clip_id, key) + ".npz")
 
     def failure(self, stage: str, clip_id: str, key: str) -> str | None:
-        path = self._base(stage, clip_id, key) + ".fail.json"
-        if not os.path.exists(path):
+        rel = self._base(stage, clip_id, key) + ".fail.json"
+        if not self._exists(stage, rel):
             return None
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)["reason"]
+        return json.loads(self.storage.read_bytes(rel))["reason"]
 
     def save(self, stage: str, clip_id: str, key: str, arrays: dict[str, np.ndarray]) -> None:
-        path = self._base(stage, clip_id, key) + ".npz"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        _atomic_write(path, buf.getvalue())
+        self.storage.write_bytes(self._base(stage, clip_id, key) + ".npz", buf.getvalue())
 
     def save_failure(self, stage: str, clip_id: str, key: str, reason: str) -> None:
-        path = self._base(stage, clip_id, key) + ".fail.json"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _atomic_write(path, json.dumps({"clip_id": clip_id, "stage": stage, "reason": reason}).encode())
+        data = json.dumps({"clip_id": clip_id, "stage": stage, "reason": reason}).encode()
+        self.storage.write_bytes(self._base(stage, clip_id, key) + ".fail.json", data)
 
     def load(self, stage: str, clip_id: str, key: str) -> dict[str, np.ndarray]:
-        with np.load(self._base(stage, clip_id, key) + ".npz", allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+        data = self.storage.read_bytes(self._base(stage, clip_id, key) + ".npz")
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return {k: arrays[k] for k in arrays.files}

@@ -23,6 +23,7 @@ only when the shards carry the key it comes from:
     level           (n,)                     utf-8   json ``level`` (``XX``/``LO``/``MD``/``HI``)
     frames_jpeg     (n,) vlen                uint8   ``frames.jpg`` (raw JPEG bytes)
     faces_jpeg      (n,) vlen                uint8   ``faces.jpg`` (raw JPEG bytes)
+    flow_x_jpeg     (n,) vlen                uint8   ``flow_x.jpg`` (raw JPEG bytes; flow_y_jpeg alike)
     face_feats      (sum_T, 1408)            float16 ``face_feats.npy``
     face_mask       (sum_T,)                 uint8   ``face_mask.npy``
     face_boxes      (sum_T, 4)               float32 ``face_boxes.npy``
@@ -63,7 +64,7 @@ PARTS = ("train", "val", "test")
 FACE_KEYS = ("face_feats", "face_mask", "face_boxes", "face_times")
 # shard key -> dataset name
 NPY_KEYS = {f"{k}.npy": k for k in (*FACE_KEYS, "wav", "spec")}
-JPEG_KEYS = {"frames.jpg": "frames_jpeg", "faces.jpg": "faces_jpeg"}
+JPEG_KEYS = {"frames.jpg": "frames_jpeg", "faces.jpg": "faces_jpeg", "flow_x.jpg": "flow_x_jpeg", "flow_y.jpg": "flow_y_jpeg"}
 STRING_COLUMNS = ("clip_id", "meta_json", "emotion", "sentence", "level")
 CHUNK_BYTES = 256 * 1024  # target chunk size of numeric datasets
 OBJECT_CHUNK_ROWS = 256  # chunk rows of vlen (JPEG, string) datasets
@@ -277,7 +278,7 @@ class _PartWriter:
 
     def _append(self, name: str, data: np.ndarray) -> None:
         if name not in self.group:
-            dtype = {"frames_jpeg": VLEN_BYTES, "faces_jpeg": VLEN_BYTES}.get(name, UTF8 if data.dtype.kind == "O" else data.dtype)
+            dtype = dict.fromkeys(JPEG_KEYS.values(), VLEN_BYTES).get(name, UTF8 if data.dtype.kind == "O" else data.dtype)
             layout = self._layout(np.dtype(dtype), data.shape)
             self.group.create_dataset(name, shape=(0, *data.shape[1:]), maxshape=(None, *data.shape[1:]),
                                       dtype=dtype, **layout)

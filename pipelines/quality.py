@@ -16,6 +16,7 @@ import numpy as np
 if TYPE_CHECKING:  # the stages are imported where used: the trainer reads QUALITY_FLAGS cheaply
     from pipelines.stages.audio import AudioConfig
     from pipelines.stages.faces import FacesConfig
+    from pipelines.stages.flow import FlowConfig
 
 # name -> what it means (docs/shards.md lists the same)
 QUALITY_FLAGS = {
@@ -27,7 +28,7 @@ QUALITY_FLAGS = {
     "silent": "the audio's peak level is below the silence threshold",
     "short": "the audio is shorter than the minimum duration (stored as is; loaders tile it)",
 }
-VIDEO_STAGES = ("frames", "faces", "face_features")
+VIDEO_STAGES = ("frames", "flow", "faces", "face_features")
 TRUNCATION_TOLERANCE_S = 0.5  # decoded length this much under the header's: cut short
 
 
@@ -35,7 +36,7 @@ def clip_quality(clip: dict, outputs: dict[str, dict[str, np.ndarray]], failures
                  stages: list[str], audio_cfg: AudioConfig) -> dict[str, dict]:
     """The flags of one kept clip (flag -> measured values) from its stage outputs and failures."""
     flags: dict[str, dict] = {}
-    video = outputs.get("frames") or outputs.get("faces")
+    video = outputs.get("frames") or outputs.get("flow") or outputs.get("faces")
     if any(s in stages for s in VIDEO_STAGES):
         if video is None:
             reason = next((failures[s] for s in VIDEO_STAGES if s in failures), "no video output")
@@ -79,9 +80,9 @@ def gives_sample(failures: dict[str, str], stages: list[str]) -> bool:
     return video_ok or audio_ok or not (video or "audio" in stages)
 
 
-def placeholder(stage: str, audio_cfg: AudioConfig, faces_cfg: FacesConfig) -> dict[str, np.ndarray]:
+def placeholder(stage: str, audio_cfg: AudioConfig, faces_cfg: FacesConfig, flow_cfg: FlowConfig | None = None) -> dict[str, np.ndarray]:
     """A stage's output for a kept clip whose video (or audio) did not decode, so every sample
-    has the same keys: no frames (count 0; one 16-pixel black tile), one face slot with mask 0
+    has the same keys: no frames or flow (count 0; one 16-pixel black tile), one face slot with mask 0
     and zero features, or an empty waveform with the spectrogram of silence."""
     from pipelines.stages.audio import AUDIO_SR, spectrogram
     from pipelines.stages.frames import encode_strip
@@ -89,6 +90,12 @@ def placeholder(stage: str, audio_cfg: AudioConfig, faces_cfg: FacesConfig) -> d
     if stage == "frames":
         strip, stride = encode_strip([np.zeros((16, 16, 3), np.uint8)], 90)
         return {"strip": np.frombuffer(strip, np.uint8), "stride": np.int64(stride), "times": np.zeros(0, np.float32)}
+    if stage == "flow":
+        from pipelines.stages.flow import FlowConfig, flow_layout
+
+        strip, stride = encode_strip([np.zeros((16, 16), np.uint8)], 90)
+        return {"x_strip": np.frombuffer(strip, np.uint8), "y_strip": np.frombuffer(strip, np.uint8), "stride": np.int64(stride),
+                "times": np.zeros(0, np.float32), "pairs": np.zeros(0, np.int64), **flow_layout(flow_cfg or FlowConfig())}
     if stage == "faces":
         out = {"times": np.zeros(1, np.float32), "boxes": np.zeros((1, 4), np.float32), "probs": np.zeros(1, np.float32),
                "mask": np.zeros(1, np.uint8), "detected": np.zeros(1, np.uint8)}

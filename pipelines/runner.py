@@ -1,4 +1,8 @@
-"""Plan -> skip what is done -> run the rest on a local process pool -> pack -> status.
+"""Plan -> skip what is done -> run the rest on an engine -> pack -> status.
+
+The engine (``pipelines/engines``: a local process pool, or Ray) only decides where chunks
+of clips and pack tasks (one per output shard) run; planning, cache keys, failure records,
+the shard plan and ``shards.json`` are here, so every engine writes the same bytes.
 
 A clip is kept when its video or its audio decodes (``pipelines/quality.py`` flags what is
 missing or unusual); only clips that cannot give a sample fail. Every stage output is cached per clip under a key of (stage version, config, input), so a
@@ -9,32 +13,35 @@ changed stage config redoes only that stage and those after it.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
-import shutil
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from avbalance import __version__
 from avbalance.errors import UserError
 from avbalance.progress import progress_bar
-from manifests.io import atomic_write_text, read_jsonl
+from manifests.io import read_jsonl
 from pipelines.cache import ClipCache
 from pipelines.config import ALL_STAGES, PreprocessConfig
-from pipelines.coverage import coverage, named_clips
+from manifests.record import clip_window
+from pipelines.coverage import coverage
+from pipelines.engines import Engine, check_engine, make_engine
 from pipelines.quality import clip_quality, gives_sample, placeholder
-from pipelines.recipes.cremad import prepare_cremad
+from pipelines.recipes import Recipe, get_recipe
 from pipelines.stages.audio import AudioStage
 from pipelines.stages.base import stable_hash
 from pipelines.stages.face_features import face_features_key, weights_identity
 from pipelines.stages.faces import FacesStage
+from pipelines.stages.flow import FlowStage
 from pipelines.stages.onnx_backend import resolve_backend
 from pipelines.stages.frames import FramesStage
-from pipelines.stages.pack import PackStage, samples_per_shard, shard_order
-from pipelines.shards import SCHEMA_VERSION, ShardWriter, read_index, write_index
-from pipelines.worker import ClipJob, init_worker, process_chunk, warm_up
+from pipelines.stages.pack import PackStage, sample_bytes, samples_per_shard, shard_order
+from pipelines.shards import MAX_SHARD_BYTES, SCHEMA_VERSION, ShardWriter, read_index, write_index
+from pipelines.storage import Storage
+from pipelines.worker import ClipJob
 
-CLIP_STAGES = ("frames", "faces", "face_features", "audio")
+CLIP_STAGES = ("frames", "flow", "faces", "face_features", "audio")
 UPSTREAM = {"face_features": "faces"}
 
 
@@ -45,9 +52,17 @@ def source_key(root: str, rel: str) -> str:
 
 def stage_keys(cfg: PreprocessConfig, clip: dict) -> dict[str, str]:
     video = source_key(cfg.root, clip["files"]["video"])
-    audio_src = source_key(cfg.root, clip["files"]["wav"]) if "wav" in clip["files"] else stable_hash(video, "track")
+    window = clip_window(clip)
+    if window is not None:  # a window is another input (whole-file keys stay as they were)
+        video = stable_hash(video, "window", window)
+    if "wav" in clip["files"]:
+        audio_src = source_key(cfg.root, clip["files"]["wav"])
+        audio_src = audio_src if window is None else stable_hash(audio_src, "window", window)
+    else:
+        audio_src = stable_hash(video, "track")
     keys = {"video": video, "audio_source": audio_src}
     keys["frames"] = FramesStage(cfg.frames).key(keys)
+    keys["flow"] = FlowStage(cfg.flow).key(keys)
     keys["faces"] = FacesStage(cfg.faces).key(keys)
     keys["face_features"] = face_features_key(cfg.face_features, keys)
     keys["audio"] = AudioStage(cfg.audio).key(keys)
@@ -79,17 +94,17 @@ def plan(cfg: PreprocessConfig, clips: list[dict], cache: ClipCache) -> tuple[li
                 cid, os.path.join(cfg.root, clip["files"]["video"]),
                 os.path.join(cfg.root, clip["files"]["wav"]) if "wav" in clip["files"] else None,
                 keys, todo, face_boxes_cached="faces" not in todo and cache.done("faces", cid, keys["faces"]),
+                window=clip_window(clip),
             ))
     return jobs, known_failures, all_keys
 
 
-def run_jobs(cfg: PreprocessConfig, jobs: list[ClipJob]) -> dict[str, dict[str, str]]:
-    """Run the jobs in chunks, in-process or on a pool; return failures by clip and stage."""
+def run_jobs(cfg: PreprocessConfig, jobs: list[ClipJob], engine: Engine) -> dict[str, dict[str, str]]:
+    """Run the jobs in chunks on the engine; return failures by clip and stage."""
     failures: dict[str, dict[str, str]] = {}
     # Small runs still use every worker: no chunk holds more than its share of the clips.
     size = max(1, min(cfg.chunk, -(-len(jobs) // max(1, cfg.workers))))
     chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
-    cores = os.cpu_count() or 1
     with progress_bar(len(jobs), "preprocess", unit="clip") as bar:
         def collect(outcomes):
             for o in outcomes:
@@ -97,16 +112,11 @@ def run_jobs(cfg: PreprocessConfig, jobs: list[ClipJob]) -> dict[str, dict[str, 
                     failures[o.clip_id] = o.failed
             bar.update(len(outcomes))
 
-        warm_up(cfg)
-        if cfg.workers <= 1:
-            init_worker(cfg, threads=cores)
-            for chunk in chunks:
-                collect(process_chunk(chunk))
-        else:
-            ctx = mp.get_context("fork")
-            with ctx.Pool(cfg.workers, initializer=init_worker, initargs=(cfg, max(1, cores // cfg.workers))) as pool:
-                for outcomes in pool.imap_unordered(process_chunk, chunks):
-                    collect(outcomes)
+        lost = engine.run_chunks(chunks, collect)
+    if lost:
+        raise UserError(f"{len(lost)} clip(s) were not processed because their workers died past every retry "
+                        f"(first: {', '.join(sorted(lost)[:5])}); re-run the same command: finished clips are "
+                        "cached and only these are redone, no shard set was published")
     return failures
 
 
@@ -118,11 +128,13 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         raise UserError(f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(ALL_STAGES)}")
     if "face_features" in cfg.stages and "faces" not in cfg.stages:
         raise UserError("the face_features stage needs the faces stage: add faces to --stages")
+    check_engine(cfg)
+    cfg.backend = resolve_backend(cfg.backend, cfg.device)
+    storage = Storage(cfg.out)
     if cfg.overwrite:
         for sub in ("cache", "shards"):
-            shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
-    os.makedirs(cfg.out, exist_ok=True)
-    cfg.backend = resolve_backend(cfg.backend, cfg.device)
+            storage.rmtree(sub)
+    storage.makedirs()
     if "face_features" in cfg.stages:
         cfg.face_features = type(cfg.face_features)(
             model=cfg.face_features.model, weights=cfg.face_features.weights,
@@ -132,30 +144,30 @@ def preprocess(cfg: PreprocessConfig) -> dict:
 
     timings: dict[str, float] = {}
     mark = time.time()
-    manifest_dir = os.path.join(cfg.out, "manifest")
-    prepare_cremad(cfg.root, manifest_dir)
-    clips = read_jsonl(os.path.join(manifest_dir, "clips.jsonl"))
-    skipped = read_jsonl(os.path.join(manifest_dir, "skipped.jsonl"))
+    recipe = get_recipe(cfg.corpus)(**cfg.recipe_options)
+    clips, skipped, manifest = write_manifest(cfg, storage, recipe)
     for split in cfg.splits:
         if not any(split in c["splits"] for c in clips):
             raise UserError(f"no clip belongs to split {split!r}; splits of this corpus: {sorted({s for c in clips for s in c['splits']})}")
 
-    cache = ClipCache(os.path.join(cfg.out, "cache"))
+    cache = ClipCache(storage)
+    cache.scan([s for s in CLIP_STAGES if s in cfg.stages])
     jobs, failures, keys = plan(cfg, clips, cache)
     timings["manifest_and_plan"], mark = time.time() - mark, time.time()
-    failures.update(run_jobs(cfg, jobs) if jobs else {})
-    timings["stages"], mark = time.time() - mark, time.time()
+    with make_engine(cfg) as engine:
+        failures.update(run_jobs(cfg, jobs, engine) if jobs else {})
+        timings["stages"], mark = time.time() - mark, time.time()
 
-    rows = status_rows(cfg, clips, skipped, failures)
-    done_ids = {s["clip_id"] for s in rows if s["status"] == "done"}
-    reasons = {s["clip_id"]: f"{s['stage']}: {s['reason']}" for s in rows if s["status"] == "failed"}
-    packed, coverage_by_split, flags = {}, {}, {}
-    if "pack" in cfg.stages:
-        for split in cfg.splits:
-            result = pack_split(cfg, split, [c for c in clips if c["clip_id"] in done_ids], keys, cache, failures,
-                                named_clips(split, clips, skipped), reasons)
-            packed[split], coverage_by_split[split] = result["samples"], result["coverage"]
-            flags.update(result["flags"])
+        rows = status_rows(cfg, clips, skipped, failures)
+        done_ids = {s["clip_id"] for s in rows if s["status"] == "done"}
+        reasons = {s["clip_id"]: f"{s['stage']}: {s['reason']}" for s in rows if s["status"] == "failed"}
+        packed, coverage_by_split, flags = {}, {}, {}
+        if "pack" in cfg.stages:
+            for split in cfg.splits:
+                result = pack_split(cfg, split, [c for c in clips if c["clip_id"] in done_ids], keys, failures,
+                                    recipe.named_clips(split, clips, skipped), reasons, recipe, manifest, engine)
+                packed[split], coverage_by_split[split] = result["samples"], result["coverage"]
+                flags.update(result["flags"])
     status = write_status(cfg, rows, flags)
     timings["pack"] = time.time() - mark
     n_failed = sum(s["status"] == "failed" for s in status)
@@ -171,8 +183,26 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "seconds": round(time.time() - started, 2),
         "phase_seconds": {k: round(v, 2) for k, v in timings.items()},
     }
-    atomic_write_text(os.path.join(cfg.out, "preprocess.json"), json.dumps(summary, indent=2) + "\n")
+    storage.write_bytes("preprocess.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def write_manifest(cfg: PreprocessConfig, storage: Storage, recipe: Recipe) -> tuple[list[dict], list[dict], dict]:
+    """Build ``manifest/`` under the output with the corpus recipe (through a local folder when
+    the output is a URL); return the clips, the skipped files and the manifest summary."""
+    def read(manifest_dir: str) -> tuple[list[dict], list[dict]]:
+        return read_jsonl(os.path.join(manifest_dir, "clips.jsonl")), read_jsonl(os.path.join(manifest_dir, "skipped.jsonl"))
+
+    if not storage.url:
+        manifest_dir = storage.path("manifest")
+        summary = recipe.prepare(cfg.root, manifest_dir)
+        return (*read(manifest_dir), summary)
+    with tempfile.TemporaryDirectory(prefix="avb-manifest-") as manifest_dir:
+        summary = recipe.prepare(cfg.root, manifest_dir)
+        for name in sorted(os.listdir(manifest_dir)):
+            with open(os.path.join(manifest_dir, name), "rb") as fh:
+                storage.write_bytes(f"manifest/{name}", fh.read())
+        return (*read(manifest_dir), summary)
 
 
 def status_rows(cfg: PreprocessConfig, clips: list[dict], skipped: list[dict], failures: dict[str, dict[str, str]]) -> list[dict]:
@@ -188,8 +218,10 @@ def status_rows(cfg: PreprocessConfig, clips: list[dict], skipped: list[dict], f
             stage = next(s for s in CLIP_STAGES if s in failed)
             rows.append({"clip_id": clip["clip_id"], "status": "failed", "stage": stage, "reason": failed[stage]})
     listed = {c["clip_id"] for c in clips}
-    for s in skipped:  # files the manifest could not use
-        stem = os.path.splitext(os.path.basename(s["path"]))[0]
+    for s in skipped:  # files (or list entries) the manifest could not use
+        stem = s.get("clip_id") or os.path.splitext(os.path.basename(s["path"]))[0]
+        if s.get("absent"):
+            continue  # named by a list but not in the user's copy: coverage counts it, it did not fail
         if stem in listed:
             continue  # e.g. a bad WAV whose clip still has its video
         listed.add(stem)
@@ -201,17 +233,76 @@ def status_rows(cfg: PreprocessConfig, clips: list[dict], skipped: list[dict], f
 def write_status(cfg: PreprocessConfig, rows: list[dict], flags: dict[str, list[str]]) -> list[dict]:
     """``status.jsonl``: the rows, a kept clip's quality flag names added when it was packed."""
     rows = [{**r, "quality": flags[r["clip_id"]]} if flags.get(r["clip_id"]) else r for r in rows]
-    atomic_write_text(os.path.join(cfg.out, "status.jsonl"), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    Storage(cfg.out).write_bytes("status.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
     return rows
 
 
-def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[str, dict], cache: ClipCache,
-               failures: dict[str, dict[str, str]], named: dict[str, str], reasons: dict[str, str]) -> dict:
-    """Write ``shards/<split>/<part>-NNNNNN.tar`` and ``shards.json`` (last), unless identical.
+@dataclass
+class ShardTask:
+    """One output shard: the clips (manifest records, in shard order) and what packing needs."""
+
+    cfg: PreprocessConfig
+    directory: str  # under the output: shards/<split>
+    part: str
+    number: int  # the shard's number within its part
+    clips: list[dict]
+    keys: dict[str, dict[str, str]]
+    failures: dict[str, dict[str, str]]
+    stages: list[str]
+    meta: dict[str, dict]  # the recipe's extra sample fields per clip (computed by the driver)
+
+
+def build_sample(cfg: PreprocessConfig, cache: ClipCache, packer: PackStage, clip: dict, keys: dict[str, str],
+                 failures: dict[str, str], stages: list[str], meta: dict | None) -> tuple[dict, dict]:
+    """One clip's shard sample from the cache (placeholders for what it lacks) and its quality flags."""
+    cid = clip["clip_id"]
+    done = {s: cache.load(s, cid, keys[s]) for s in stages if cache.done(s, cid, keys[s])}
+    outputs = {s: done[s] if s in done else placeholder(s, cfg.audio, cfg.faces, cfg.flow) for s in stages}
+    quality = clip_quality(clip, done, failures, stages, cfg.audio)
+    return packer.sample(clip, outputs, quality, meta=meta), quality
+
+
+def pack_shard(task: ShardTask) -> dict:
+    """Write one shard from the clip cache; return its index entry, its clips' flag names
+    and its sample keys. Runs wherever the engine puts it."""
+    cfg = task.cfg
+    storage = Storage(cfg.out)
+    cache = ClipCache(storage)
+    packer = PackStage(cfg.pack)
+    writer = ShardWriter(task.directory, task.part, len(task.clips), storage=storage, first=task.number)
+    flags: dict[str, list[str]] = {}
+    size = 0
+    try:
+        for clip in task.clips:
+            cid = clip["clip_id"]
+            sample, quality = build_sample(cfg, cache, packer, clip, task.keys[cid], task.failures.get(cid, {}),
+                                           task.stages, task.meta.get(cid))
+            flags[cid] = sorted(quality)
+            size += sum(len(v) for k, v in sample.items() if k != "__key__")
+            if size > MAX_SHARD_BYTES:
+                writer.abort()
+                raise UserError(f"shard {task.part}-{task.number:06d} of {storage.path(task.directory)} would pass "
+                                f"{MAX_SHARD_BYTES >> 20} MB at {len(task.clips)} samples; re-run with a smaller "
+                                "--shard-samples (stage outputs are cached: only packing is redone)")
+            writer.write(sample)
+        shards = writer.close()
+    except OSError as err:
+        writer.abort()
+        raise UserError(f"writing shards in {storage.path(task.directory)} failed ({err}); free space and re-run: "
+                        "completed stages are cached and no incomplete shard set was published") from None
+    return {"shards": shards, "flags": flags, "keys": writer.keys}
+
+
+def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[str, dict],
+               failures: dict[str, dict[str, str]], named: dict[str, str], reasons: dict[str, str],
+               recipe: Recipe, manifest: dict, engine: Engine) -> dict:
+    """Write ``shards/<split>/<part>-NNNNNN.tar`` (one engine task per shard) and
+    ``shards.json`` (last, once every shard is written), unless identical.
 
     Returns the samples per part, the split's coverage and each packed clip's flag names.
     """
-    directory = os.path.join(cfg.out, "shards", split)
+    storage = Storage(cfg.out)
+    directory = f"shards/{split}"
     stages = [s for s in CLIP_STAGES if s in cfg.stages]
     members = {}
     for clip in clips:
@@ -220,50 +311,56 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
             members.setdefault(part, []).append(clip)
     cov = coverage(named, {c["clip_id"] for cs in members.values() for c in cs}, reasons)
     pack_key = stable_hash("pack", PackStage.version, asdict(cfg.pack), stages, SCHEMA_VERSION, cov,
+                           corpus_fields(recipe, manifest),
                            {p: sorted((c["clip_id"], [keys[c["clip_id"]][s] for s in stages]) for c in cs) for p, cs in members.items()})
-    index = read_index(directory)
+    index = read_index(directory, storage)
     if index is not None and index.get("pack_key") == pack_key:
         flags = {cid: sorted(f for f, ids in v["quality"].items() if cid in ids)
                  for v in index["parts"].values() for cid in {i for ids in v["quality"].values() for i in ids}}
         return {"samples": {p: v["samples"] for p, v in index["parts"].items()}, "coverage": cov, "flags": flags}
 
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     if index is not None:
-        os.remove(os.path.join(directory, "shards.json"))  # the old set is no longer complete
-    packer = PackStage(cfg.pack)
-    parts, key_set, flags = {}, None, {}
+        storage.remove(f"{directory}/shards.json")  # the old set is no longer complete
+    tasks = []
+    cache, packer = ClipCache(storage), PackStage(cfg.pack)
     for part in ("train", "val", "test"):
         if part not in members:
             continue
         by_id = {c["clip_id"]: c for c in members[part]}
         order = shard_order(list(by_id))
-        writer = ShardWriter(directory, part, samples_per_shard(len(order), cfg.pack))
-        part_flags: dict[str, list[str]] = {}
-        try:
-            for cid in progress_bar_iter(order, f"pack {split}/{part}"):
-                outputs = {s: cache.load(s, cid, keys[cid][s]) if cache.done(s, cid, keys[cid][s])
-                           else placeholder(s, cfg.audio, cfg.faces) for s in stages}
-                done = {s: o for s, o in outputs.items() if cache.done(s, cid, keys[cid][s])}
-                quality = clip_quality(by_id[cid], done, failures.get(cid, {}), stages, cfg.audio)
-                for flag in quality:
-                    part_flags.setdefault(flag, []).append(cid)
-                flags[cid] = sorted(quality)
-                writer.write(packer.sample(by_id[cid], outputs, quality))
-            shards = writer.close()
-        except OSError as err:
-            writer.abort()
-            raise UserError(f"writing shards in {directory} failed ({err}); free space and re-run: "
-                            "completed stages are cached and no incomplete shard set was published") from None
-        parts[part] = {"samples": len(order), "shards": shards,
-                       "quality": {f: sorted(ids) for f, ids in sorted(part_flags.items())}}
-        key_set = writer.keys
-    stale = {n for n in os.listdir(directory) if n.endswith(".tar")} - {s["name"] for p in parts.values() for s in p["shards"]}
+        # The first sample in shard order sizes the shards (pack.samples_per_shard), so both
+        # engines cut the same shards before any is written.
+        first = by_id[order[0]]
+        first_bytes = sample_bytes(build_sample(cfg, cache, packer, first, keys[first["clip_id"]],
+                                                failures.get(first["clip_id"], {}), stages, recipe.sample_meta(first))[0])
+        n = samples_per_shard(len(order), cfg.pack, first_bytes)
+        for number, start in enumerate(range(0, len(order), n)):
+            ids = order[start:start + n]
+            tasks.append(ShardTask(cfg, directory, part, number, [by_id[c] for c in ids], {c: keys[c] for c in ids},
+                                   {c: failures[c] for c in ids if c in failures}, stages,
+                                   {c: recipe.sample_meta(by_id[c]) for c in ids}))
+    with progress_bar(len(tasks), f"pack {split}", unit="shard") as bar:
+        results = engine.map(pack_shard, tasks, on_done=lambda: bar.update(1))
+    parts, key_set, flags = {}, None, {}
+    for task, result in zip(tasks, results):
+        entry = parts.setdefault(task.part, {"samples": 0, "shards": [], "quality": {}})
+        entry["samples"] += len(task.clips)
+        entry["shards"] += result["shards"]
+        for cid, names in result["flags"].items():
+            flags[cid] = names
+            for flag in names:
+                entry["quality"].setdefault(flag, []).append(cid)
+        key_set = result["keys"]
+    for entry in parts.values():
+        entry["quality"] = {f: sorted(ids) for f, ids in sorted(entry["quality"].items())}
+    stale = {n for n in storage.listdir(directory) if n.endswith(".tar")} - {s["name"] for p in parts.values() for s in p["shards"]}
     for name in stale:
-        os.remove(os.path.join(directory, name))
+        storage.remove(f"{directory}/{name}")
     write_index(directory, {
         "schema_version": SCHEMA_VERSION,
         "tool": f"avbalance {__version__}",
-        "corpus": "cremad",
+        **corpus_fields(recipe, manifest),
         "split": split,
         "keys": key_set,
         "parts": parts,
@@ -272,20 +369,20 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
         "face_weights": {"path": cfg.face_features.weights, "sha256": cfg.face_features.weights_sha256,
                          "random_init": cfg.face_features.weights is None} if "face_features" in stages else None,
         "pack_key": pack_key,
-    })
+    }, storage)
     return {"samples": {p: v["samples"] for p, v in parts.items()}, "coverage": cov, "flags": flags}
 
 
-def progress_bar_iter(items: list, desc: str):
-    with progress_bar(len(items), desc, unit="clip") as bar:
-        for item in items:
-            yield item
-            bar.update(1)
+def corpus_fields(recipe: Recipe, manifest: dict) -> dict:
+    """What ``shards.json`` says about the corpus: the trainer takes its class count and
+    names from ``classes``, and applies ``train_defaults`` that the user did not set."""
+    return {"corpus": recipe.name, "classes": list(manifest["classes"]),
+            "clip_seconds": recipe.clip_seconds, "train_defaults": dict(recipe.train_defaults)}
 
 
 def _public_config(cfg: PreprocessConfig) -> dict:
     """The resolved config for the index, without machine-specific run options."""
     out = cfg.as_dict()
-    for k in ("out", "workers", "device", "backend", "overwrite", "chunk"):
+    for k in ("out", "workers", "device", "backend", "overwrite", "chunk", "engine", "ray_address"):
         out.pop(k, None)
     return out

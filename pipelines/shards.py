@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 
-from avbalance.hashing import sha256_file
+from pipelines.storage import AtomicFile, Storage
 
 SCHEMA_VERSION = 2  # 2: per-sample ``quality`` flags; ``coverage`` and per-part ``quality`` in shards.json
 MAX_SHARD_BYTES = 512 * 1024 * 1024
@@ -18,16 +17,21 @@ class ShardWriter:
     """Writes samples ({"__key__": str, "<name>.<ext>": bytes}) into ``{prefix}-{i:06d}.tar``.
 
     Tar headers carry no time, user or group, so the same samples give the same bytes.
+    ``directory`` is a folder, or a path under ``storage`` when one is given; shard numbers
+    start at ``first`` (a pack task writes one shard of a part).
     """
 
-    def __init__(self, directory: str, prefix: str, samples_per_shard: int, max_bytes: int = MAX_SHARD_BYTES) -> None:
-        self.directory = directory
+    def __init__(self, directory: str, prefix: str, samples_per_shard: int, max_bytes: int = MAX_SHARD_BYTES,
+                 storage: Storage | None = None, first: int = 0) -> None:
+        self.storage = storage or Storage(directory)
+        self.directory = directory if storage is not None else ""
+        self.first = first
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
         self.max_bytes = max_bytes
         self.shards: list[dict] = []
         self._tar: tarfile.TarFile | None = None
-        self._fh = None
+        self._fh: AtomicFile | None = None
         self._count = 0
         self._bytes = 0
         self._keys: set[str] | None = None
@@ -54,9 +58,8 @@ class ShardWriter:
         self._bytes += size
 
     def _open_shard(self) -> None:
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._path = os.path.join(self.directory, name)
-        self._fh = open(self._path + ".tmp", "wb")
+        name = f"{self.prefix}-{self.first + len(self.shards):06d}.tar"
+        self._fh = self.storage.open_write(f"{self.directory}/{name}" if self.directory else name)
         self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
         self._name = name
         self._count = 0
@@ -66,11 +69,8 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        os.replace(self._path + ".tmp", self._path)
-        self.shards.append({"name": self._name, "samples": self._count, "bytes": os.path.getsize(self._path), "sha256": sha256_file(self._path)})
+        self._fh.commit()
+        self.shards.append({"name": self._name, "samples": self._count, "bytes": self._fh.size, "sha256": self._fh.sha256.hexdigest()})
         self._tar = None
 
     def close(self) -> list[dict]:
@@ -80,11 +80,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard being written (after an error): no partial file remains."""
         if self._tar is not None:
-            try:
-                self._fh.close()
-            finally:
-                if os.path.exists(self._path + ".tmp"):
-                    os.remove(self._path + ".tmp")
+            self._fh.abort()
             self._tar = None
 
     @property
@@ -92,19 +88,14 @@ class ShardWriter:
         return sorted(self._keys or [])
 
 
-def read_index(directory: str) -> dict | None:
-    path = os.path.join(directory, "shards.json")
-    if not os.path.exists(path):
+def read_index(directory: str, storage: Storage | None = None) -> dict | None:
+    """``shards.json`` of a folder, or of ``directory`` under ``storage``; None when absent."""
+    storage, rel = (storage, f"{directory}/shards.json") if storage is not None else (Storage(directory), "shards.json")
+    if not storage.exists(rel):
         return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return json.loads(storage.read_bytes(rel))
 
 
-def write_index(directory: str, index: dict) -> None:
-    tmp = os.path.join(directory, "shards.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(index, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(directory, "shards.json"))
+def write_index(directory: str, index: dict, storage: Storage | None = None) -> None:
+    storage, rel = (storage, f"{directory}/shards.json") if storage is not None else (Storage(directory), "shards.json")
+    storage.write_bytes(rel, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())

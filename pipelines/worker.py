@@ -3,7 +3,6 @@ stage that still has work; models are loaded once per process; failures become r
 
 from __future__ import annotations
 
-import os
 import traceback
 from dataclasses import dataclass, field
 
@@ -12,10 +11,12 @@ import numpy as np
 from pipelines.cache import ClipCache
 from pipelines.config import PreprocessConfig
 from pipelines.stages.audio import AudioError, AudioStage, read_wav
-from pipelines.stages.decode import DecodedClip, DecodeError, FrameSampler, decode_clip
+from pipelines.stages.decode import DecodedClip, DecodeError, FrameSampler, cut_audio, decode_clip
+from pipelines.stages.flow import FlowStage
 from pipelines.stages.frames import FramesStage
+from pipelines.storage import Storage
 
-VIDEO_STAGES = ("frames", "faces", "face_features")
+VIDEO_STAGES = ("frames", "flow", "faces", "face_features")
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ClipJob:
     keys: dict[str, str]  # stage -> cache key
     todo: list[str]  # stages to compute
     face_boxes_cached: bool = False  # faces done earlier: reuse boxes, skip detection
+    window: tuple[float, float | None] | None = None  # (start, end) s of the file; None: all of it
 
 
 @dataclass
@@ -49,13 +51,19 @@ def warm_up(cfg: PreprocessConfig) -> None:
         import facenet_pytorch  # noqa: F401
         import timm  # noqa: F401
 
-        if cfg.backend == "onnx":  # export (or find) the ONNX files once, before workers fork
-            from pipelines.stages.face_features import export_onnx
-            from pipelines.stages.faces import export_mtcnn
+        export_face_networks(cfg)  # once, before workers fork
 
-            export_mtcnn()
-            if "face_features" in cfg.stages:
-                export_onnx(cfg.face_features)
+
+def export_face_networks(cfg: PreprocessConfig) -> None:
+    """With the ONNX backend, export (or find in the cache) the face networks this run needs."""
+    if cfg.backend != "onnx" or "faces" not in cfg.stages:
+        return
+    from pipelines.stages.face_features import export_onnx
+    from pipelines.stages.faces import export_mtcnn
+
+    export_mtcnn()
+    if "face_features" in cfg.stages:
+        export_onnx(cfg.face_features)
 
 
 def init_worker(cfg: PreprocessConfig, threads: int) -> None:
@@ -80,9 +88,11 @@ def _batcher():
     if "batcher" not in _STATE:
         from pipelines.stages.face_features import FaceFeaturesStage
         from pipelines.stages.faces import FaceBatcher
+        from pipelines.stages.onnx_backend import resolve_backend
 
         cfg: PreprocessConfig = _STATE["cfg"]
-        backend, threads = cfg.backend or "torch", _STATE.get("threads")
+        # The runner resolved "auto" already; a worker on another node checks onnxruntime is there.
+        backend, threads = resolve_backend(cfg.backend, cfg.device), _STATE.get("threads")
         featurizer = (FaceFeaturesStage(cfg.face_features, cfg.device, backend, threads)
                       if "face_features" in cfg.stages else None)
         _STATE["batcher"] = FaceBatcher(cfg.faces, featurizer, cfg.device, cfg.batch_size, backend, threads)
@@ -91,7 +101,7 @@ def _batcher():
 
 def process_chunk(jobs: list[ClipJob]) -> list[ClipOutcome]:
     cfg: PreprocessConfig = _STATE["cfg"]
-    cache = ClipCache(os.path.join(cfg.out, "cache"))
+    cache = ClipCache(Storage(cfg.out))
     outcomes = {job.clip_id: ClipOutcome(job.clip_id) for job in jobs}
     face_jobs: list[tuple[ClipJob, np.ndarray]] = []
     for job in jobs:
@@ -130,6 +140,10 @@ def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome
     if "frames" in job.todo:
         frames_stage = FramesStage(cfg.frames)
         samplers.append(FrameSampler(cfg.frames.rate, frames_stage.add))
+    flow_stage = None
+    if "flow" in job.todo:
+        flow_stage = FlowStage(cfg.flow)
+        samplers.append(flow_stage)  # sees every frame: flow is between consecutive ones
     wants_faces = "faces" in job.todo or "face_features" in job.todo
     if wants_faces:
         batcher = _batcher()
@@ -143,7 +157,7 @@ def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome
     decoded = None
     if samplers or track_audio:
         try:
-            decoded = decode_clip(job.video, samplers, want_audio=track_audio)
+            decoded = decode_clip(job.video, samplers, want_audio=track_audio, window=job.window)
         except DecodeError as err:
             for stage in job.todo:
                 if stage in VIDEO_STAGES or (stage == "audio" and track_audio):
@@ -160,10 +174,17 @@ def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome
             out.update(info)
             cache.save("frames", job.clip_id, job.keys["frames"], out)
             outcome.done.append("frames")
+        if flow_stage is not None:
+            out = flow_stage.finish_clip()
+            out.update(info)
+            cache.save("flow", job.clip_id, job.keys["flow"], out)
+            outcome.done.append("flow")
     if "audio" in job.todo and "audio" not in outcome.failed:
         try:
             if job.wav is not None:
                 wave = read_wav(job.wav)
+                if job.window is not None:  # a sidecar WAV starts with its video
+                    wave = cut_audio(wave, 0.0, *job.window)
             elif decoded is not None and decoded.audio is not None:
                 wave = decoded.audio
             else:

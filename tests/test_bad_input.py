@@ -53,9 +53,8 @@ def garbage_flv(path: str) -> None:
     open(path, "wb").write(bytes(out))
 
 
-@pytest.fixture(scope="module")
-def bad_run(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("bad") / "corpus")
+def make_bad_corpus(root: str) -> None:
+    """A synthetic corpus with every kind of bad clip (KEPT and FAILED below say which)."""
     run_cli("synth", "cremad", "--out", root, "--actors", "1", "--sentences", "1", "--seed", "5", check=True)
     # 1001_DFA_* are six good clips. The rest are made here:
     clip(root, "1002_DFA_ANG_XX", 2.5)
@@ -77,9 +76,16 @@ def bad_run(tmp_path_factory):
     garbage_flv(os.path.join(root, "VideoFlash", "1003_DFA_SAD_XX.flv"))   # unreadable video, no WAV: nothing
     open(os.path.join(root, "VideoFlash", "1004_DFA_ANG_XX.flv"), "wb").close()  # empty file
 
+
+BAD_RUN_ARGS = ("--split", "ogm", "--face-fps", "1", "--face-size", "224", "--allow-random-weights", "--workers", "2")
+
+
+@pytest.fixture(scope="module")
+def bad_run(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("bad") / "corpus")
+    make_bad_corpus(root)
     out = str(tmp_path_factory.mktemp("bad") / "out")
-    proc = run_cli("preprocess", "cremad", "--root", root, "--out", out, "--split", "ogm", "--face-fps", "1",
-                   "--face-size", "224", "--allow-random-weights", "--workers", "2")
+    proc = run_cli("preprocess", "cremad", "--root", root, "--out", out, *BAD_RUN_ARGS)
     return proc, root, out
 
 

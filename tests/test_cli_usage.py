@@ -16,11 +16,20 @@ from tests.conftest import REPO, run_cli
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Every command, and every ``command corpus`` of the commands that take a corpus recipe."""
     import cli
 
-    parser = cli.build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(prefix: str, parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    found[f"{prefix} {name}".strip()] = child
+                    walk(f"{prefix} {name}", child)
+
+    walk("", cli.build_parser())
+    return found
 
 
 @pytest.mark.parametrize("command", sorted(subcommands()))

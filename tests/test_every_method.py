@@ -109,13 +109,21 @@ def test_a_sweep_run_evaluates_to_what_the_sweep_and_the_report_recorded(train_s
     assert_same_numbers(after, run.test)
 
 
-def torchrun_train(shards: str, out: str, method: str, family: str, port: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+def torchrun_command(shards: str, out: str, method: str, family: str, launch: list[str]) -> list[str]:
+    """``torchrun LAUNCH cli.py train`` for a 2-epoch run of ``method`` (launch: torchrun's own options)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch,
            os.path.join(REPO, "cli.py"), "train", "--config", preset(method, family), "--shards", shards, "--out", out]
     for item in [*overrides(method, family), "train.epochs=2"]:
         cmd += ["--set", item]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "AVBALANCE_QUIET": "1"})
+    return cmd
+
+
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "AVBALANCE_QUIET": "1"}
+
+
+def torchrun_train(shards: str, out: str, method: str, family: str, port: int) -> subprocess.CompletedProcess:
+    cmd = torchrun_command(shards, out, method, family, ["--nproc_per_node", "2", "--master_port", str(port)])
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900, env=TORCHRUN_ENV)
 
 
 def check_ddp_run(shards: str, out: str, proc: subprocess.CompletedProcess) -> dict:
@@ -142,7 +150,8 @@ def test_joint_under_torchrun_leaves_unused_heads_untouched(train_shards, tmp_pa
 
     out = str(tmp_path / "ddp")
     check_ddp_run(train_shards, out, torchrun_train(train_shards, out, "joint", "resnet", 29541))
-    cfg = load_config(preset("joint", "resnet"), overrides("joint", "resnet"))
+    # The class count the run took from shards.json (presets leave it to the shard set).
+    cfg = load_config(preset("joint", "resnet"), [*overrides("joint", "resnet"), "model.n_classes=6"])
     seed_everything(cfg["seed"], deterministic=False)  # rank 0's initial weights, which DDP broadcasts
     initial, _ = build_run_model(cfg)
     trained = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["model"]

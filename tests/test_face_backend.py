@@ -101,8 +101,8 @@ def test_export_is_cached_by_identity(tmp_path, monkeypatch):
 
 def test_backend_default_and_refusals():
     assert cache_dir().endswith("onnx")
-    assert resolve_backend(None, "cpu") == "onnx"  # installed and faster on CPU
-    assert resolve_backend(None, "cuda") == "torch"
+    assert resolve_backend("auto", "cpu") == "onnx"  # installed
+    assert resolve_backend("auto", "cuda") == "torch"
     assert resolve_backend("torch", "cpu") == "torch"
     with pytest.raises(UserError, match="CPU only"):
         resolve_backend("onnx", "cuda")

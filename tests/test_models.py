@@ -74,6 +74,8 @@ def _pad(extra: int) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tens
 ENCODER_CASES: dict[str, EncoderCase] = {
     "resnet18_audio": EncoderCase({"width": 8}, 64, lambda: {"x": torch.randn(3, 1, 64, 48)}, None),
     "resnet18_visual": EncoderCase({"width": 8}, 64, _visual_batch, _pad(3)),
+    "resnet18_flow": EncoderCase({"width": 8, "stack": 2}, 64,
+                                 lambda: {"x": torch.randn(3, 4, 4, 32, 32), "mask": lengths_mask([4, 2, 1], 4)}, _pad(3)),
     "face_conformer": EncoderCase(dict(TINY_CONFORMER), 16, _face_batch, _pad(6)),
     "wav2vec2_conformer": EncoderCase(dict(TINY_W2V), 16, _wave_batch, _pad(500)),
 }

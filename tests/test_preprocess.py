@@ -238,4 +238,4 @@ def test_disk_full_while_packing_publishes_nothing(small_corpus, preprocessed, t
         preprocess(cfg)
     directory = os.path.join(out, "shards", "ogm")
     assert not os.path.exists(os.path.join(directory, "shards.json"))
-    assert not glob.glob(os.path.join(directory, "*.tmp"))
+    assert not glob.glob(os.path.join(directory, "*.tmp*"))

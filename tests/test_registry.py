@@ -11,7 +11,7 @@ import pipelines.runner  # noqa: F401  (imports every stage module)
 
 
 def test_every_pipeline_stage_is_registered():
-    assert STAGES.names() == ["audio", "face_features", "faces", "frames", "pack"]
+    assert STAGES.names() == ["audio", "face_features", "faces", "flow", "frames", "pack"]
 
 
 @pytest.mark.parametrize("name", STAGES.names())

@@ -77,6 +77,8 @@ def test_every_preset_is_within_range():
     ("preprocess", "--face-margin", "-0.5", ">= 0"),
     ("preprocess", "--face-size", "100", "choose from 260, 224"),
     ("preprocess", "--shard-samples", "0", ">= 1"),
+    ("preprocess", "--shard-mb", "0.5", ">= 1"),
+    ("preprocess", "--min-shards", "0", ">= 1"),
     ("synth", "--actors", "0", ">= 1"),
     ("synth", "--sentences", "13", "<= 12"),
     ("synth", "--workers", "-1", ">= 1"),

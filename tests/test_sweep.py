@@ -66,6 +66,23 @@ def test_shards_must_be_a_template(tmp_path):
         load_sweep(write(tmp_path, doc))
 
 
+def test_shards_option_replaces_the_files_template_but_not_a_blocks_own(tmp_path):
+    """`sweep --shards` (what `make demo DEMO_DIR=...` uses) points the runs at another working
+    folder; a block that names its own shard sets keeps them; a non-template is refused."""
+    from tests.conftest import run_cli
+
+    doc = grid(tmp_path, splits=["kfold1"], seeds=[0], fusions=["late_linear"], methods=["joint"])
+    doc["blocks"].append({**doc["blocks"][0], "name": "own", "shards": str(tmp_path / "own" / "{split}")})
+    path = write(tmp_path, doc)
+    runs = {r.block: r for r in load_sweep(path, shards=str(tmp_path / "elsewhere" / "{split}")).runs}
+    assert runs["b"].shards == str(tmp_path / "elsewhere" / "kfold1")
+    assert runs["own"].shards == str(tmp_path / "own" / "kfold1")
+    proc = run_cli("sweep", "--config", path, "--dry-run", "--shards", str(tmp_path / "cli" / "{split}"), check=True)
+    assert str(tmp_path / "cli" / "kfold1") in proc.stdout and str(tmp_path / "shards") not in proc.stdout, proc.stdout
+    bad = run_cli("sweep", "--config", path, "--dry-run", "--shards", "no/template")
+    assert bad.returncode != 0 and "--shards" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 def test_run_state(tmp_path):
     folder = tmp_path / "run"
     assert run_state(str(folder)) == "new"

@@ -21,7 +21,7 @@ from trainer.loop import check_inputs
 from trainer.model import MultimodalModel, build_model
 
 CONFIGS = os.path.join(REPO, "trainer", "configs")
-SMALL = {"resnet": ["model.encoders.audio.width=4", "model.encoders.visual.width=4"], "conformer": []}
+SMALL = {"resnet": ["model.encoders.audio.width=4", "model.encoders.visual.width=4", "model.n_classes=6"], "conformer": []}
 
 
 @pytest.mark.parametrize("family, modality, source", [
@@ -58,7 +58,7 @@ def test_set_modalities_replaces_the_mapping_and_narrows_the_encoders():
 
 
 def test_mlb_preset_narrowed_to_one_modality_is_refused_at_build_time():
-    cfg = load_config(os.path.join(CONFIGS, "resnet_mlb.yaml"), ["data.modalities={audio: spec}", *SMALL["resnet"][:1]])
+    cfg = load_config(os.path.join(CONFIGS, "resnet_mlb.yaml"), ["data.modalities={audio: spec}", *SMALL["resnet"][:1], "model.n_classes=6"])
     options = dict(cfg["balancing"])
     with pytest.raises(UserError, match=r"mlb .* needs at least 2 modalities; this model has 1 \(audio\)"):
         build_balancer(options.pop("name"), build_model(cfg["model"]), **options)

@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
         "workers": 2,
         "shuffle_buffer": 256,
         "frames": 3,
+        "frame_sampling": None,  # consecutive | spread; None: the shard set's corpus default, else consecutive
         "image_size": 224,
         "max_face_frames": 300,
         "max_wav_seconds": 6.0,
@@ -43,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
         "on_corrupt": "error",  # error | skip: a damaged shard or sample stops the run, or is skipped and counted
     },
     "model": {
-        "n_classes": 6,
+        "n_classes": None,  # None: the number of classes in the shard set's shards.json
         "encoders": {
             "audio": {"name": "resnet18_audio"},
             "visual": {"name": "resnet18_visual"},
@@ -82,7 +83,8 @@ RULES: dict[str, Allowed] = {
     "data.max_face_frames": Allowed(lo=1),
     "data.max_wav_seconds": Allowed(lo=0, lo_open=True),
     "data.samples_per_epoch": Allowed(lo=1, optional=True),
-    "model.n_classes": Allowed(lo=2),
+    "model.n_classes": Allowed(lo=2, optional=True),
+    "data.frame_sampling": Allowed(choices=("consecutive", "spread"), optional=True),
     "optim.name": Allowed(choices=("adam", "adamw", "sgd")),
     "optim.lr": Allowed(lo=0, lo_open=True),
     "optim.weight_decay": Allowed(lo=0),

@@ -35,12 +35,16 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from avbalance import remote
 from avbalance.errors import UserError
+from trainer.flow_input import flow_values, split_flow
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 # modality -> the shard key it reads
-SOURCES = {"spec": "spec.npy", "wav": "wav.npy", "frames": "frames.jpg", "face_feats": "face_feats.npy"}
+SOURCES = {"spec": "spec.npy", "wav": "wav.npy", "frames": "frames.jpg", "face_feats": "face_feats.npy", "flow": "flow_x.jpg"}
+# sources that need more than their SOURCES member
+COMPANIONS = {"face_feats": ("face_mask.npy",), "flow": ("flow_y.jpg",)}
 MIN_WAV_SECONDS = 1.0  # shorter waveforms are tiled to this length at load time
 ON_CORRUPT = ("error", "skip")
 
@@ -48,13 +52,14 @@ ON_CORRUPT = ("error", "skip")
 @dataclass
 class DataConfig:
     """What to read and how to batch it. ``modalities`` maps a modality name to its source:
-    spec | wav | frames | face_feats."""
+    spec | wav | frames | face_feats | flow."""
 
     modalities: dict[str, str] = field(default_factory=lambda: {"audio": "spec", "visual": "frames"})
     batch_size: int = 16
     workers: int = 2
     shuffle_buffer: int = 256
     frames: int = 3  # 1-fps frames per clip for frame encoders
+    frame_sampling: str = "consecutive"  # consecutive (MLB, CREMA-D) | spread (OGM-GE's AVE/KS loaders)
     image_size: int = 224
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop at train time
     max_face_frames: int = 300  # longer sequences are cropped (randomly at train time)
@@ -75,15 +80,15 @@ def split_folders(folder: str) -> list[str]:
 
 
 def read_index(shards: str) -> dict:
-    path = os.path.join(shards, "shards.json")
-    if not os.path.exists(path):
-        splits = split_folders(shards)
+    """``shards.json`` of the set at ``shards`` (a folder or a URL: avbalance.remote)."""
+    index = remote.read_json(remote.join(shards, "shards.json"))
+    if index is None:
+        splits = [] if remote.is_remote(shards) else split_folders(shards)
         if splits:
             raise UserError(f"{shards} holds shard sets, one per split, but is not one itself: pass one of "
                             f"{', '.join(splits)} as --shards")
         raise UserError(f"no shards.json in {shards}: not a complete shard set; run `python cli.py preprocess` first")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return index
 
 
 def shard_urls(shards: str, part: str, on_corrupt: str = "error") -> tuple[list[str], int]:
@@ -93,13 +98,13 @@ def shard_urls(shards: str, part: str, on_corrupt: str = "error") -> tuple[list[
     if part not in index["parts"]:
         raise UserError(f"{shards} has no {part!r} part (parts: {', '.join(index['parts'])})")
     listed = index["parts"][part]["shards"]
-    urls = [os.path.join(shards, s["name"]) for s in listed]
-    missing = [u for u in urls if not os.path.exists(u)]
+    urls = [remote.join(shards, s["name"]) for s in listed]
+    sizes = remote.sizes(urls)  # a stat per shard; HEAD requests at a URL
+    missing = [u for u, size in zip(urls, sizes) if size is None]
     if missing:
         raise UserError(f"{len(missing)} shard(s) listed in {shards}/shards.json are missing, e.g. {missing[0]}")
-    for entry, url in zip(listed, urls):
-        size = os.path.getsize(url)
-        if "bytes" in entry and size != entry["bytes"]:
+    for entry, url, size in zip(listed, urls, sizes):
+        if "bytes" in entry and size != entry["bytes"] and size != -1:  # -1: pipe:, size unknown
             message = (f"shard {url} is {size} bytes but shards.json records {entry['bytes']}: it is damaged or cut "
                        f"short. Check the set with `python cli.py verify-shards {shards}` and re-create it with "
                        "`python cli.py preprocess` (finished stages are cached)")
@@ -165,21 +170,31 @@ def split_strip(data: bytes, meta: dict) -> list[torch.Tensor]:
     return [strip[:, :, k * stride:k * stride + width] for k in range(count)]
 
 
-def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, 3, S, S) normalised frames and a (T,) mask.
+def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, rng: random.Random,
+                     flow: bool = False, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, C, S, S) normalised frames and a (T,) mask.
 
     ``cfg.frames`` consecutive 1-fps frames, as the MLB paper samples them: a random window
     at train time with one random resized crop and flip for the whole clip (its frames stay
-    aligned), the centred window at evaluation, resized and centre-cropped.
+    aligned), the centred window at evaluation, resized and centre-cropped. ``spread``
+    (``cfg.frame_sampling``) takes frames 0, s, 2s, ... with s = count // frames instead, at
+    train and evaluation time alike, as OGM-GE's AVE and Kinetics-Sounds loaders do.
+    ``flow=True``: the frames are quantised flow fields (x, y channels alternating,
+    ``trainer/flow_input.py``), normalised to [-1, 1] around zero flow, and a flip also
+    negates the x components.
     """
     from torchvision.transforms.v2 import functional as F
 
     count = len(frames)
     if count == 0:  # a clip whose video did not decode (quality flag no_video): nothing to see
-        return torch.zeros(cfg.frames, 3, cfg.image_size, cfg.image_size), torch.zeros(cfg.frames, dtype=torch.bool)
+        return torch.zeros(cfg.frames, channels, cfg.image_size, cfg.image_size), torch.zeros(cfg.frames, dtype=torch.bool)
     height, width = frames[0].shape[1:]
     n = min(cfg.frames, count)
-    start = rng.randint(0, count - n) if train else (count - n) // 2
+    if cfg.frame_sampling == "spread":
+        picked = [k * (count // n) for k in range(n)]
+    else:
+        start = rng.randint(0, count - n) if train else (count - n) // 2
+        picked = list(range(start, start + n))
     if train:
         area = height * width * rng.uniform(*cfg.crop_scale)
         aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -188,13 +203,16 @@ def frames_to_tensor(frames: list[torch.Tensor], cfg: DataConfig, train: bool, r
         top, left = rng.randint(0, height - h), rng.randint(0, width - w)
         flip = rng.random() < 0.5
     tensors = []
-    for frame in frames[start:start + n]:
+    for frame in (frames[k] for k in picked):
         if train:
             frame = F.resized_crop(frame, top, left, h, w, [cfg.image_size, cfg.image_size], antialias=True)
             frame = frame.flip(-1) if flip else frame
         else:
             frame = F.center_crop(F.resize(frame, cfg.image_size, antialias=True), [cfg.image_size, cfg.image_size])
-        tensors.append((frame.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD)
+        if flow:
+            tensors.append(flow_values(frame, negate_x=train and flip))
+        else:
+            tensors.append((frame.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD)
     mask = torch.zeros(cfg.frames, dtype=torch.bool)
     mask[: len(tensors)] = True
     while len(tensors) < cfg.frames:  # short clips: repeat the last frame, masked out
@@ -247,6 +265,10 @@ def to_inputs(cfg: DataConfig, train: bool, seed: int = 0):
             elif source == "frames":
                 frames, mask = frames_to_tensor(split_strip(sample["frames.jpg"], meta), cfg, train, rng)
                 inputs[modality] = {"x": frames, "mask": mask}
+            elif source == "flow":
+                fields = split_flow(sample["flow_x.jpg"], sample["flow_y.jpg"], meta)
+                x, mask = frames_to_tensor(fields, cfg, train, rng, flow=True, channels=2 * meta["flow"]["stack"])
+                inputs[modality] = {"x": x, "mask": mask}
         return {"inputs": inputs, "label": int(meta["label"]), "clip_id": meta["clip_id"]}
 
     return convert
@@ -343,7 +365,7 @@ def read_shards(expected: dict[str, int]):
                 return
             count, key, current = 0, None, None
             try:
-                with open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+                with remote.open_stream(url) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
                     for member in tar:
                         if not member.isfile():
                             continue
@@ -430,7 +452,7 @@ class GuardedLoader:
         for batch in self.loader:
             for record in batch.pop("corrupt", []):
                 damaged += 1
-                fix = (f"Check the set with `python cli.py verify-shards {os.path.dirname(record['shard'])}` and "
+                fix = (f"Check the set with `python cli.py verify-shards {remote.parent(record['shard'])}` and "
                        "re-create it with `python cli.py preprocess` (finished stages are cached)")
                 if record.get("fatal"):
                     raise UserError(f"damaged data: {record['reason']} (e.g. {record['shard']}). {fix}")
@@ -488,10 +510,9 @@ def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int 
     n_samples -= len(exclude)
     if n_samples <= 0:
         raise UserError(f"data.exclude_quality {list(cfg.exclude_quality)} leaves no sample in part {part!r} of {shards}")
-    expected = {os.path.join(shards, s["name"]): s["samples"] for s in index["parts"][part]["shards"]}
+    expected = {remote.join(shards, s["name"]): s["samples"] for s in index["parts"][part]["shards"]}
     keys = {"json"} | {SOURCES[s] for s in cfg.modalities.values()}
-    if "face_feats" in cfg.modalities.values():
-        keys.add("face_mask.npy")
+    keys |= {k for s in cfg.modalities.values() for k in COMPANIONS.get(s, ())}
     workers = min(cfg.workers, len(urls))
     if train:
         per_epoch = cfg.samples_per_epoch or n_samples

@@ -11,7 +11,8 @@ import yaml
 
 from avbalance.errors import UserError
 from trainer.checkpoint import load_checkpoint
-from trainer.data import SKIPPED, make_loader
+from trainer.corpus import shard_classes
+from trainer.data import SKIPPED, make_loader, read_index
 from trainer.loop import build_run_model, data_config, evaluate, probe_model
 
 
@@ -35,7 +36,7 @@ def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkp
     # The probes learn from the run's own train part, even when --shards evaluates on another set.
     metrics["probe_accuracy"] = probe_model(model, cfg["data"].get("shards") or shards, cfg, torch.device("cpu"),
                                             nullcontext, part, features, os.path.join(run, f"probe_{part}.npz"))
-    metrics.update(part=part, checkpoint=checkpoint, shards=shards)
+    metrics.update(part=part, checkpoint=checkpoint, shards=shards, classes=shard_classes(read_index(shards)))
     with open(os.path.join(run, f"eval_{part}.json"), "w", encoding="utf-8") as fh:
         json.dump(metrics, fh, indent=2)
     return metrics

@@ -21,12 +21,14 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from avbalance import remote
 from avbalance.errors import UserError
 from avbalance.hub import weight_sources
 from avbalance.progress import progress_bar, quiet
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import save_config, validate_config
+from trainer.corpus import apply_shard_set, shard_classes
 from trainer.data import SKIPPED, DataConfig, make_loader, preflight, read_index
 from trainer.resume import resume_config
 from trainer.metrics import summarize
@@ -41,7 +43,8 @@ def data_config(cfg: dict) -> DataConfig:
     d = cfg["data"]
     return DataConfig(
         modalities=dict(d["modalities"]), batch_size=d["batch_size"], workers=d["workers"],
-        shuffle_buffer=d["shuffle_buffer"], frames=d["frames"], image_size=d["image_size"],
+        shuffle_buffer=d["shuffle_buffer"], frames=d["frames"], frame_sampling=d.get("frame_sampling") or "consecutive",
+        image_size=d["image_size"],
         max_face_frames=d["max_face_frames"], max_wav_seconds=d["max_wav_seconds"],
         samples_per_epoch=d["samples_per_epoch"],
         exclude_quality=tuple(d.get("exclude_quality") or ()), on_corrupt=d.get("on_corrupt", "error"),
@@ -49,7 +52,7 @@ def data_config(cfg: dict) -> DataConfig:
 
 
 # Which shard source each encoder reads.
-ENCODER_SOURCES = {"resnet18_audio": "spec", "resnet18_visual": "frames", "face_conformer": "face_feats", "wav2vec2_conformer": "wav"}
+ENCODER_SOURCES = {"resnet18_audio": "spec", "resnet18_visual": "frames", "resnet18_flow": "flow", "face_conformer": "face_feats", "wav2vec2_conformer": "wav"}
 
 
 def check_inputs(cfg: dict) -> None:
@@ -292,6 +295,7 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
         raise UserError(f"--resume: no checkpoint in {out} (last.pt)")
     validate_config(cfg)
     check_inputs(cfg)
+    cfg = apply_shard_set(cfg, read_index(shards), shards)  # class count and corpus defaults
     if resume:
         cfg = resume_config(out, cfg, shards)
     # Cheap checks of every part it reads: shard sizes, clips missing from a part, exclusions.
@@ -302,7 +306,7 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
         if dist_info.main:
             print(line, file=sys.stderr, flush=True)
     SKIPPED.records.clear()
-    cfg["data"]["shards"] = os.path.abspath(shards)
+    cfg["data"]["shards"] = remote.canonical(shards)  # a URL stays a URL
 
     # Data: the loaders are rebuilt per epoch, seeded by (seed, rank, epoch).
     _, steps_per_epoch = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,
@@ -423,7 +427,8 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
                                          os.path.join(out, f"probe_{test_part}.npz") if dist_info.main else None)
     # Damaged samples skipped (data.on_corrupt=skip), over every rank: a result to read with care.
     skipped = int(round(float(distributed.all_reduce_mean(torch.tensor(float(SKIPPED.count), device=device))) * dist_info.world_size))
-    test.update(best_epoch=state["best_epoch"], best_val_accuracy=state["best_acc"], val_part=val_part, skipped_corrupt=skipped)
+    test.update(best_epoch=state["best_epoch"], best_val_accuracy=state["best_acc"], val_part=val_part, skipped_corrupt=skipped,
+                classes=shard_classes(read_index(shards)))  # the confusion's row and column names
     if dist_info.main:
         log.write({"kind": "test", "epoch": state["best_epoch"], "step": state["step"], "accuracy": test["accuracy"],
                    "macro_f1": test["macro_f1"], "skipped_corrupt": skipped,

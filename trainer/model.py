@@ -132,6 +132,9 @@ def build_model(cfg: Mapping[str, Any]) -> MultimodalModel:
     for key in ("n_classes", "encoders", "fusion"):
         if key not in cfg:
             raise UserError(f"model config needs {key!r} (has {sorted(cfg)})")
+    if cfg["n_classes"] is None:  # train fills it from shards.json (trainer/corpus.py)
+        raise UserError("model.n_classes is not set: `train` takes it from the shard set's shards.json; "
+                        "set model.n_classes to build a model without one")
     n_classes = int(cfg["n_classes"])
     if not isinstance(cfg["encoders"], Mapping) or not cfg["encoders"]:
         raise UserError("model config 'encoders' must map modality names to encoder configs")

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from avbalance import remote
 from avbalance.errors import UserError
 from trainer.config import DEFAULTS, deep_update, load_config
 
@@ -81,8 +82,8 @@ def resume_config(out: str, requested: dict, shards: str) -> dict:
     refused = [d for d in diffs if d[0] not in RESUMABLE]
     problems = [f"{key}: the run has {old!r}, this command asks {new!r}" for key, old, new in refused]
     recorded_shards = saved.get("data", {}).get("shards")
-    if recorded_shards and os.path.abspath(shards) != recorded_shards:
-        problems.append(f"--shards: the run reads {recorded_shards}, this command gives {os.path.abspath(shards)}")
+    if recorded_shards and remote.canonical(shards) != recorded_shards:
+        problems.append(f"--shards: the run reads {recorded_shards}, this command gives {remote.canonical(shards)}")
     if problems:
         allowed = ", ".join(sorted(RESUMABLE))
         raise UserError(f"--resume continues {out} with its own config ({os.path.join(out, 'config.yaml')}), "

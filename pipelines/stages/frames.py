@@ -32,11 +32,13 @@ def strip_stride(width: int) -> int:
 
 
 def encode_strip(images: list[np.ndarray | None], quality: int, blank: tuple[int, int] | None = None) -> tuple[bytes, int]:
-    """RGB images of one size side by side in one JPEG (``None`` = a black tile of size
-    ``blank`` (h, w), which is needed only when every image is ``None``)."""
-    h, w = next((img.shape[:2] for img in images if img is not None), blank)
+    """Images of one size (RGB, or 2-D grayscale) side by side in one JPEG (``None`` = a black
+    RGB tile of size ``blank`` (h, w), which is needed only when every image is ``None``)."""
+    first = next((img for img in images if img is not None), None)
+    h, w = first.shape[:2] if first is not None else blank
+    channels = first.shape[2:] if first is not None else (3,)
     stride = strip_stride(w)
-    strip = np.zeros((h, stride * len(images), 3), np.uint8)
+    strip = np.zeros((h, stride * len(images), *channels), np.uint8)
     for i, img in enumerate(images):
         if img is not None:
             strip[:, i * stride:i * stride + w] = img

@@ -40,13 +40,13 @@ def onnx_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str | None, device: str) -> str:
-    """``--backend``'s value, or the default: ONNX Runtime on CPU when it is installed (it was
-    the faster one on CPU, bench/preprocess.py), torch otherwise and on CUDA."""
-    if backend is None:
+def resolve_backend(backend: str, device: str) -> str:
+    """``--backend``'s value, with ``auto`` (the default) resolved: ONNX Runtime on CPU when it
+    is installed (bench/preprocess.py --faces-only compares the two), torch otherwise and on CUDA."""
+    if backend == "auto":
         return "onnx" if device == "cpu" and onnx_available() else "torch"
     if backend not in BACKENDS:
-        raise UserError(f"--backend {backend} is not known; choose from {', '.join(BACKENDS)}")
+        raise UserError(f"--backend {backend} is not known; choose from auto, {', '.join(BACKENDS)}")
     if backend == "onnx":
         if not onnx_available():
             raise UserError("--backend onnx needs onnxruntime and onnxscript (pip install onnxruntime onnx "

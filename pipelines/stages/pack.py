@@ -1,7 +1,7 @@
 """pack: one WebDataset shard set per split, from the per-clip stage caches.
 
 Sample keys (docs/shards.md has dtypes and shapes): ``frames.jpg`` (the 1-fps frames side
-by side), optional ``faces.jpg`` (face crops side by side), ``face_feats.npy``,
+by side), ``flow_x.jpg`` / ``flow_y.jpg`` (quantised optical flow side by side), optional ``faces.jpg`` (face crops side by side), ``face_feats.npy``,
 ``face_mask.npy``, ``face_boxes.npy``, ``face_times.npy``, ``wav.npy``, ``spec.npy``,
 ``cls`` and ``json``. Every sample of a shard set has the same keys; nothing is pickled.
 """
@@ -23,14 +23,31 @@ from pipelines.stages.frames import encode_strip, unpack_blobs
 
 @dataclass(frozen=True)
 class PackConfig:
-    samples_per_shard: int | None = None  # None: about 16 shards per part, 8..256 samples each
+    samples_per_shard: int | None = None  # None: derived from shard_mb and min_shards (samples_per_shard)
+    shard_mb: float = 256.0  # target shard size for streaming (webdataset: 100 MB - 1 GB)
+    min_shards: int = 16  # per part, when the part is large enough; a cluster wants ranks x loader workers
     jpeg_quality: int = 90
 
 
-def samples_per_shard(n: int, cfg: PackConfig) -> int:
+MIN_SHARD_SAMPLES = 8  # fewer samples a shard and opening shards (a request each when remote) dominates
+
+
+def samples_per_shard(n: int, cfg: PackConfig, sample_bytes: int | None = None) -> int:
+    """Samples per shard for a part of ``n`` samples of about ``sample_bytes`` each.
+
+    ``--shard-samples`` when given; else as many samples as fill ``shard_mb``, but no more
+    than keeps ``min_shards`` shards in the part (so every reader of a cluster, rank x
+    loader worker, owns a shard), and never under ``MIN_SHARD_SAMPLES``.
+    """
     if cfg.samples_per_shard:
         return cfg.samples_per_shard
-    return max(8, min(256, math.ceil(n / 16)))
+    by_size = max(1, int(cfg.shard_mb * 2**20 // sample_bytes)) if sample_bytes else n
+    return max(MIN_SHARD_SAMPLES, min(by_size, math.ceil(n / cfg.min_shards)))
+
+
+def sample_bytes(sample: dict[str, bytes | str]) -> int:
+    """The bytes a sample adds to a shard (tar headers aside)."""
+    return sum(len(v) for k, v in sample.items() if k != "__key__")
 
 
 def shard_order(clip_ids: list[str]) -> list[str]:
@@ -56,15 +73,27 @@ class PackStage(Stage):
     version = 2  # 2: clips with a missing modality are packed with placeholders and ``quality`` flags
     inputs = ()
 
-    def sample(self, clip: dict, outputs: dict[str, dict[str, np.ndarray]], quality: dict[str, dict] | None = None) -> dict[str, bytes | str]:
+    def sample(self, clip: dict, outputs: dict[str, dict[str, np.ndarray]], quality: dict[str, dict] | None = None,
+               meta: dict | None = None) -> dict[str, bytes | str]:
         """One shard sample from a manifest record, its stage outputs (placeholders where a
-        modality did not decode: ``quality.placeholder``) and its quality flags."""
-        meta = {k: clip[k] for k in ("clip_id", "actor", "sentence", "sentence_text", "emotion", "emotion_name", "label", "level", "demographics", "votes")}
+        modality did not decode: ``quality.placeholder``), its quality flags and the record's
+        fields for the sample's json (``Recipe.sample_meta``; default: the generic ones)."""
+        if meta is None:
+            from pipelines.recipes.base import Recipe
+
+            meta = Recipe().sample_meta(clip)
+        meta = dict(meta)
         sample: dict[str, bytes | str] = {"__key__": clip["clip_id"], "cls": str(clip["label"]).encode()}
         if "frames" in outputs:
             out = outputs["frames"]
             sample["frames.jpg"] = out["strip"].tobytes()
             meta["frames"] = {"count": int(len(out["times"])), "stride": int(out["stride"]), "times": [round(float(t), 3) for t in out["times"]]}
+        if "flow" in outputs:
+            out = outputs["flow"]
+            sample["flow_x.jpg"], sample["flow_y.jpg"] = out["x_strip"].tobytes(), out["y_strip"].tobytes()
+            meta["flow"] = {"count": int(len(out["times"])), "stack": int(out["stack"]), "stride": int(out["stride"]),
+                            "bound": float(out["bound"]), "times": [round(float(t), 3) for t in out["times"]],
+                            "pairs": [int(p) for p in out["pairs"]]}
         if "faces" in outputs:
             out = outputs["faces"]
             sample["face_mask.npy"] = npy_bytes(out["mask"].astype(np.uint8))
@@ -81,8 +110,8 @@ class PackStage(Stage):
             out = outputs["audio"]
             sample["wav.npy"] = npy_bytes(out["wav"].astype(np.int16))
             sample["spec.npy"] = npy_bytes(out["spec"].astype(np.float16))
-            meta["audio"] = {"seconds": round(len(out["wav"]) / 16000, 4), "source": clip.get("audio_source", "wav")}
-        for stage in ("frames", "faces"):
+            meta["audio"] = {"seconds": round(len(out["wav"]) / 16000, 4), "source": clip.get("audio_source", "wav" if "wav" in clip["files"] else "video")}
+        for stage in ("frames", "flow", "faces"):
             if stage in outputs and "video_info" in outputs[stage]:
                 fps, width, height, n_frames, duration = outputs[stage]["video_info"].tolist()[:5]
                 meta["video"] = {"fps": round(fps, 3), "width": int(width), "height": int(height), "frames": int(n_frames), "seconds": round(duration, 4)}

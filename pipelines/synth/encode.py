@@ -1,4 +1,5 @@
-"""Write a clip in CREMA-D's containers: Flash video (FLV1 + MP3 track) and 16 kHz PCM WAV."""
+"""Write synthetic clips: CREMA-D's Flash video (FLV1 + MP3) and 16 kHz PCM WAV, or any
+container PyAV writes (MP4 with H.264 + AAC, AVI with MPEG-4 Part 2)."""
 
 from __future__ import annotations
 
@@ -31,22 +32,56 @@ def resample_linear(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
 
 
 def write_flv(path: str, frames: np.ndarray, fps: int, audio: np.ndarray | None, sr: int, bit_rate: int = 900_000) -> None:
-    """Encode frames (N, H, W, 3 uint8) and an optional mono track into an FLV file.
+    """Encode frames (N, H, W, 3 uint8) and an optional mono track into an FLV file
+    (Flash video + MP3, CREMA-D's containers)."""
+    encode_video(path, frames, fps, audio, sr, "flv", "flv", "libmp3lame", FLV_AUDIO_RATE, bit_rate=bit_rate)
+
+
+# extension -> (container, video codec, audio codec, audio rate): what such files usually hold
+CONTAINERS = {
+    ".mp4": ("mp4", "libx264", "aac", 44100),  # YouTube downloads (AVE, VGGSound, Kinetics)
+    ".mkv": ("matroska", "libx264", "aac", 44100),
+    ".webm": ("webm", "libvpx-vp9", "libopus", 48000),
+    ".avi": ("avi", "mpeg4", "libmp3lame", 44100),  # UCF-101's AVIs hold MPEG-4 Part 2 (xvid)
+}
+
+
+def write_video(path: str, frames: np.ndarray, fps: int, audio: np.ndarray | None, sr: int,
+                bit_rate: int | None = None) -> None:
+    """Encode frames (N, H, W, 3 uint8) and an optional mono float track in [-1, 1] into the
+    container the extension names (mp4/mkv: H.264 + AAC; webm: VP9 + Opus; avi: MPEG-4 +
+    MP3; flv: ``write_flv``)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".flv":
+        write_flv(path, frames, fps, audio, sr)
+        return
+    fmt, vcodec, acodec, arate = CONTAINERS[ext]
+    options = {"preset": "veryfast", "crf": "23"} if vcodec == "libx264" and bit_rate is None else None
+    encode_video(path, frames, fps, audio, sr, fmt, vcodec, acodec, arate, bit_rate=bit_rate, options=options)
+
+
+def encode_video(path: str, frames: np.ndarray, fps: int, audio: np.ndarray | None, sr: int, fmt: str, vcodec: str,
+                 acodec: str, audio_rate: int, bit_rate: int | None = None, options: dict | None = None) -> None:
+    """Write ``frames`` and the optional track with the given container and codecs, to a
+    temporary name then renamed.
 
     Audio is fed alongside the video, frame by frame: FLV needs its packets in time order,
     and ffmpeg's interleaving buffer would not hold a long clip's whole video.
     """
     tmp = path + ".part"
-    with av.open(tmp, "w", format="flv") as out:
-        vstream = out.add_stream("flv", rate=fps)
+    with av.open(tmp, "w", format=fmt) as out:
+        vstream = out.add_stream(vcodec, rate=fps)
         vstream.width, vstream.height = frames.shape[2], frames.shape[1]
         vstream.pix_fmt = "yuv420p"
-        vstream.bit_rate = bit_rate
+        if bit_rate is not None:
+            vstream.bit_rate = bit_rate
+        if options:
+            vstream.options = options
         pcm = astream = None
         if audio is not None:
-            astream = out.add_stream("libmp3lame", rate=FLV_AUDIO_RATE, layout="mono")
+            astream = out.add_stream(acodec, rate=audio_rate, layout="mono")
             astream.bit_rate = 64_000
-            track = resample_linear(audio, sr, FLV_AUDIO_RATE)
+            track = resample_linear(audio, sr, audio_rate)
             pcm = np.clip(np.round(track * 32767), -32768, 32767).astype(np.int16)[None, :]
         fed = 0
         for i, rgb in enumerate(frames):
@@ -56,12 +91,12 @@ def write_flv(path: str, frames: np.ndarray, fps: int, audio: np.ndarray | None,
             for packet in vstream.encode(frame):
                 out.mux(packet)
             if pcm is not None:
-                upto = pcm.shape[1] if i == len(frames) - 1 else min(pcm.shape[1], (i + 1) * FLV_AUDIO_RATE // fps)
+                upto = pcm.shape[1] if i == len(frames) - 1 else min(pcm.shape[1], (i + 1) * audio_rate // fps)
                 if upto > fed:
                     aframe = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[:, fed:upto]), format="s16", layout="mono")
-                    aframe.sample_rate = FLV_AUDIO_RATE
+                    aframe.sample_rate = audio_rate
                     aframe.pts = fed
-                    aframe.time_base = Fraction(1, FLV_AUDIO_RATE)
+                    aframe.time_base = Fraction(1, audio_rate)
                     for packet in astream.encode(aframe):
                         out.mux(packet)
                     fed = upto

@@ -58,8 +58,9 @@ def _photo() -> np.ndarray:
     return skdata.astronaut().astype(np.float32)
 
 
+@functools.lru_cache(maxsize=32)  # one per actor: every clip of an actor starts from the same frame
 def base_frame(look: ActorLook, pad: int) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """The actor's still frame (padded by ``pad`` pixels for sway) and the face box in it."""
+    """The actor's still frame (padded by ``pad`` pixels for sway, read-only) and the face box in it."""
     photo = _photo()
     fx0, fy0, fx1, fy1 = PHOTO_FACE
     cx, cy = (fx0 + fx1) / 2, (fy0 + fy1) / 2
@@ -77,7 +78,9 @@ def base_frame(look: ActorLook, pad: int) -> tuple[np.ndarray, tuple[float, floa
     if look.mirror:
         frame = frame[:, ::-1]
         box = (out_w - box[2], box[1], out_w - box[0], box[3])
-    return np.clip(frame, 0, 255).astype(np.float32), box
+    frame = np.clip(frame, 0, 255).astype(np.float32)
+    frame.setflags(write=False)  # shared between clips through the cache
+    return frame, box
 
 
 def emotion_overlay(emotion: str, box: tuple[float, float, float, float], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,8 @@ additive late-fusion model of ``model/CREMAD_net.py`` (``AVClassifier_Sum``).
   every step: the reference multiplies the gradients instead, the same thing under its SGD
   but not under Adam, so a rate is what we scale.
 - Scale of modality m = ``scales[m]`` * ratio_m, with the reference's starting scales
-  (``scales``, default audio 0.9, visual 1.1, any other modality 1.0) and
+  (``scales``: by modality name, or a list by position in the model's modality order;
+  default [0.9, 1.1], the reference's audio then visual, any further modality 1.0) and
 
       ratio_m = acc_m(this epoch) / mean(acc_m over the previous ``window`` epochs)
 
@@ -49,8 +50,9 @@ from avbalance.errors import UserError
 from trainer.balancing.base import Balancer, register
 from trainer.balancing.lr_scales import PerModalityLR
 
-# lihong2303/AGM_ICCV2023 run/CREMAD_main.py: audio_lr_init_coeff 0.9, visual_lr_init_coeff 1.1
-REFERENCE_SCALES = {"audio": 0.9, "visual": 1.1}
+# lihong2303/AGM_ICCV2023 run/CREMAD_main.py: audio_lr_init_coeff 0.9, visual_lr_init_coeff 1.1, for
+# its first and second modality: by position, so modalities named otherwise get them too.
+REFERENCE_SCALES = (0.9, 1.1)
 
 
 @register("mslr")
@@ -62,11 +64,13 @@ class MSLR(PerModalityLR):
 
     requires = frozenset({"multimodal"})
 
-    def __init__(self, window: int = 5, scales: Mapping[str, float] | None = None) -> None:
+    def __init__(self, window: int = 5, scales: Mapping[str, float] | list[float] | None = None) -> None:
         super().__init__()
         if not int(window) >= 1:
             raise UserError(f"mslr: window must be >= 1, got {window}")
-        given = dict(scales or {})
+        # A list gives the scales by position in the model's modality order (resolved in configure).
+        self.positional = list(scales) if isinstance(scales, (list, tuple)) else None
+        given = {str(i): v for i, v in enumerate(self.positional)} if self.positional is not None else dict(scales or {})
         for m, v in given.items():
             if not float(v) > 0:
                 raise UserError(f"mslr: scales[{m!r}] must be > 0, got {v}")
@@ -78,12 +82,17 @@ class MSLR(PerModalityLR):
         self.decomposable = False
 
     def configure(self, model: nn.Module) -> None:
-        unknown = set(self.given) - set(model.modalities)
-        if unknown:
-            raise UserError(
-                f"mslr: scales for unknown modalities {sorted(unknown)}; have {list(model.modalities)}"
-            )
-        start = self.given if self.given else REFERENCE_SCALES
+        modalities = list(model.modalities)
+        positional = self.positional if self.positional is not None else (None if self.given else list(REFERENCE_SCALES))
+        if positional is not None:
+            if len(positional) > len(modalities):
+                raise UserError(f"mslr: {len(positional)} scales for {len(modalities)} modalities ({', '.join(modalities)})")
+            start = {m: float(v) for m, v in zip(modalities, positional)}
+        else:
+            unknown = set(self.given) - set(modalities)
+            if unknown:
+                raise UserError(f"mslr: scales for unknown modalities {sorted(unknown)}; have {modalities}")
+            start = self.given
         self.decomposable = bool(getattr(model.fusion, "decomposable", False))
         for m in model.modalities:
             self.initial[m] = float(start.get(m, 1.0))

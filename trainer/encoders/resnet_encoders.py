@@ -1,4 +1,4 @@
-"""ResNet-18 encoders: ``resnet18_audio`` (spectrograms) and ``resnet18_visual`` (frames)."""
+"""ResNet-18 encoders: ``resnet18_audio`` (spectrograms), ``resnet18_visual`` (frames), ``resnet18_flow`` (optical flow)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,16 @@ class ResNet18Visual(nn.Module):
         else:
             per_frame = torch.zeros(b * t, self.out_dim, dtype=frames.dtype, device=x.device)
         return masked_mean(per_frame.view(b, t, self.out_dim), mask)
+
+
+@ENCODERS.register("resnet18_flow")
+class ResNet18Flow(ResNet18Visual):
+    """Optical flow (B, T, 2 * stack, H, W) + mask (B, T) -> (B, 8 * width): the visual
+    ResNet with a first convolution over ``stack`` stacked x/y flow fields per slot, as the
+    two-stream motion network (the balancing benchmarks' UCF-101 flow ResNet18 is stack 1:
+    a 2-channel conv1, run per sampled slot, then averaged like the RGB frames)."""
+
+    def __init__(self, width: int = 64, stack: int = 1) -> None:
+        if stack < 1:
+            raise UserError(f"resnet18_flow: stack must be a whole number >= 1, not {stack!r}")
+        super().__init__(width=width, in_channels=2 * stack)
