@@ -1,5 +1,9 @@
 """The ONNX Runtime backend of the face stages against the torch path, on the synthetic
-corpus's photo face: boxes within 1 px, features within 1e-3; the export is cached."""
+corpus's photo face: boxes within 1 px, features within 1e-3; the export is cached.
+
+Fast: the option on every corpus's ``preprocess`` and how ``auto`` resolves (no export).
+Slow: everything that exports a network (~15 s each for EfficientNet-B2 on 2 cores) or runs
+the face stages under both backends."""
 
 from __future__ import annotations
 
@@ -11,13 +15,48 @@ import pytest
 import torch
 
 from avbalance.errors import UserError
+from pipelines.stages import onnx_backend
 from pipelines.stages.face_features import FaceFeaturesConfig, FaceFeaturesStage, weights_identity
 from pipelines.stages.faces import FaceBatcher, FacesConfig
-from pipelines.stages.onnx_backend import cache_dir, exported, ort_module, resolve_backend, session
+from pipelines.stages.onnx_backend import exported, ort_module, resolve_backend, session
 from pipelines.synth.face import actor_look, render_frames
 from tests.conftest import run_cli
+from tests.test_cli_usage import subcommands
 
-pytest.importorskip("onnxruntime")
+SLOW = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def needs_onnx() -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+
+
+def test_backend_option_on_every_corpus_and_auto_resolution(monkeypatch):
+    preprocess = {k: p for k, p in subcommands().items() if k.startswith("preprocess ")}
+    assert len(preprocess) >= 3  # cremad, folder, ave, ...
+    for command, parser in preprocess.items():
+        options = {a.dest: a for a in parser._actions}
+        assert options["backend"].default == "auto" and tuple(options["backend"].choices) == ("auto", "torch", "onnx"), command
+        assert options["face_detect_scale"].default == 1.0, command
+    cremad = preprocess["preprocess cremad"]
+    args = cremad.parse_args(["--root", "r", "--out", "o", "--backend", "onnx", "--face-detect-scale", "0.5"])
+    assert (args.backend, args.face_detect_scale) == ("onnx", 0.5)
+    with pytest.raises(SystemExit):
+        cremad.parse_args(["--root", "r", "--out", "o", "--face-detect-scale", "1.5"])
+
+    installed = onnx_backend.onnx_available()
+    assert resolve_backend("auto", "cpu") == ("onnx" if installed else "torch")
+    assert resolve_backend("auto", "cuda") == "torch"  # onnxruntime's CPU package
+    assert resolve_backend("torch", "cpu") == "torch"
+    with pytest.raises(UserError, match="CPU only"):
+        resolve_backend("onnx", "cuda")
+    with pytest.raises(UserError, match="not known"):
+        resolve_backend("tensorrt", "cpu")
+    monkeypatch.setattr(onnx_backend, "onnx_available", lambda: False)  # as without the package
+    assert resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(UserError, match="needs onnxruntime"):
+        resolve_backend("onnx", "cpu")
 
 
 def photo_frames(n: int, seed: int) -> np.ndarray:
@@ -26,7 +65,7 @@ def photo_frames(n: int, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> tuple[str, str]:
+def weights(tmp_path_factory, needs_onnx) -> tuple[str, str]:
     """EfficientNet-B2 weights with realistic activations (a random init gives features ~1e-5,
     which any backend matches): BatchNorm gains drawn in 0.5-1.5 and statistics taken on face
     crops. Returns (path, sha256)."""
@@ -62,6 +101,7 @@ def run(backend: str, frames: np.ndarray, weights: tuple[str, str], cfg: FacesCo
     return faces, feats["feats"], raw
 
 
+@SLOW  # ~70 s: two EfficientNet-B2 builds, one export, MTCNN under both backends
 def test_onnx_matches_torch_on_real_frames(weights):
     frames = photo_frames(12, 3)
     frames[4] = 128  # a frame without a face keeps its slot with either backend
@@ -79,7 +119,8 @@ def test_onnx_matches_torch_on_real_frames(weights):
     assert (stored <= np.maximum(1e-3, step)).all()
 
 
-def test_export_is_cached_by_identity(tmp_path, monkeypatch):
+@SLOW
+def test_export_is_cached_by_identity(tmp_path, monkeypatch, needs_onnx):
     monkeypatch.setenv("AVBALANCE_CACHE_DIR", str(tmp_path))
     calls = []
 
@@ -99,16 +140,8 @@ def test_export_is_cached_by_identity(tmp_path, monkeypatch):
     assert out.shape == (3, 4, 18, 22)  # dynamic batch, height and width
 
 
-def test_backend_default_and_refusals():
-    assert cache_dir().endswith("onnx")
-    assert resolve_backend("auto", "cpu") == "onnx"  # installed
-    assert resolve_backend("auto", "cuda") == "torch"
-    assert resolve_backend("torch", "cpu") == "torch"
-    with pytest.raises(UserError, match="CPU only"):
-        resolve_backend("onnx", "cuda")
-
-
-def test_cli_backends_share_the_cache(synth_corpus, tmp_path):
+@SLOW  # ~35 s: a corpus and two CLI runs with the face stages
+def test_cli_backends_share_the_cache(synth_corpus, tmp_path, needs_onnx):
     """A run with the other backend finds the stages done: the backend is not in the key."""
     out = str(tmp_path / "out")
     args = ["preprocess", "cremad", "--root", synth_corpus, "--out", out, "--split", "ogm", "--stages", "faces",
