@@ -136,8 +136,12 @@ def test_export_is_cached_by_identity(tmp_path, monkeypatch, needs_onnx):
     assert first == again != other and len(calls) == 2  # the second call found the file
     assert os.path.dirname(first) == os.path.join(str(tmp_path), "onnx")
     assert sorted(os.listdir(os.path.dirname(first))) == sorted(os.path.basename(p) for p in (first, other))  # no temp file
-    out = ort_module(session(first, 1))(torch.rand(3, 3, 20, 24))[0]
+    sess = session(first, 1)
+    out = ort_module(sess)(torch.rand(3, 3, 20, 24))[0]
     assert out.shape == (3, 4, 18, 22)  # dynamic batch, height and width
+    opts = sess.get_session_options()  # idle threads do not spin (bench/preprocess.py --faces-only)
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.get_session_config_entry("session.inter_op.allow_spinning") == "0"
 
 
 @SLOW  # ~35 s: a corpus and two CLI runs with the face stages

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 
 BACKENDS = ("torch", "onnx")
 EXPORT_VERSION = 1  # bump when the export itself changes (new graph for the same weights)
+# Whether ONNX Runtime's idle threads spin (busy-wait) between ops. Off: on a shared 2-core
+# machine spinning threads took cores from the other jobs and from each other (MTCNN and
+# EfficientNet-B2 slower at 2 threads, the same at 1); bench/preprocess.py --faces-only measures
+# both settings in one invocation (``backends``, key ``spinning``).
+SPINNING = False
 
 
 def onnx_available() -> bool:
@@ -104,9 +109,10 @@ def exported(name: str, identity: str, build: Callable[[], torch.nn.Module], exa
     return path
 
 
-def session(path: str, threads: int) -> onnxruntime.InferenceSession:
+def session(path: str, threads: int, spinning: bool | None = None) -> onnxruntime.InferenceSession:
     """A CPU session with ``threads`` intra-op threads (cores / workers, as torch gets) and
-    every graph optimisation; one inter-op thread, as the graphs are sequential."""
+    every graph optimisation; one inter-op thread, as the graphs are sequential. ``spinning``
+    (default ``SPINNING``) lets idle threads busy-wait for the next op."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -115,6 +121,9 @@ def session(path: str, threads: int) -> onnxruntime.InferenceSession:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only
+    spin = "1" if (SPINNING if spinning is None else spinning) else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
