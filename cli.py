@@ -92,9 +92,10 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         root=args.root, out=args.out, corpus=args.corpus, recipe_options=recipe.from_args(args).options,
         splits=tuple(s for s in args.split.split(",") if s),
         stages=tuple(s for s in args.stages.split(",") if s),
-        workers=args.workers, device=args.device, batch_size=args.batch_size, overwrite=args.overwrite,
+        workers=args.workers, device=args.device, backend=args.backend, batch_size=args.batch_size, overwrite=args.overwrite,
         engine=args.engine, ray_address=args.ray_address,
-        faces=FacesConfig(fps=args.face_fps, detect_fps=args.face_detect_fps, min_face_size=args.face_min_size,
+        faces=FacesConfig(fps=args.face_fps, detect_fps=args.face_detect_fps, detect_scale=args.face_detect_scale,
+                          min_face_size=args.face_min_size,
                           margin=args.face_margin, size=args.face_size, keep_crops=args.keep_face_crops),
         face_features=FaceFeaturesConfig(weights=args.face_weights, allow_random=args.allow_random_weights),
         audio=AudioConfig(spec=args.spec, seconds=args.spec_seconds or recipe.spec_seconds),
@@ -237,6 +238,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_preprocess_options(p: argparse.ArgumentParser, default_split: str, default_stages: tuple[str, ...]) -> None:
     """The options every ``preprocess CORPUS`` shares (stages, workers, faces, audio, pack)."""
+    from pipelines.stages.onnx_backend import BACKENDS  # light: no torch, no onnxruntime
+
     p.add_argument("--out", required=True, help="output folder or fsspec URL (file://, s3://, gs://): manifest/, cache/, "
                    "shards/<split>/, status.jsonl; with --engine ray on several nodes, storage every node sees")
     p.add_argument("--split", default=default_split, help=f"comma-separated split names to pack (the manifest summary lists them) (default {default_split})")
@@ -248,10 +251,17 @@ def add_preprocess_options(p: argparse.ArgumentParser, default_split: str, defau
                    help="where the work runs: local (a process pool) or ray (tasks and actors on a Ray cluster) (default local)")
     p.add_argument("--ray-address", help="--engine ray: a running cluster, auto or HOST:PORT (default: start a local runtime sized by --workers)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet (default cpu)")
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                   help="inference backend of the face networks (MTCNN, EfficientNet-B2): torch, or onnx (ONNX Runtime, "
+                        "CPU only; exported from the same weights once and cached, README 'Face backends'); auto: onnx "
+                        "on CPU when onnxruntime is installed, else torch (default auto)")
     p.add_argument("--batch-size", type=arg(int, Allowed(lo=1)), default=32, help="face frames per MTCNN/EfficientNet batch (default 32)")
     p.add_argument("--face-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None, help="face frames per second, > 0 (default: every frame)")
     p.add_argument("--face-detect-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None,
                    help="detect faces at this rate and carry boxes in between (default: detect on every face frame)")
+    p.add_argument("--face-detect-scale", type=arg(float, Allowed(lo=0, hi=1, lo_open=True)), default=1.0,
+                   help="detect faces on the frame resized by this factor, 0-1, for large faces; --face-min-size then "
+                        "counts the resized frame's pixels (default 1: full size)")
     p.add_argument("--face-min-size", type=arg(int, Allowed(lo=1)), default=40, help="MTCNN minimum face size in pixels (default 40)")
     p.add_argument("--face-margin", type=arg(float, Allowed(lo=0)), default=0.2, help="crop side = max(w, h) x (1 + margin) (default 0.2)")
     p.add_argument("--face-size", type=int, choices=(260, 224), default=260, help="face crop size: 260 (EfficientNet-B2) or 224 (default 260)")

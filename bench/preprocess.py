@@ -3,6 +3,7 @@
 invocation, on the same clips, with the same process count.
 
     python bench/preprocess.py --clips 144 --workers 2 --face-clips 6
+    python bench/preprocess.py --faces-only --face-clips 4 --json bench/faces.json
     python bench/preprocess.py --clips 144 --workers 2 --engine ray --json bench/preprocess.json
 
 - floor: in-process PyAV decoding of every frame, nothing else;
@@ -10,7 +11,9 @@ invocation, on the same clips, with the same process count.
   (the way the reference repositories extract frames);
 - pipeline: `preprocess --stages frames,audio,pack` (and each stage alone);
 - faces: MTCNN + EfficientNet-B2 batched across clips vs one frame per call;
-- box carrying: detection at a lower rate vs on every frame (speed and box IoU);
+- backends: torch vs ONNX Runtime on the same frames, crops and threads (both networks,
+  EfficientNet-B2 at several batch sizes), and both face stages end to end per backend;
+- box carrying and downscaled detection vs full-size detection on every frame (speed, box IoU);
 - peak memory of a run on a small and on a 4x larger corpus (it must stay flat);
 - with ``--engine ray`` only: the Ray engine against the local one, `frames,audio,pack` on the
   same clips and worker count, whole runs and steady state, and whether the shards are
@@ -21,6 +24,9 @@ invocation, on the same clips, with the same process count.
 ``--mp4 N`` measures the ``folder`` recipe instead: N synthetic 10 s mp4 clips (H.264 + AAC,
 480x360, 25 fps, the shape of AVE / VGGSound downloads): the floor, frames+audio+pack, and
 each stage alone.
+
+``--faces-only`` measures only the face stages (backends end to end and per network, ONNX
+Runtime's thread spinning, box carrying, downscaled detection) on ``--face-clips`` clips.
 """
 
 from __future__ import annotations
@@ -102,6 +108,8 @@ def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[s
     cmd = [sys.executable, os.path.join(REPO, "cli.py"), "preprocess", *(corpus or ["cremad", "--split", "ogm"]),
            "--root", root, "--out", out, "--stages", stages, "--workers", str(workers), *(extra or [])]
     # A wrapper process reports the peak RSS of this run's processes alone (the largest one).
+    # It also reports their CPU time (user + system, workers included): on a shared machine
+    # clips per CPU-second say what the work costs whatever else runs.
     wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
                "r = resource.getrusage(resource.RUSAGE_CHILDREN); print(r.ru_maxrss, r.ru_utime + r.ru_stime)")
     start = time.perf_counter()
@@ -110,7 +118,8 @@ def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[s
     LAST_CPU_SECONDS[0] = float(cpu)  # CPU time of the run's processes: what a shared machine does not distort
     seconds = time.perf_counter() - start
     summary = json.load(open(os.path.join(out, "preprocess.json")))
-    return summary["clips"] / seconds, summary, peak_kb // 1024
+    summary["clips_per_cpu_s"] = summary["clips"] / float(cpu)
+    return summary["clips"] / seconds, summary, int(peak_kb) // 1024
 
 
 def shard_bytes(out: str) -> dict[str, bytes]:
@@ -180,8 +189,77 @@ def face_batching(files: list[str], n_frames: int = 64, batch: int = 32) -> dict
     }
 
 
-def box_carrying(files: list[str], rates=(10.0, 5.0, 2.0)) -> list[dict]:
-    """Speed and box agreement (IoU) of detection at a lower rate vs on every frame."""
+def _rates(fn, n: int) -> tuple[float, float]:
+    """(items/s of wall time, items/s of CPU time) of one call of ``fn`` over ``n`` items. CPU
+    time is what the work costs when other jobs share the cores (as on the benchmark machine)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
+
+
+def _effnet_call(stage, crops):
+    """One EfficientNet-B2 call on exactly these crops (the stage's own micro-batching aside)."""
+    import torch
+
+    if stage.backend == "onnx":
+        return stage.session.run(None, {"x": crops.numpy()})
+    with torch.inference_mode():
+        return stage.model(((crops - stage.mean) / stage.std).contiguous(memory_format=torch.channels_last))
+
+
+def backend_comparison(files: list[str], threads: tuple[int, ...], n_frames: int = 32, batches=(1, 8),
+                       rounds: int = 2) -> list[dict]:
+    """torch vs ONNX Runtime on the same frames and crops with the same threads: MTCNN on a
+    batch of ``n_frames`` frames, EfficientNet-B2 at each batch size (8: what the stage uses on
+    CPU); ONNX Runtime with its idle threads spinning and not (``spinning``). The variants
+    alternate and each keeps its best of ``rounds``."""
+    import av
+    import torch
+
+    from pipelines.stages import face_features as ff
+    from pipelines.stages import onnx_backend
+    from pipelines.stages.faces import FaceBatcher, FacesConfig
+
+    frames = []
+    for path in files:
+        with av.open(path) as c:
+            frames += [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    frames = np.stack(frames[:n_frames])
+    crops = torch.rand(16, 3, 260, 260, generator=torch.Generator().manual_seed(0)) * 255
+    variants = (("torch", None), ("onnx", True), ("onnx", False))  # (backend, ONNX Runtime threads spin)
+    default_spinning = onnx_backend.SPINNING
+    rows = []
+    for n in threads:
+        torch.set_num_threads(n)
+        nets = {}
+        for b, spin in variants:
+            onnx_backend.SPINNING = default_spinning if spin is None else spin  # read when the sessions are made
+            nets[(b, spin)] = (FaceBatcher(FacesConfig(), None, backend=b, threads=n).mtcnn,
+                               ff.FaceFeaturesStage(ff.FaceFeaturesConfig(allow_random=True, weights_sha256="random-init-seed0"),
+                                                    backend=b, threads=n))
+        onnx_backend.SPINNING = default_spinning
+        best: dict[tuple, tuple[float, float]] = {}
+        for _ in range(rounds):
+            for variant, (mtcnn, feats) in nets.items():
+                mtcnn.detect(frames[:2])  # warm
+                jobs = {"mtcnn": (lambda m=mtcnn: m.detect(frames), len(frames))}
+                for bs in batches:
+                    jobs[f"effnet_b{bs}"] = (lambda bs=bs, f=feats: [_effnet_call(f, crops[i:i + bs]) for i in range(0, len(crops), bs)],
+                                             len(crops))
+                for name, (fn, count) in jobs.items():
+                    if name.startswith("effnet"):
+                        fn()  # warm this shape
+                    got = _rates(fn, count)
+                    old = best.get((*variant, name), (0.0, 0.0))
+                    best[(*variant, name)] = (max(old[0], got[0]), max(old[1], got[1]))
+        for (b, spin, name), (wall, cpu) in best.items():
+            rows.append({"threads": n, "backend": b, "spinning": spin, "what": name, "per_s": wall, "per_cpu_s": cpu})
+    return rows
+
+
+def box_carrying(files: list[str], rates=(10.0, 5.0, 2.0), scales=(0.5,), backend: str = "torch") -> list[dict]:
+    """Speed and box agreement (IoU) of detection at a lower rate, and of detection on a
+    downscaled frame, vs full-size detection on every frame."""
     import av
 
     from pipelines.stages.faces import FaceBatcher, FacesConfig
@@ -192,7 +270,7 @@ def box_carrying(files: list[str], rates=(10.0, 5.0, 2.0)) -> list[dict]:
             clips.append([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
     def run(cfg):
-        batcher = FaceBatcher(cfg, None)
+        batcher = FaceBatcher(cfg, None, backend=backend)
         start = time.perf_counter()
         out = []
         for i, frames in enumerate(clips):
@@ -211,6 +289,12 @@ def box_carrying(files: list[str], rates=(10.0, 5.0, 2.0)) -> list[dict]:
         ious = np.concatenate([_iou(a["boxes"], b["boxes"]) for a, b in zip(base, got)])
         rows.append({"detect_fps": r, "speedup": base_s / s, "iou_mean": float(ious.mean()), "iou_min": float(ious.min()),
                      "iou_p05": float(np.percentile(ious, 5))})
+    for scale in scales:
+        s, got = run(FacesConfig(detect_scale=scale))
+        full, small = (np.concatenate([c["mask"] for c in run_]).astype(bool) for run_ in (base, got))
+        ious = np.concatenate([_iou(a["boxes"], b["boxes"]) for a, b in zip(base, got)])[full & small]
+        rows.append({"detect_scale": scale, "speedup": base_s / s, "iou_mean": float(ious.mean()), "iou_min": float(ious.min()),
+                     "iou_p05": float(np.percentile(ious, 5)), "faces_found": int(small.sum()), "faces_full_size": int(full.sum())})
     return rows
 
 
@@ -277,12 +361,16 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--face-clips", type=int, default=6, help="clips for the (slow) face stages")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "avbalance-bench"))
+    ap.add_argument("--faces-only", action="store_true", help="only the face-stage measurements")
+    ap.add_argument("--rounds", type=int, default=2, help="face runs per backend, alternating; the best counts")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--mp4", type=int, default=0, metavar="N", help="instead: the folder recipe on N 10 s mp4 clips")
     ap.add_argument("--engine", choices=("local", "ray"), default="local",
                     help="ray: only compare the Ray engine with the local one (key engine_ray of --json)")
     ap.add_argument("--ray-address", help="with --engine ray: a running cluster (default: a local runtime of --workers CPUs)")
     args = ap.parse_args()
+    # Exported ONNX networks are cached here, so the end-to-end runs measure the steady state.
+    os.environ.setdefault("AVBALANCE_CACHE_DIR", os.path.join(args.work, "cache"))
     if args.mp4:
         res = mp4_bench(args.mp4, args.workers, args.work)
         print(json.dumps(res, indent=2))
@@ -290,13 +378,14 @@ def main() -> None:
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=2)
         return
-    actors = max(1, args.clips // 24)
+    # The face stages need only --face-clips clips: --faces-only makes no larger corpus (24 clips an actor).
+    actors = max(1, -(-args.face_clips // 24) if args.faces_only else args.clips // 24)
     small_root = os.path.join(args.work, f"corpus{actors}")
     synth(small_root, actors, 4)
     # Throughput is measured on the 4x corpus, where start-up costs (imports, model loads)
     # weigh little; the 1x corpus serves the peak-memory comparison and the marginal rate.
-    root = os.path.join(args.work, f"corpus{actors * 4}")
-    files = synth(root, actors * 4, 4)
+    root = small_root if args.faces_only else os.path.join(args.work, f"corpus{actors * 4}")
+    files = synth(root, actors * (1 if args.faces_only else 4), 4)
     n = len(files)
     if args.engine == "ray":
         found = engine_comparison(small_root, root, n, args.workers, args.work, args.ray_address)
@@ -309,7 +398,35 @@ def main() -> None:
                 json.dump(res, fh, indent=2)
         return
     res: dict = {"clips": n, "workers": args.workers, "cpu": os.cpu_count()}
+    if not args.faces_only:
+        pipeline_rates(res, files, root, small_root, args)
+        _save(res, args.json)
+    face_rates(res, files, root, args)
 
+    # CREMA-D: 7,442 clips, mean 2.5 s at 30 fps (~75 face frames a clip).
+    full = 7442
+    res["estimate_cremad_hours"] = {f"faces_{k}": full / v / 3600 for k, v in res["faces_clips_s"].items()
+                                    if not k.endswith("_over_torch")}
+    if not args.faces_only:
+        res["estimate_cremad_hours"]["frames_audio_pack"] = full / res["pipeline_marginal_clips_s"] / 3600
+    print(json.dumps(res, indent=2))
+    _save(res, args.json)
+
+
+def _save(res: dict, path: str | None) -> None:
+    """Write what is measured so far (a long run on a shared machine keeps its parts); the
+    Ray comparison, measured by its own invocation, is kept from the file."""
+    if path:
+        previous = json.load(open(path)) if os.path.exists(path) else {}
+        if "engine_ray" in previous:
+            res["engine_ray"] = previous["engine_ray"]
+        with open(path, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
+def pipeline_rates(res: dict, files: list[str], root: str, small_root: str, args: argparse.Namespace) -> None:
+    """Decode floor, the OpenCV reference, the pipeline without faces, peak memory."""
+    n = len(files)
     res["floor_clips_s"] = rate(_decode_all, files, args.workers)
     try:
         import cv2  # noqa: F401
@@ -331,6 +448,13 @@ def main() -> None:
     res["frames_clips_s"] = run_preprocess(root, out, "frames", args.workers)[0]
     res["audio_clips_s"] = run_preprocess(root, out, "audio", args.workers)[0]
 
+
+def face_rates(res: dict, files: list[str], root: str, args: argparse.Namespace) -> None:
+    """Both face stages end to end per backend (alternating, best of ``--rounds``), the backends
+    side by side per network, box carrying and downscaled detection; batching in a full run."""
+    from pipelines.stages.face_features import FaceFeaturesConfig, export_onnx
+    from pipelines.stages.faces import export_mtcnn
+
     face_root = os.path.join(args.work, "faces")
     shutil.rmtree(face_root, ignore_errors=True)
     for d in ("VideoFlash", "AudioWAV"):
@@ -339,25 +463,30 @@ def main() -> None:
         stem = os.path.splitext(os.path.basename(f))[0]
         shutil.copy(f, os.path.join(face_root, "VideoFlash"))
         shutil.copy(os.path.join(root, "AudioWAV", stem + ".wav"), os.path.join(face_root, "AudioWAV"))
-    res["faces_every_frame_clips_s"] = run_preprocess(face_root, out, "faces,face_features", args.workers, ["--allow-random-weights"])[0]
-    res["faces_fps5_clips_s"] = run_preprocess(face_root, out, "faces,face_features", args.workers, ["--allow-random-weights", "--face-fps", "5"])[0]
-    res["face_batching"] = face_batching(files[:4])
-    res["box_carrying"] = box_carrying(files[:3])
-
-    # CREMA-D: 7,442 clips, mean 2.5 s at 30 fps (~75 face frames a clip).
-    full = 7442
-    res["estimate_cremad_hours"] = {
-        "frames_audio_pack": full / res["pipeline_marginal_clips_s"] / 3600,
-        "faces_every_frame": full / res["faces_every_frame_clips_s"] / 3600,
-        "faces_5fps": full / res["faces_fps5_clips_s"] / 3600,
-    }
-    print(json.dumps(res, indent=2))
-    if args.json:
-        previous = json.load(open(args.json)) if os.path.exists(args.json) else {}
-        if "engine_ray" in previous:  # the Ray comparison is measured by its own invocation
-            res["engine_ray"] = previous["engine_ray"]
-        with open(args.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+    export_mtcnn()  # once, outside the timed runs (a re-run finds them in the cache)
+    export_onnx(FaceFeaturesConfig(allow_random=True, weights_sha256="random-init-seed0"))
+    out = os.path.join(args.work, "out")
+    runs = {"every_frame": [], "fps5": ["--face-fps", "5"]}
+    res["faces_clips_s"], res["faces_clips_per_cpu_s"] = {}, {}
+    for _ in range(args.rounds):
+        for name, extra in runs.items():
+            for backend in ("torch", "onnx"):
+                got, summary, _ = run_preprocess(face_root, out, "faces,face_features", args.workers,
+                                                 ["--allow-random-weights", "--backend", backend, *extra])
+                key = f"{name}_{backend}"
+                res["faces_clips_s"][key] = max(got, res["faces_clips_s"].get(key, 0.0))
+                res["faces_clips_per_cpu_s"][key] = max(summary["clips_per_cpu_s"], res["faces_clips_per_cpu_s"].get(key, 0.0))
+    for name in runs:
+        for what in ("faces_clips_s", "faces_clips_per_cpu_s"):
+            res[what][f"{name}_onnx_over_torch"] = res[what][f"{name}_onnx"] / res[what][f"{name}_torch"]
+    _save(res, args.json)
+    threads = tuple(sorted({1, os.cpu_count() or 1}))
+    res["backends"] = backend_comparison(files[:4], threads, rounds=args.rounds)
+    _save(res, args.json)
+    res["box_carrying"] = box_carrying(files[:3], backend="onnx")
+    _save(res, args.json)
+    if not args.faces_only:  # batching is settled (bench/preprocess.json); --faces-only stays short
+        res["face_batching"] = face_batching(files[:4])
 
 
 if __name__ == "__main__":

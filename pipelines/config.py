@@ -24,6 +24,7 @@ class PreprocessConfig:
     stages: tuple[str, ...] = ALL_STAGES
     workers: int = 1
     device: str = "cpu"
+    backend: str = "auto"  # face networks: torch, onnx, or auto (onnx on CPU when installed; resolved at start)
     batch_size: int = 32  # face frames per MTCNN / EfficientNet batch
     chunk: int = 8  # clips per work unit
     overwrite: bool = False
@@ -37,7 +38,7 @@ class PreprocessConfig:
     pack: PackConfig = field(default_factory=PackConfig)
 
     def stage_configs(self) -> dict:
-        """What changes outputs (paths, workers and devices do not)."""
+        """What changes outputs (paths, workers, devices, engines and backends do not)."""
         return {name: asdict(getattr(self, name)) for name in ("frames", "flow", "faces", "face_features", "audio", "pack")}
 
     def as_dict(self) -> dict:

@@ -34,6 +34,7 @@ from pipelines.stages.base import stable_hash
 from pipelines.stages.face_features import face_features_key, weights_identity
 from pipelines.stages.faces import FacesStage
 from pipelines.stages.flow import FlowStage
+from pipelines.stages.onnx_backend import resolve_backend
 from pipelines.stages.frames import FramesStage
 from pipelines.stages.pack import PackStage, sample_bytes, samples_per_shard, shard_order
 from pipelines.shards import MAX_SHARD_BYTES, SCHEMA_VERSION, ShardWriter, read_index, write_index
@@ -128,6 +129,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     if "face_features" in cfg.stages and "faces" not in cfg.stages:
         raise UserError("the face_features stage needs the faces stage: add faces to --stages")
     check_engine(cfg)
+    cfg.backend = resolve_backend(cfg.backend, cfg.device)
     storage = Storage(cfg.out)
     if cfg.overwrite:
         for sub in ("cache", "shards"):
@@ -175,6 +177,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "done": len(done_ids),
         "failed": n_failed,
         "computed_clips": len(jobs),
+        "face_backend": cfg.backend if {"faces", "face_features"} & set(cfg.stages) else None,
         "shards": packed,
         "coverage": coverage_by_split,
         "seconds": round(time.time() - started, 2),
@@ -380,6 +383,6 @@ def corpus_fields(recipe: Recipe, manifest: dict) -> dict:
 def _public_config(cfg: PreprocessConfig) -> dict:
     """The resolved config for the index, without machine-specific run options."""
     out = cfg.as_dict()
-    for k in ("out", "workers", "device", "overwrite", "chunk", "engine", "ray_address"):
+    for k in ("out", "workers", "device", "backend", "overwrite", "chunk", "engine", "ray_address"):
         out.pop(k, None)
     return out

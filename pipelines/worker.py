@@ -51,6 +51,20 @@ def warm_up(cfg: PreprocessConfig) -> None:
         import facenet_pytorch  # noqa: F401
         import timm  # noqa: F401
 
+        export_face_networks(cfg)  # once, before workers fork
+
+
+def export_face_networks(cfg: PreprocessConfig) -> None:
+    """With the ONNX backend, export (or find in the cache) the face networks this run needs."""
+    if cfg.backend != "onnx" or "faces" not in cfg.stages:
+        return
+    from pipelines.stages.face_features import export_onnx
+    from pipelines.stages.faces import export_mtcnn
+
+    export_mtcnn()
+    if "face_features" in cfg.stages:
+        export_onnx(cfg.face_features)
+
 
 def init_worker(cfg: PreprocessConfig, threads: int) -> None:
     """Pool initializer: remember the config; models are built on first use.
@@ -67,16 +81,21 @@ def init_worker(cfg: PreprocessConfig, threads: int) -> None:
         torch.set_num_threads(max(1, threads))
     _STATE.clear()
     _STATE["cfg"] = cfg
+    _STATE["threads"] = max(1, threads)  # ONNX Runtime's intra-op threads, as torch's
 
 
 def _batcher():
     if "batcher" not in _STATE:
         from pipelines.stages.face_features import FaceFeaturesStage
         from pipelines.stages.faces import FaceBatcher
+        from pipelines.stages.onnx_backend import resolve_backend
 
         cfg: PreprocessConfig = _STATE["cfg"]
-        featurizer = FaceFeaturesStage(cfg.face_features, cfg.device) if "face_features" in cfg.stages else None
-        _STATE["batcher"] = FaceBatcher(cfg.faces, featurizer, cfg.device, cfg.batch_size)
+        # The runner resolved "auto" already; a worker on another node checks onnxruntime is there.
+        backend, threads = resolve_backend(cfg.backend, cfg.device), _STATE.get("threads")
+        featurizer = (FaceFeaturesStage(cfg.face_features, cfg.device, backend, threads)
+                      if "face_features" in cfg.stages else None)
+        _STATE["batcher"] = FaceBatcher(cfg.faces, featurizer, cfg.device, cfg.batch_size, backend, threads)
     return _STATE["batcher"]
 
 

@@ -27,6 +27,17 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(request, tmp_path_factory) -> str:
+    """Exported face networks (inherited by CLI subprocesses) go to pytest's own cache folder,
+    not ~/.cache: every run with the default backend needs them, and an export takes ~15 s, so
+    later sessions reuse them (the file names hash the weights and the torch/onnx versions)."""
+    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    path = str(cache.mkdir("avbalance-cache") if cache is not None else tmp_path_factory.mktemp("avbalance-cache"))
+    os.environ["AVBALANCE_CACHE_DIR"] = path
+    return path
+
+
 @pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory) -> str:
     """6 actors x 1 sentence x 6 emotions = 36 clips (kfold needs at least k+2 actors)."""

@@ -5,6 +5,7 @@ duplicates no clip, bad clips are recorded as locally, a killed run resumes from
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import socket
@@ -117,6 +118,15 @@ def test_ray_writes_the_shards_and_status_of_the_local_engine(corpus, local_run,
     proc = run_cli("preprocess", "cremad", "--root", corpus, "--out", "file://" + out, *ARGS, "--engine", "ray", check=True)
     assert "12 clips done, 0 failed (12 computed this run" in proc.stdout
     assert_same_outputs(out, local_run)
+    # The face actors ran the backend the driver resolved (auto: onnx when installed): a torch
+    # run's shards differ from those bytes, so matching them means the actors used ONNX Runtime.
+    backend = json.load(open(os.path.join(out, "preprocess.json")))["face_backend"]
+    assert backend == json.load(open(os.path.join(local_run, "preprocess.json")))["face_backend"]
+    if backend == "onnx":
+        torch_run = str(tmp_path / "torch")
+        run_cli("preprocess", "cremad", "--root", corpus, "--out", torch_run, *ARGS, "--backend", "torch", check=True)
+        got, other = outputs(out), outputs(torch_run)
+        assert [k for k in got if k.endswith(".tar") and got[k] != other[k]]
 
 
 @SLOW

@@ -135,6 +135,27 @@ def test_box_carrying_detects_less_and_agrees_with_per_frame_detection():
     assert min(iou(a, b) for a, b in zip(every["boxes"], carried["boxes"])) > 0.8
 
 
+def test_downscaled_detection_gives_full_size_boxes():
+    frames = face_clip(6)
+    full, _ = run_batcher(FacesConfig(), frames, None)
+    half, _ = run_batcher(FacesConfig(detect_scale=0.5), frames, None)
+    assert half["mask"].all()
+    assert min(iou(a, b) for a, b in zip(full["boxes"], half["boxes"])) > 0.8  # not half-size boxes
+
+
+def test_detect_scale_keys_only_when_set():
+    """Faces cached before --face-detect-scale existed stay valid at its default."""
+    import dataclasses
+
+    from pipelines.stages.base import stable_hash
+    from pipelines.stages.faces import FacesStage
+
+    keys = {"video": "v"}
+    before = {k: v for k, v in dataclasses.asdict(FacesConfig()).items() if k != "detect_scale"}
+    assert FacesStage(FacesConfig()).key(keys) == stable_hash("faces", FacesStage.version, before, ["v"])
+    assert FacesStage(FacesConfig(detect_scale=0.5)).key(keys) != FacesStage(FacesConfig()).key(keys)
+
+
 def test_crops_are_kept_when_asked(featurizer):
     faces, _ = run_batcher(FacesConfig(size=224, keep_crops=True), face_clip(4, blank=slice(1, 2)), None)
     offsets = faces["crops_offsets"]

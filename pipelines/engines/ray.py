@@ -20,14 +20,16 @@ from typing import Any, Callable
 from avbalance.errors import UserError
 from avbalance.progress import quiet
 from pipelines.engines.base import ENGINES, Engine
-from pipelines.worker import ClipJob, ClipOutcome, init_worker, process_chunk, warm_up
+from pipelines.worker import ClipJob, ClipOutcome, export_face_networks, init_worker, process_chunk, warm_up
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RETRIES = 3  # per task and per actor restart; past them the clips are reported as lost
 LOCAL_START_ATTEMPTS = 3  # Ray gives its raylet 30 s to register: a busy machine can miss that
 OBJECT_STORE_BYTES = 256 * 1024**2  # chunks pass paths and small outcomes, never arrays
 FACE_STAGES = ("faces", "face_features")
-PASSED_ENV = ("AVBALANCE_QUIET", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE")
+# AVBALANCE_CACHE_DIR / XDG_CACHE_HOME: where the face actors find (or export) the ONNX networks.
+PASSED_ENV = ("AVBALANCE_QUIET", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
+              "AVBALANCE_CACHE_DIR", "XDG_CACHE_HOME")
 
 
 def _chunk_task(cfg, jobs: list[ClipJob]) -> list[ClipOutcome]:
@@ -112,6 +114,9 @@ class RayEngine(Engine):
             self._temp_dir = None
 
     def _face_actors(self, ray, n: int) -> list:
+        # The ONNX export once here rather than racing in every actor: a local runtime's actors
+        # (and a cluster's nodes that share the cache folder) then only load the files.
+        export_face_networks(self.cfg)
         gpus = 0.0
         if self.cfg.device == "cuda":
             total = ray.cluster_resources().get("GPU", 0)

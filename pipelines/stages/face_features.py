@@ -7,6 +7,10 @@ cache (``avbalance/hub.py``; offline, a model that is not cached fails at once).
 index records what was given (path or id) and the weights file's sha256. Without weights the
 stage refuses, unless ``--allow-random-weights`` (tests, demos) asks for a seeded random init,
 which is then recorded in the shard index as the weights' identity.
+
+Backends (``--backend``): ``torch`` runs the timm model; ``onnx`` runs the same weights
+exported to ONNX (normalisation included) under ONNX Runtime, exported once and cached by
+the weights' sha256 (``pipelines/stages/onnx_backend.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the CLI starts fast wit
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_SEED = 0
+ONNX_STEP = 8  # crops per ONNX Runtime call on CPU (bench/preprocess.py measures the batch sizes)
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,36 @@ def build_backbone(cfg: FaceFeaturesConfig, device: str) -> torch.nn.Module:
     return model.to(device=device, memory_format=torch.channels_last)
 
 
+def with_normalisation(backbone: torch.nn.Module) -> torch.nn.Module:
+    """The exported graph: ImageNet normalisation of 0..255 crops, then the backbone."""
+    import torch
+
+    class Normalised(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+            self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
+            self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.backbone((x - self.mean) / self.std)
+
+    return Normalised()
+
+
+def export_onnx(cfg: FaceFeaturesConfig) -> str:
+    """The cached ONNX file of this backbone (exported from the same weights on first use)."""
+    import timm
+    import torch
+
+    from pipelines.stages.onnx_backend import exported
+
+    # timm's version is part of a random init's identity (its init code draws the numbers).
+    identity = f"{cfg.model}:{cfg.weights_sha256}:timm-{timm.__version__}"
+    return exported(cfg.model, identity, lambda: with_normalisation(build_backbone(cfg, "cpu")),
+                    torch.zeros(2, 3, 260, 260), {0: "n", 2: "h", 3: "w"}, ["feats"])
+
+
 def face_features_key(cfg: FaceFeaturesConfig, input_keys: dict[str, str]) -> str:
     """The weights' content, not their path, identifies the output (no model is built)."""
     return stable_hash("face_features", FaceFeaturesStage.version, cfg.model, cfg.weights_sha256, input_keys["faces"])
@@ -122,30 +157,47 @@ class FaceFeaturesStage(Stage):
     version = 1
     inputs = ("faces",)
 
-    def __init__(self, config: FaceFeaturesConfig, device: str = "cpu") -> None:
+    def __init__(self, config: FaceFeaturesConfig, device: str = "cpu", backend: str = "torch", threads: int | None = None) -> None:
         import torch
 
         super().__init__(config)
         self.device = device
-        self.model = build_backbone(config, device)
+        self.backend = backend
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        if backend == "onnx":
+            from pipelines.stages.onnx_backend import session
+
+            self.session = session(export_onnx(config), threads or torch.get_num_threads())
+        else:
+            self.model = build_backbone(config, device)
 
     def key(self, input_keys: dict[str, str]) -> str:
         return face_features_key(self.config, input_keys)
 
     def features(self, crops: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) float crops in 0..255 -> (N, 1408) float16 features.
+        """(N, 3, S, S) float crops in 0..255 -> (N, 1408) float16 features (what is stored)."""
+        import torch
 
-        On CPU the network runs 8 crops at a time: larger batches fall out of cache and
-        were slower here (bench/preprocess.py); on CUDA it takes 64 at a time.
+        return self.features32(crops).to(torch.float16)
+
+    def features32(self, crops: torch.Tensor) -> torch.Tensor:
+        """The features in float32, on the CPU, before storage rounds them.
+
+        With torch on CPU the network runs 8 crops at a time: larger batches fall out of cache
+        and were slower here (bench/preprocess.py); on CUDA it takes 64 at a time. ONNX Runtime
+        takes ``ONNX_STEP`` crops a call.
         """
         import torch
 
-        step = 64 if self.device.startswith("cuda") else 8
-        outs = []
-        with torch.inference_mode():
-            for i in range(0, len(crops), step):
-                x = ((crops[i:i + step].to(self.device) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-                outs.append(self.model(x).to(torch.float16).cpu())
-        return torch.cat(outs) if outs else torch.zeros(0, 1408, dtype=torch.float16)
+        if self.backend == "onnx":
+            outs = [torch.from_numpy(self.session.run(None, {"x": crops[i:i + ONNX_STEP].float().contiguous().numpy()})[0])
+                    for i in range(0, len(crops), ONNX_STEP)]
+        else:
+            step = 64 if self.device.startswith("cuda") else 8
+            outs = []
+            with torch.inference_mode():
+                for i in range(0, len(crops), step):
+                    x = ((crops[i:i + step].to(self.device) - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+                    outs.append(self.model(x).float().cpu())
+        return torch.cat(outs) if outs else torch.zeros(0, 1408)

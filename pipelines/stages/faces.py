@@ -7,26 +7,63 @@ extractor. MTCNN's own batched crop call raises when some frame has no face, so 
 and crop ourselves. A frame without a face keeps its slot with mask 0 and a zero feature.
 
 Box carrying (``detect_fps``): detect only at that rate and hold each box until the next
-detection; faces in CREMA-D barely move. ``bench/preprocess.py`` measures the speed-up and
-the box agreement against per-frame detection.
+detection; faces in CREMA-D barely move. Downscaled detection (``detect_scale``): detect on
+the frame resized by that factor, for large faces (CREMA-D's fill a third of the frame);
+``min_face_size`` then counts the small frame's pixels. ``bench/preprocess.py`` measures the
+speed-up and the box agreement of both against per-frame, full-size detection.
+
+Backends: ``torch`` runs facenet-pytorch's P-, R- and O-nets; ``onnx`` runs the same weights
+(the wheel's ``data/*.pt``) exported to ONNX under ONNX Runtime, cached by their sha256
+(``pipelines/stages/onnx_backend.py``; P-net with dynamic height and width for the image
+pyramid). Everything around the networks (pyramid, NMS, box regression) stays
+facenet-pytorch's own code, so both backends compute the same boxes up to float rounding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
-from pipelines.stages.base import STAGES, Stage
+from pipelines.stages.base import STAGES, Stage, stable_hash
 from pipelines.stages.frames import pack_blobs
+
+
+# MTCNN's networks: example input, the axes that vary, output names (as facenet-pytorch's).
+MTCNN_NETS = {
+    "pnet": ((2, 3, 48, 64), {0: "n", 2: "h", 3: "w"}, ("reg", "prob")),  # runs on every pyramid level
+    "rnet": ((2, 3, 24, 24), {0: "n"}, ("reg", "prob")),
+    "onet": ((2, 3, 48, 48), {0: "n"}, ("reg", "landmarks", "prob")),
+}
+
+
+def export_mtcnn() -> dict[str, str]:
+    """{net name: cached ONNX file}, exported from facenet-pytorch's weights on first use."""
+    import facenet_pytorch
+    import torch
+    from facenet_pytorch.models import mtcnn as nets
+
+    from avbalance.hashing import sha256_file
+    from pipelines.stages.onnx_backend import exported
+
+    data = os.path.join(os.path.dirname(facenet_pytorch.__file__), "data")
+    paths = {}
+    for name, (shape, dynamic, outputs) in MTCNN_NETS.items():
+        identity = sha256_file(os.path.join(data, f"{name}.pt"))
+        build = getattr(nets, name[0].upper() + "Net")  # PNet, RNet, ONet load the wheel's weights
+        paths[name] = exported(f"mtcnn-{name}", identity, build, torch.rand(*shape), dynamic, outputs)
+    return paths
 
 
 @dataclass(frozen=True)
 class FacesConfig:
     fps: float | None = None  # face frames per second; None = every frame
     detect_fps: float | None = None  # None = detect on every face frame; else carry boxes
+    detect_scale: float = 1.0  # detect on the frame resized by this factor (min_face_size in its pixels)
     min_face_size: int = 40
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     margin: float = 0.2  # the square crop's side is max(w, h) * (1 + margin)
@@ -59,11 +96,18 @@ class FacesStage(Stage):
     version = 2  # 2: faceless clips are kept (all-zero mask); video_info as in frames
     inputs = ("video",)
 
+    def key(self, input_keys: dict[str, str]) -> str:
+        config = dataclasses.asdict(self.config)
+        if config["detect_scale"] == 1.0:
+            del config["detect_scale"]  # the option's default keeps the keys of earlier runs valid
+        return stable_hash(self.name, self.version, config, [input_keys[i] for i in self.inputs])
+
 
 class FaceBatcher:
     """Collects face frames across clips; ``flush`` runs detection, cropping and features."""
 
-    def __init__(self, cfg: FacesConfig, featurizer, device: str = "cpu", batch_size: int = 32) -> None:
+    def __init__(self, cfg: FacesConfig, featurizer, device: str = "cpu", batch_size: int = 32,
+                 backend: str = "torch", threads: int | None = None) -> None:
         from facenet_pytorch import MTCNN
 
         self.cfg = cfg
@@ -74,6 +118,14 @@ class FaceBatcher:
             image_size=cfg.size, min_face_size=cfg.min_face_size, thresholds=list(cfg.thresholds),
             keep_all=True, device=device,
         )
+        if backend == "onnx":
+            import torch
+
+            from pipelines.stages.onnx_backend import ort_module, session
+
+            n = threads or torch.get_num_threads()
+            for name, path in export_mtcnn().items():
+                setattr(self.mtcnn, name, ort_module(session(path, n)))
         self.clips: dict[str, ClipFaces] = {}
         self.queue: list[tuple[ClipFaces, int, float, np.ndarray, bool]] = []
 
@@ -100,8 +152,7 @@ class FaceBatcher:
         detect_idx = [i for i, q in enumerate(queue) if q[4]]
         found: dict[int, tuple[np.ndarray | None, float]] = {}
         if detect_idx:
-            batch = np.stack([queue[i][3] for i in detect_idx])
-            boxes, probs = self.mtcnn.detect(batch)
+            boxes, probs = self.detect(np.stack([queue[i][3] for i in detect_idx]))
             for i, b, p in zip(detect_idx, boxes, probs):
                 if b is None or len(b) == 0:
                     found[i] = (None, 0.0)
@@ -124,6 +175,21 @@ class FaceBatcher:
             clip.boxes.append(box if box is not None else np.zeros(4, np.float32))
             clip.probs.append(prob)
         self._crop_and_embed(queue)
+
+    def detect(self, frames: np.ndarray) -> tuple[list, list]:
+        """MTCNN on (N, H, W, 3) uint8 frames, on a copy resized by ``detect_scale`` if set
+        (area interpolation); boxes in the full frame's pixels."""
+        scale = self.cfg.detect_scale
+        if scale == 1.0:
+            return self.mtcnn.detect(frames)
+        import cv2
+
+        h, w = frames.shape[1:3]
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        small = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
+        boxes, probs = self.mtcnn.detect(small)
+        sx, sy = w / size[0], h / size[1]
+        return [None if b is None else b * np.array([sx, sy, sx, sy], np.float32) for b in boxes], probs
 
     def _crop_and_embed(self, queue) -> None:
         import torch
