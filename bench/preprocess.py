@@ -12,9 +12,10 @@ invocation, on the same clips, with the same process count.
 - faces: MTCNN + EfficientNet-B2 batched across clips vs one frame per call;
 - box carrying: detection at a lower rate vs on every frame (speed and box IoU);
 - peak memory of a run on a small and on a 4x larger corpus (it must stay flat);
-- with ``--engine ray`` only: the Ray engine against the local one, `frames,audio,pack` on the
-  same clips and worker count, whole runs and steady state, and whether the shards are
-  byte-identical; stored under ``engine_ray`` in the ``--json`` file (other keys kept).
+- with ``--engine ray`` only: the Ray engine against the local one (bench/ray_engine.py:
+  interleaved rounds, whole runs, steady state, first clip, CPU by process kind, shard
+  identity; ``--baseline REF`` adds an older revision's Ray engine); stored under
+  ``engine_ray`` in the ``--json`` file (other keys kept).
 
     python bench/preprocess.py --mp4 24 --workers 2
 
@@ -115,25 +116,6 @@ def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[s
 
 def shard_bytes(out: str) -> dict[str, bytes]:
     return {os.path.relpath(p, out): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(out, "shards", "*", "*")))}
-
-
-def engine_comparison(small_root: str, root: str, n: int, workers: int, work: str, address: str | None) -> dict:
-    """Ray against local, frames+audio+pack: the overhead ratio (Ray's time over local's) of
-    whole runs (start-up included) and at steady state (the extra clips of the 4x corpus)."""
-    res: dict = {"stages": "frames,audio,pack", "ray_address": address}
-    for engine in ("local", "ray"):
-        extra = ["--engine", engine] + (["--ray-address", address] if engine == "ray" and address else [])
-        out = os.path.join(work, f"engine-{engine}")
-        rate_big, summary, _ = run_preprocess(root, out, "frames,audio,pack", workers, extra)
-        rate_small, small, _ = run_preprocess(small_root, out + "-small", "frames,audio,pack", workers, extra)
-        t_big, t_small = n / rate_big, small["clips"] / rate_small
-        res[engine] = {"clips_s": rate_big, "seconds": t_big, "phase_seconds": summary["phase_seconds"],
-                       "small_clips": small["clips"], "small_seconds": t_small,
-                       "marginal_clips_s": (n - small["clips"]) / (t_big - t_small)}
-    res["identical_shards"] = shard_bytes(os.path.join(work, "engine-local")) == shard_bytes(os.path.join(work, "engine-ray"))
-    res["whole_run_ratio"] = res["ray"]["seconds"] / res["local"]["seconds"]
-    res["steady_state_ratio"] = res["local"]["marginal_clips_s"] / res["ray"]["marginal_clips_s"]
-    return res
 
 
 def face_batching(files: list[str], n_frames: int = 64, batch: int = 32) -> dict:
@@ -282,6 +264,9 @@ def main() -> None:
     ap.add_argument("--engine", choices=("local", "ray"), default="local",
                     help="ray: only compare the Ray engine with the local one (key engine_ray of --json)")
     ap.add_argument("--ray-address", help="with --engine ray: a running cluster (default: a local runtime of --workers CPUs)")
+    ap.add_argument("--rounds", type=int, default=3, help="with --engine ray: interleaved local/ray rounds (medians are kept)")
+    ap.add_argument("--baseline", action="append", default=[], metavar="REF",
+                    help="with --engine ray: also time the Ray engine of this git revision, in the same rounds")
     args = ap.parse_args()
     if args.mp4:
         res = mp4_bench(args.mp4, args.workers, args.work)
@@ -299,9 +284,11 @@ def main() -> None:
     files = synth(root, actors * 4, 4)
     n = len(files)
     if args.engine == "ray":
-        found = engine_comparison(small_root, root, n, args.workers, args.work, args.ray_address)
-        found.update(clips=n, workers=args.workers, cpu=os.cpu_count())
-        print(json.dumps(found, indent=2))
+        from bench.ray_engine import compare, render
+
+        found = compare(root, n, args.workers, args.work, args.ray_address, args.rounds, args.baseline)
+        print(json.dumps({k: v for k, v in found.items() if k != "runs"}, indent=2))
+        print(render(found))
         if args.json:
             res = json.load(open(args.json)) if os.path.exists(args.json) else {}
             res["engine_ray"] = found
