@@ -264,6 +264,8 @@ def main() -> None:
     ap.add_argument("--engine", choices=("local", "ray"), default="local",
                     help="ray: only compare the Ray engine with the local one (key engine_ray of --json)")
     ap.add_argument("--ray-address", help="with --engine ray: a running cluster (default: a local runtime of --workers CPUs)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="with --engine ray: also time the Ray engine on a head node started once for all rounds")
     ap.add_argument("--rounds", type=int, default=3, help="with --engine ray: interleaved local/ray rounds (medians are kept)")
     ap.add_argument("--baseline", action="append", default=[], metavar="REF",
                     help="with --engine ray: also time the Ray engine of this git revision, in the same rounds")
@@ -286,14 +288,14 @@ def main() -> None:
     if args.engine == "ray":
         from bench.ray_engine import compare, render
 
-        found = compare(root, n, args.workers, args.work, args.ray_address, args.rounds, args.baseline)
-        print(json.dumps({k: v for k, v in found.items() if k != "runs"}, indent=2))
-        print(render(found))
+        found = compare(root, n, args.workers, args.work, args.ray_address, args.rounds, args.baseline, args.cluster)
         if args.json:
             res = json.load(open(args.json)) if os.path.exists(args.json) else {}
             res["engine_ray"] = found
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=2)
+        print(json.dumps({k: v for k, v in found.items() if k != "runs"}, indent=2))
+        print(render(found))
         return
     res: dict = {"clips": n, "workers": args.workers, "cpu": os.cpu_count()}
 

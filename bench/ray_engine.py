@@ -13,7 +13,10 @@ slows both alike; ratios are taken within a round, then their median. Each run r
 
 ``--baseline REF`` (repeatable) adds the Ray engine of a git revision of this repository
 (``git archive``), run in the same rounds: a change's before and after in one invocation.
-``--render FILE`` prints the markdown table of docs/benchmarks.md from a stored result.
+``--cluster`` adds the Ray engine against a head node started once for all the rounds
+(``ray start --head --block``; ``--ray-address``): what a run costs when the Ray runtime is
+already up, as on a cluster, rather than started and stopped by each command.
+``python bench/ray_engine.py FILE`` prints the markdown table of docs/benchmarks.md from a stored result.
 """
 
 from __future__ import annotations
@@ -22,15 +25,21 @@ import glob
 import json
 import os
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TICK = os.sysconf("SC_CLK_TCK")
 STAGES = "frames,audio,pack"
+TARGET = 1.15  # issue 13: Ray over local, whole run, 576 clips
 
 
 def _children() -> dict[int, list[int]]:
@@ -56,27 +65,49 @@ def _kind(pid: int, driver: int) -> str:
     return "ray_runtime"
 
 
-class CpuSampler(threading.Thread):
-    """Polls the CPU time of every process below ``driver`` until stopped (a process's last
-    sample stands for its total: a poll every 0.1 s misses little)."""
+def _tree(roots: list[int]) -> list[int]:
+    kids, todo, pids = _children(), list(roots), list(roots)
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            pids.append(child)
+            todo.append(child)
+    return pids
 
-    def __init__(self, driver: int) -> None:
+
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def cpu_now(roots: list[int]) -> dict[int, float]:
+    """CPU seconds used so far by every process below ``roots``."""
+    out = {}
+    for pid in _tree(roots):
+        try:
+            out[pid] = _cpu(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+class CpuSampler(threading.Thread):
+    """Polls the CPU time of every process below the driver and ``others`` (a running
+    cluster's head) until stopped; a process's last sample stands for its total (a poll every
+    0.1 s misses little), less what it had used at ``before`` (a running cluster's processes)."""
+
+    def __init__(self, driver: int, others: list[int], before: dict[int, float]) -> None:
         super().__init__(daemon=True)
-        self.driver, self.seen, self.done = driver, {}, threading.Event()
+        self.driver, self.roots, self.before = driver, [driver, *others], before
+        self.seen: dict[int, tuple[str, float]] = {}
+        self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            kids, todo, pids = _children(), [self.driver], [self.driver]
-            while todo:
-                for child in kids.get(todo.pop(), []):
-                    pids.append(child)
-                    todo.append(child)
-            for pid in pids:
+            for pid in _tree(self.roots):
                 try:
-                    with open(f"/proc/{pid}/stat") as fh:
-                        fields = fh.read().rsplit(")", 1)[1].split()
                     kind = self.seen[pid][0] if pid in self.seen else _kind(pid, self.driver)
-                    self.seen[pid] = (kind, (int(fields[11]) + int(fields[12])) / TICK)
+                    self.seen[pid] = (kind, _cpu(pid) - self.before.get(pid, 0.0))
                 except (OSError, IndexError, ValueError):
                     continue
             time.sleep(0.1)
@@ -102,17 +133,21 @@ def tree_of(ref: str, work: str) -> str:
     return path
 
 
-def run_once(tree: str, root: str, out: str, workers: int, engine: str, address: str | None) -> dict:
-    """One ``preprocess`` run of the tree's CLI; its timings and CPU seconds by process kind."""
+def run_once(tree: str, root: str, out: str, workers: int, engine: str, address: str | None,
+             head: int | None = None) -> dict:
+    """One ``preprocess`` run of the tree's CLI; its timings and CPU seconds by process kind
+    (``head``: the pid of a running cluster's ``ray start``, whose processes count too)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, os.path.join(tree, "cli.py"), "preprocess", "cremad", "--split", "ogm", "--root", root,
            "--out", out, "--stages", STAGES, "--workers", str(workers), "--engine", engine]
     if engine == "ray" and address:
         cmd += ["--ray-address", address]
     env = {**os.environ, "PYTHONPATH": tree}
+    others = [head] if head else []
+    before = cpu_now(others)
     started, wall = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    sampler = CpuSampler(proc.pid)
+    sampler = CpuSampler(proc.pid, others, before)
     sampler.start()
     _, err = proc.communicate()
     seconds = time.perf_counter() - started
@@ -126,6 +161,54 @@ def run_once(tree: str, root: str, out: str, workers: int, engine: str, address:
             "first_clip_s": done[0] - wall, "steady_clips_s": (hi - lo) / (done[hi] - done[lo]), "cpu_s": cpu}
 
 
+@contextmanager
+def running_cluster(workers: int) -> Iterator[tuple[str, int]]:
+    """A Ray head node of ``workers`` CPUs on this machine for the block; its address and the
+    pid of its ``ray start`` process.
+
+    ``--block`` keeps Ray's processes in the group of the ``ray start`` process that this
+    starts, so they are stopped by that group alone (``ray stop`` would stop every Ray
+    runtime on the machine, other users' too)."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="avb-bench-ray-")
+    # Ray 2.60 starts clusters with token authentication (~/.ray/auth_token), but a driver
+    # that connects sends the token only in token mode: set it for the head and the drivers.
+    auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             f"--num-cpus={workers}", "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={temp}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if head.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"ray start --head on port {port} did not come up") from None
+                time.sleep(0.5)
+        time.sleep(5)  # the raylet registers after the GCS answers
+        yield f"127.0.0.1:{port}", head.pid
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(3)
+        head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+        if auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth
+
+
 def shard_bytes(out: str) -> dict[str, bytes]:
     return {os.path.relpath(p, out): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(out, "shards", "*", "*")))}
 
@@ -135,17 +218,24 @@ def _median(runs: list[dict], key: str) -> float:
 
 
 def compare(root: str, n: int, workers: int, work: str, address: str | None, rounds: int,
-            baselines: list[str]) -> dict:
-    """Interleaved rounds of local, ray and each baseline's ray; medians and paired ratios."""
-    variants = [("local", REPO, "local"), ("ray", REPO, "ray")]
-    variants += [(f"ray@{ref}", tree_of(ref, work), "ray") for ref in baselines]
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
-    for _ in range(rounds):
-        for name, tree, engine in variants:
-            runs[name].append(run_once(tree, root, os.path.join(work, f"engine-{name}"), workers, engine, address))
+            baselines: list[str], cluster: bool = False) -> dict:
+    """Interleaved rounds of local, ray, ray on a running head node and each baseline's ray;
+    medians and paired ratios."""
+    variants = [("local", REPO, "local", None, None), ("ray", REPO, "ray", address, None)]
+    for ref in baselines:  # named by commit: a branch name moves
+        tree = tree_of(ref, work)
+        variants.append((f"ray@{os.path.basename(tree).removeprefix('tree-')}", tree, "ray", address, None))
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
+    with running_cluster(workers) if cluster else _nothing() as head:
+        if head:
+            variants.append(("ray, running cluster", REPO, "ray", *head))
+            runs["ray, running cluster"] = []
+        for _ in range(rounds):
+            for name, tree, engine, at, pid in variants:
+                runs[name].append(run_once(tree, root, _out(work, name), workers, engine, at, pid))
     res: dict = {"stages": STAGES, "clips": n, "workers": workers, "cpu": os.cpu_count(), "rounds": rounds,
                  "ray_address": address, "runs": runs, "engines": {}}
-    for name, _, _ in variants:
+    for name, *_ in variants:
         rs = runs[name]
         entry = {k: _median(rs, k) for k in ("seconds", "clips_s", "first_clip_s", "steady_clips_s")}
         entry["pack_s"] = statistics.median(r["phase_seconds"]["pack"] for r in rs)
@@ -154,21 +244,55 @@ def compare(root: str, n: int, workers: int, work: str, address: str | None, rou
             pairs = list(zip(runs["local"], rs))
             entry["whole_run_ratio"] = statistics.median(b["seconds"] / a["seconds"] for a, b in pairs)
             entry["steady_state_ratio"] = statistics.median(a["steady_clips_s"] / b["steady_clips_s"] for a, b in pairs)
-            entry["identical_shards"] = shard_bytes(os.path.join(work, f"engine-{name}")) == shard_bytes(os.path.join(work, "engine-local"))
+            entry["cpu_ratio"] = statistics.median(sum(b["cpu_s"].values()) / sum(a["cpu_s"].values()) for a, b in pairs)
+            entry["identical_shards"] = shard_bytes(_out(work, name)) == shard_bytes(_out(work, "local"))
         res["engines"][name] = entry
     return res
 
 
+def _out(work: str, name: str) -> str:
+    return os.path.join(work, "engine-" + name.replace(", ", "-").replace(" ", "-"))
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
+
+
+def fixed_seconds(entry: dict, clips: int) -> float:
+    """The whole run less its clips at the steady rate: start-up, tail, pack and shut-down."""
+    return entry["seconds"] - clips / entry["steady_clips_s"]
+
+
+def target_from(res: dict, name: str, target: float = TARGET) -> float | None:
+    """The corpus size from which ``name``'s whole runs stay within ``target`` of local's
+    (fixed costs plus clips at the steady rates); None when its steady state alone exceeds it."""
+    local, ray, n = res["engines"]["local"], res["engines"][name], res["clips"]
+    slope = target / local["steady_clips_s"] - 1 / ray["steady_clips_s"]
+    if slope <= 0:
+        return None
+    return max(0.0, (fixed_seconds(ray, n) - target * fixed_seconds(local, n)) / slope)
+
+
 def render(res: dict) -> str:
     """The docs/benchmarks.md table of a ``compare`` result."""
-    lines = ["| engine | whole run (s) | first clip (s) | steady state clips/s | pack (s) | CPU s: driver / workers / Ray runtime | whole-run ratio | steady-state ratio | shards identical |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|---|"]
+    lines = ["| engine | whole run (s) | first clip (s) | steady state clips/s | pack and shut-down (s) | CPU s: driver / workers / Ray runtime | whole-run ratio | steady-state ratio | CPU ratio | shards identical |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for name, e in res["engines"].items():
         cpu = " / ".join(f"{e['cpu_s'][k]:.1f}" for k in ("driver", "workers", "ray_runtime"))
-        ratios = ("—", "—", "—") if name == "local" else (f"{e['whole_run_ratio']:.2f}x", f"{e['steady_state_ratio']:.2f}x",
-                                                          str(e["identical_shards"]).lower())
+        ratios = ("—",) * 4 if name == "local" else (f"{e['whole_run_ratio']:.2f}x", f"{e['steady_state_ratio']:.2f}x",
+                                                     f"{e['cpu_ratio']:.2f}x", str(e["identical_shards"]).lower())
         lines.append(f"| {name} | {e['seconds']:.1f} | {e['first_clip_s']:.1f} | {e['steady_clips_s']:.1f} | {e['pack_s']:.2f} | {cpu} | "
                      + " | ".join(ratios) + " |")
+    ray = res["engines"]["ray"]
+    met = "met" if ray["whole_run_ratio"] <= TARGET else "not met"
+    lines += ["", f"{res['clips']} clips, {res['workers']} worker CPUs, {res['rounds']} interleaved rounds (medians; ratios "
+              f"paired within a round). Ray over local: **{ray['whole_run_ratio']:.2f}x** for the whole run, "
+              f"**{ray['steady_state_ratio']:.2f}x** at steady state; the target of ≤ {TARGET}x for the whole run is **{met}**. "
+              f"Fixed costs (whole run less the clips at the steady rate): local {fixed_seconds(res['engines']['local'], res['clips']):.1f} s, "
+              f"Ray {fixed_seconds(ray, res['clips']):.1f} s"
+              + (f"; with them, whole runs come within {TARGET}x from about {reach:.0f} clips." if (reach := target_from(res, "ray")) is not None
+                 else f"; Ray's steady state alone is above {TARGET}x.")]
     return "\n".join(lines)
 
 
