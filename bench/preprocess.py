@@ -288,12 +288,14 @@ def main() -> None:
     if args.engine == "ray":
         from bench.ray_engine import compare, render
 
-        found = compare(root, n, args.workers, args.work, args.ray_address, args.rounds, args.baseline, args.cluster)
-        if args.json:
-            res = json.load(open(args.json)) if os.path.exists(args.json) else {}
-            res["engine_ray"] = found
-            with open(args.json, "w") as fh:
-                json.dump(res, fh, indent=2)
+        def save(found: dict) -> None:  # after every round
+            if args.json:
+                res = json.load(open(args.json)) if os.path.exists(args.json) else {}
+                res["engine_ray"] = found
+                with open(args.json, "w") as fh:
+                    json.dump(res, fh, indent=2)
+
+        found = compare(root, n, args.workers, args.work, args.ray_address, args.rounds, args.baseline, args.cluster, save)
         print(json.dumps({k: v for k, v in found.items() if k != "runs"}, indent=2))
         print(render(found))
         return

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TICK = os.sysconf("SC_CLK_TCK")
@@ -218,25 +218,36 @@ def _median(runs: list[dict], key: str) -> float:
 
 
 def compare(root: str, n: int, workers: int, work: str, address: str | None, rounds: int,
-            baselines: list[str], cluster: bool = False) -> dict:
+            baselines: list[str], cluster: bool = False, on_round: Callable[[dict], None] | None = None) -> dict:
     """Interleaved rounds of local, ray, ray on a running head node and each baseline's ray;
-    medians and paired ratios."""
+    medians and paired ratios. ``on_round`` gets the result so far after every round (a long
+    run on a busy machine keeps what it measured)."""
     variants = [("local", REPO, "local", None, None), ("ray", REPO, "ray", address, None)]
     for ref in baselines:  # named by commit: a branch name moves
         tree = tree_of(ref, work)
         variants.append((f"ray@{os.path.basename(tree).removeprefix('tree-')}", tree, "ray", address, None))
     runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
+    res: dict = {}
+    # SIGTERM unwinds (a head node started here is stopped), as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with running_cluster(workers) if cluster else _nothing() as head:
         if head:
             variants.append(("ray, running cluster", REPO, "ray", *head))
             runs["ray, running cluster"] = []
-        for _ in range(rounds):
+        for done in range(1, rounds + 1):
             for name, tree, engine, at, pid in variants:
                 runs[name].append(run_once(tree, root, _out(work, name), workers, engine, at, pid))
+            res = summarise(runs, n, workers, done, address, work)
+            if on_round:
+                on_round(res)
+    return res
+
+
+def summarise(runs: dict[str, list[dict]], n: int, workers: int, rounds: int, address: str | None, work: str) -> dict:
+    """Medians over the rounds, ratios paired within a round, shard identity."""
     res: dict = {"stages": STAGES, "clips": n, "workers": workers, "cpu": os.cpu_count(), "rounds": rounds,
                  "ray_address": address, "runs": runs, "engines": {}}
-    for name, *_ in variants:
-        rs = runs[name]
+    for name, rs in runs.items():
         entry = {k: _median(rs, k) for k in ("seconds", "clips_s", "first_clip_s", "steady_clips_s")}
         entry["pack_s"] = statistics.median(r["phase_seconds"]["pack"] for r in rs)
         entry["cpu_s"] = {k: statistics.median(r["cpu_s"][k] for r in rs) for k in rs[0]["cpu_s"]}
