@@ -114,10 +114,6 @@ def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[s
     return summary["clips"] / seconds, summary, peak_kb // 1024
 
 
-def shard_bytes(out: str) -> dict[str, bytes]:
-    return {os.path.relpath(p, out): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(out, "shards", "*", "*")))}
-
-
 def face_batching(files: list[str], n_frames: int = 64, batch: int = 32) -> dict:
     """MTCNN detection and EfficientNet-B2 features: batched vs one frame per call."""
     import av
