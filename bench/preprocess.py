@@ -15,9 +15,10 @@ invocation, on the same clips, with the same process count.
   EfficientNet-B2 at several batch sizes), and both face stages end to end per backend;
 - box carrying and downscaled detection vs full-size detection on every frame (speed, box IoU);
 - peak memory of a run on a small and on a 4x larger corpus (it must stay flat);
-- with ``--engine ray`` only: the Ray engine against the local one, `frames,audio,pack` on the
-  same clips and worker count, whole runs and steady state, and whether the shards are
-  byte-identical; stored under ``engine_ray`` in the ``--json`` file (other keys kept).
+- with ``--engine ray`` only: the Ray engine against the local one (bench/ray_engine.py:
+  interleaved rounds, whole runs, steady state, first clip, CPU by process kind, shard
+  identity; ``--baseline REF`` adds an older revision's Ray engine); stored under
+  ``engine_ray`` in the ``--json`` file (other keys kept).
 
     python bench/preprocess.py --mp4 24 --workers 2
 
@@ -120,29 +121,6 @@ def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[s
     summary = json.load(open(os.path.join(out, "preprocess.json")))
     summary["clips_per_cpu_s"] = summary["clips"] / float(cpu)
     return summary["clips"] / seconds, summary, int(peak_kb) // 1024
-
-
-def shard_bytes(out: str) -> dict[str, bytes]:
-    return {os.path.relpath(p, out): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(out, "shards", "*", "*")))}
-
-
-def engine_comparison(small_root: str, root: str, n: int, workers: int, work: str, address: str | None) -> dict:
-    """Ray against local, frames+audio+pack: the overhead ratio (Ray's time over local's) of
-    whole runs (start-up included) and at steady state (the extra clips of the 4x corpus)."""
-    res: dict = {"stages": "frames,audio,pack", "ray_address": address}
-    for engine in ("local", "ray"):
-        extra = ["--engine", engine] + (["--ray-address", address] if engine == "ray" and address else [])
-        out = os.path.join(work, f"engine-{engine}")
-        rate_big, summary, _ = run_preprocess(root, out, "frames,audio,pack", workers, extra)
-        rate_small, small, _ = run_preprocess(small_root, out + "-small", "frames,audio,pack", workers, extra)
-        t_big, t_small = n / rate_big, small["clips"] / rate_small
-        res[engine] = {"clips_s": rate_big, "seconds": t_big, "phase_seconds": summary["phase_seconds"],
-                       "small_clips": small["clips"], "small_seconds": t_small,
-                       "marginal_clips_s": (n - small["clips"]) / (t_big - t_small)}
-    res["identical_shards"] = shard_bytes(os.path.join(work, "engine-local")) == shard_bytes(os.path.join(work, "engine-ray"))
-    res["whole_run_ratio"] = res["ray"]["seconds"] / res["local"]["seconds"]
-    res["steady_state_ratio"] = res["local"]["marginal_clips_s"] / res["ray"]["marginal_clips_s"]
-    return res
 
 
 def face_batching(files: list[str], n_frames: int = 64, batch: int = 32) -> dict:
@@ -368,6 +346,11 @@ def main() -> None:
     ap.add_argument("--engine", choices=("local", "ray"), default="local",
                     help="ray: only compare the Ray engine with the local one (key engine_ray of --json)")
     ap.add_argument("--ray-address", help="with --engine ray: a running cluster (default: a local runtime of --workers CPUs)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="with --engine ray: also time the Ray engine on a head node started once for all rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="with --engine ray: interleaved local/ray rounds (medians are kept)")
+    ap.add_argument("--baseline", action="append", default=[], metavar="REF",
+                    help="with --engine ray: also time the Ray engine of this git revision, in the same rounds")
     args = ap.parse_args()
     # Exported ONNX networks are cached here, so the end-to-end runs measure the steady state.
     os.environ.setdefault("AVBALANCE_CACHE_DIR", os.path.join(args.work, "cache"))
@@ -388,14 +371,18 @@ def main() -> None:
     files = synth(root, actors * (1 if args.faces_only else 4), 4)
     n = len(files)
     if args.engine == "ray":
-        found = engine_comparison(small_root, root, n, args.workers, args.work, args.ray_address)
-        found.update(clips=n, workers=args.workers, cpu=os.cpu_count())
-        print(json.dumps(found, indent=2))
-        if args.json:
-            res = json.load(open(args.json)) if os.path.exists(args.json) else {}
-            res["engine_ray"] = found
-            with open(args.json, "w") as fh:
-                json.dump(res, fh, indent=2)
+        from bench.ray_engine import compare, render
+
+        def save(found: dict) -> None:  # after every round
+            if args.json:
+                res = json.load(open(args.json)) if os.path.exists(args.json) else {}
+                res["engine_ray"] = found
+                with open(args.json, "w") as fh:
+                    json.dump(res, fh, indent=2)
+
+        found = compare(root, n, args.workers, args.work, args.ray_address, args.rounds, args.baseline, args.cluster, save)
+        print(json.dumps({k: v for k, v in found.items() if k != "runs"}, indent=2))
+        print(render(found))
         return
     res: dict = {"clips": n, "workers": args.workers, "cpu": os.cpu_count()}
     if not args.faces_only:

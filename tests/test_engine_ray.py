@@ -201,3 +201,61 @@ def test_an_address_where_no_cluster_answers_is_refused_at_once(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert f"127.0.0.1:{port}" in proc.stderr and "no Ray cluster answers" in proc.stderr
     assert time.time() - started < 60  # ray.init alone would retry for minutes
+
+
+class FakeRay:
+    """Stands in for the ``ray`` module: records how the engine starts its runtime."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict, str | None]] = []
+
+    def init(self, **kwargs) -> None:
+        self.calls.append((kwargs, os.environ.get("PYTHONPATH")))
+
+    def shutdown(self) -> None:
+        pass
+
+
+def ray_config(**options):
+    from pipelines.config import PreprocessConfig
+
+    return PreprocessConfig(root="corpus", out="out", stages=("frames", "audio", "pack"), workers=2,
+                            engine="ray", **options)
+
+
+def test_a_local_runtime_passes_its_environment_without_a_runtime_env(monkeypatch):
+    """With a runtime_env, Ray cannot use the workers it prestarts and starts new ones after
+    the first task; a local runtime's workers inherit the environment from its raylet instead."""
+    from pipelines.engines.ray import RayEngine
+
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    engine = RayEngine(ray_config())
+    engine._start()
+    engine.close()
+    (kwargs, pythonpath), = fake.calls
+    assert "runtime_env" not in kwargs and kwargs["address"] == "local"
+    assert pythonpath.split(os.pathsep) == [REPO, "/elsewhere"]  # this checkout first, at start
+    assert os.environ["PYTHONPATH"] == "/elsewhere"  # the driver's own environment is left as it was
+
+    cluster = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", cluster)
+    RayEngine(ray_config(ray_address="10.0.0.1:6379"))._start()
+    (kwargs, _), = cluster.calls  # a cluster's workers were not started here: they need the runtime_env
+    assert kwargs["runtime_env"]["env_vars"]["PYTHONPATH"].split(os.pathsep)[0] == REPO
+
+
+def test_a_ray_worker_is_initialised_once_per_config(monkeypatch):
+    import pipelines.engines.ray as ray_engine
+
+    inits: list = []
+    monkeypatch.setattr(ray_engine, "init_worker", lambda cfg, threads: inits.append((cfg.chunk, threads)))
+    monkeypatch.setattr(ray_engine, "process_chunk", lambda jobs: [f"done {j}" for j in jobs])
+    monkeypatch.setattr(ray_engine, "_READY", [], raising=False)
+    first, other = ray_config(), ray_config(chunk=4)
+    assert ray_engine._chunk_task(first, ["a"]) == ["done a"]
+    for _ in range(3):
+        ray_engine._chunk_task(ray_config(), ["b"])  # an equal config, as each task unpickles it
+    ray_engine._chunk_task(other, ["c"])
+    assert inits == [(8, 1), (4, 1)]

@@ -15,7 +15,8 @@ import os
 import shutil
 import socket
 import tempfile
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from avbalance.errors import UserError
 from avbalance.progress import quiet
@@ -32,8 +33,14 @@ PASSED_ENV = ("AVBALANCE_QUIET", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_H
               "AVBALANCE_CACHE_DIR", "XDG_CACHE_HOME")
 
 
+_READY: list = []  # the config this worker process was initialised with
+
+
 def _chunk_task(cfg, jobs: list[ClipJob]) -> list[ClipOutcome]:
-    init_worker(cfg, threads=1)  # one CPU per task: never more threads than the task holds
+    # A Ray worker runs many chunks: initialise it once per config, not per chunk.
+    if _READY != [cfg]:
+        init_worker(cfg, threads=1)  # one CPU per task: never more threads than the task holds
+        _READY[:] = [cfg]
     return process_chunk(jobs)
 
 
@@ -70,19 +77,23 @@ class RayEngine(Engine):
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         # Workers import this checkout's code, whatever the cluster's working directory.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-        common = dict(runtime_env={"env_vars": env}, logging_level=logging.WARNING,
+        common = dict(logging_level=logging.WARNING,
                       log_to_driver=not quiet())  # worker warnings reach the user, not tests' output
         address = self.cfg.ray_address
         failure: Exception | None = None
         for _ in range(1 if address else LOCAL_START_ATTEMPTS):
             try:
-                if address:
-                    ray.init(address=address, **common)
+                if address:  # a cluster's workers get the environment through the job's runtime_env
+                    ray.init(address=address, runtime_env={"env_vars": env}, **common)
                 else:
+                    # A local runtime's workers inherit it from the raylet, started here: with a
+                    # runtime_env, Ray could not use the workers it prestarts and started new ones
+                    # after the first task (seconds of imports on 2 cores).
                     # address="local": a RAY_ADDRESS in the environment must not redirect the run.
                     self._temp_dir = tempfile.mkdtemp(prefix="avb-ray-")
-                    ray.init(address="local", num_cpus=self.cfg.workers, include_dashboard=False,
-                             object_store_memory=OBJECT_STORE_BYTES, _temp_dir=self._temp_dir, **common)
+                    with _environ(env):
+                        ray.init(address="local", num_cpus=self.cfg.workers, include_dashboard=False,
+                                 object_store_memory=OBJECT_STORE_BYTES, _temp_dir=self._temp_dir, **common)
                 failure = None
                 break
             except Exception as err:  # Ray raises bare Exceptions too (a node that timed out starting)
@@ -198,6 +209,21 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as err:
         raise UserError(f"--ray-address {address}: no Ray cluster answers there ({err}); start the head node with "
                         f"`ray start --head --port {port}`, or omit --ray-address for a local runtime") from None
+
+
+@contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    """``env`` in this process's environment for the block (what it starts inherits it)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _raise_user_error(err: Exception) -> None:
