@@ -340,7 +340,9 @@ def main() -> None:
     ap.add_argument("--face-clips", type=int, default=6, help="clips for the (slow) face stages")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "avbalance-bench"))
     ap.add_argument("--faces-only", action="store_true", help="only the face-stage measurements")
-    ap.add_argument("--rounds", type=int, default=2, help="face runs per backend, alternating; the best counts")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="face runs per backend, alternating, the best counts (default 2); with --engine ray: "
+                         "interleaved local/ray rounds, medians kept (default 3)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--mp4", type=int, default=0, metavar="N", help="instead: the folder recipe on N 10 s mp4 clips")
     ap.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -348,10 +350,11 @@ def main() -> None:
     ap.add_argument("--ray-address", help="with --engine ray: a running cluster (default: a local runtime of --workers CPUs)")
     ap.add_argument("--cluster", action="store_true",
                     help="with --engine ray: also time the Ray engine on a head node started once for all rounds")
-    ap.add_argument("--rounds", type=int, default=3, help="with --engine ray: interleaved local/ray rounds (medians are kept)")
     ap.add_argument("--baseline", action="append", default=[], metavar="REF",
                     help="with --engine ray: also time the Ray engine of this git revision, in the same rounds")
     args = ap.parse_args()
+    if args.rounds is None:
+        args.rounds = 3 if args.engine == "ray" else 2
     # Exported ONNX networks are cached here, so the end-to-end runs measure the steady state.
     os.environ.setdefault("AVBALANCE_CACHE_DIR", os.path.join(args.work, "cache"))
     if args.mp4:

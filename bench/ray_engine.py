@@ -16,7 +16,8 @@ slows both alike; ratios are taken within a round, then their median. Each run r
 ``--cluster`` adds the Ray engine against a head node started once for all the rounds
 (``ray start --head --block``; ``--ray-address``): what a run costs when the Ray runtime is
 already up, as on a cluster, rather than started and stopped by each command.
-``python bench/ray_engine.py FILE`` prints the markdown table of docs/benchmarks.md from a stored result.
+``render`` gives the markdown table of docs/benchmarks.md from a stored result (``python
+bench/tables.py docs/benchmarks.md`` rewrites it there).
 """
 
 from __future__ import annotations
@@ -292,8 +293,3 @@ def render(res: dict) -> str:
               f"paired within a round). Ray over local: **{ray['whole_run_ratio']:.2f}x** for the whole run, "
               f"**{ray['steady_state_ratio']:.2f}x** at steady state; the target of ≤ {TARGET}x for the whole run is **{met}**."]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python bench/ray_engine.py FILE: the table of FILE's engine_ray
-    data = json.load(open(sys.argv[1]))
-    print(render(data.get("engine_ray", data)))

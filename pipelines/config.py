@@ -39,7 +39,8 @@ class PreprocessConfig:
 
     def stage_configs(self) -> dict:
         """What changes outputs (paths, workers, devices, engines and backends do not)."""
-        return {name: asdict(getattr(self, name)) for name in ("frames", "flow", "faces", "face_features", "audio", "pack")}
+        return {name: asdict(getattr(self, name)) if name != "faces" else self.faces.recorded()
+                for name in ("frames", "flow", "faces", "face_features", "audio", "pack")}
 
     def as_dict(self) -> dict:
         return asdict(self)

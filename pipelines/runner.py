@@ -385,4 +385,5 @@ def _public_config(cfg: PreprocessConfig) -> dict:
     out = cfg.as_dict()
     for k in ("out", "workers", "device", "backend", "overwrite", "chunk", "engine", "ray_address"):
         out.pop(k, None)
+    out["faces"] = cfg.faces.recorded()  # options at their defaults as earlier versions wrote them
     return out

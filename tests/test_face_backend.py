@@ -158,3 +158,20 @@ def test_cli_backends_share_the_cache(synth_corpus, tmp_path, needs_onnx):
     assert json.load(open(summary))["computed_clips"] == 0
     bad = run_cli(*args, "--backend", "tensorrt")
     assert bad.returncode != 0 and "--backend" in bad.stderr
+
+
+def test_detect_scale_at_its_default_is_recorded_as_earlier_versions_did():
+    """Cache keys and shards.json leave the option out at its default (1.0), so shard sets and
+    face caches written before it existed stay valid and byte-identical; any other value is
+    recorded and changes the key."""
+    from pipelines.config import PreprocessConfig
+    from pipelines.runner import _public_config
+    from pipelines.stages.faces import FacesStage
+
+    plain = PreprocessConfig(root="r", out="o")
+    scaled = PreprocessConfig(root="r", out="o", faces=FacesConfig(detect_scale=0.5))
+    assert "detect_scale" not in _public_config(plain)["faces"]
+    assert _public_config(scaled)["faces"]["detect_scale"] == 0.5
+    keys = {"video": "v"}
+    assert FacesStage(plain.faces).key(keys) != FacesStage(scaled.faces).key(keys)
+    assert FacesStage(plain.faces).key(keys) == FacesStage(FacesConfig()).key(keys)

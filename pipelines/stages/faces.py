@@ -68,6 +68,14 @@ class FacesConfig:
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     margin: float = 0.2  # the square crop's side is max(w, h) * (1 + margin)
     size: int = 260  # EfficientNet-B2's input size; 224 also common
+
+    def recorded(self) -> dict:
+        """The settings as cache keys and shards.json record them: ``detect_scale`` only when
+        it is not its default, so runs and shard sets of earlier versions stay valid."""
+        config = dataclasses.asdict(self)
+        if config["detect_scale"] == 1.0:
+            del config["detect_scale"]
+        return config
     keep_crops: bool = False  # also store the crops (JPEG) in the shards
 
 
@@ -97,10 +105,7 @@ class FacesStage(Stage):
     inputs = ("video",)
 
     def key(self, input_keys: dict[str, str]) -> str:
-        config = dataclasses.asdict(self.config)
-        if config["detect_scale"] == 1.0:
-            del config["detect_scale"]  # the option's default keeps the keys of earlier runs valid
-        return stable_hash(self.name, self.version, config, [input_keys[i] for i in self.inputs])
+        return stable_hash(self.name, self.version, self.config.recorded(), [input_keys[i] for i in self.inputs])
 
 
 class FaceBatcher:
