@@ -131,6 +131,19 @@ def faces_table(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+@renderer("face_profile")
+def face_profile_table(data: dict) -> str:
+    """bench/face_profile.py: CPU ms per face frame and where it goes, per backend."""
+    labels = {"mtcnn": "MTCNN, all of it", "mtcnn_resampling": "of which image resampling (pyramid, one call per candidate box)",
+              "efficientnet": "EfficientNet-B2", "crops": "face crops (`roi_align`)"}
+    out = ["| | torch | onnx |", "|---|--:|--:|",
+           f"| CPU ms per face frame (1 thread) | {data['torch']['cpu_ms_per_frame']:.1f} | {data['onnx']['cpu_ms_per_frame']:.1f} |"]
+    out += [f"| {label} | {data['torch']['share'][k]:.0%} | {data['onnx']['share'][k]:.0%} |" for k, label in labels.items()]
+    out += ["", f"{data['torch']['frames']} face frames; shares of the profiled time (cProfile, cumulative); "
+                f"ONNX Runtime over torch on this per-frame work: **{data['onnx_over_torch']:.2f}x**."]
+    return "\n".join(out) + "\n"
+
+
 @renderer("cremad_estimate")
 def cremad_estimate_table(data: dict) -> str:
     """bench/preprocess.py's full-CREMA-D estimate (7,442 clips) from its measured rates."""
