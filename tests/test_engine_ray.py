@@ -259,3 +259,23 @@ def test_a_ray_worker_is_initialised_once_per_config(monkeypatch):
         ray_engine._chunk_task(ray_config(), ["b"])  # an equal config, as each task unpickles it
     ray_engine._chunk_task(other, ["c"])
     assert inits == [(8, 1), (4, 1)]
+
+
+def test_a_cluster_that_wants_a_token_names_the_setting(monkeypatch):
+    """Ray 2.60 clusters started with `ray start --head` use token authentication; a driver
+    outside token mode is refused, and the message names the environment variable to set."""
+    from avbalance.errors import UserError
+    from pipelines.engines.ray import RayEngine
+
+    class Refusing(FakeRay):
+        def init(self, **kwargs) -> None:
+            raise ConnectionError("Failed to connect to GCS: InvalidAuthToken: authentication failed")
+
+    monkeypatch.setitem(sys.modules, "ray", Refusing())
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(UserError, match="RAY_AUTH_MODE=token"):
+        RayEngine(ray_config(ray_address="10.0.0.1:6379"))._start()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set, yet refused: the general message
+    with pytest.raises(UserError, match="could not start or reach the Ray cluster") as refused:
+        RayEngine(ray_config(ray_address="10.0.0.1:6379"))._start()
+    assert "RAY_AUTH_MODE=token in the environment" not in str(refused.value)

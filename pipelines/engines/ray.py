@@ -102,6 +102,13 @@ class RayEngine(Engine):
                 failure = err
         if failure is not None:
             where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
+            if address and "AuthToken" in str(failure) and os.environ.get("RAY_AUTH_MODE") != "token":
+                # Ray 2.60's `ray start --head` turns token authentication on; a driver sends the
+                # token (~/.ray/auth_token) only in token mode.
+                raise UserError(f"--engine ray: the Ray cluster at {address} refused this driver's credentials "
+                                f"({type(failure).__name__}: {failure}); it uses token authentication: run with "
+                                "RAY_AUTH_MODE=token in the environment (the token is read from ~/.ray/auth_token, or "
+                                "RAY_AUTH_TOKEN) and try again")
             raise UserError(f"--engine ray could not start or reach {where} ({type(failure).__name__}: {failure}); "
                             "start a cluster with `ray start --head` and pass --ray-address HOST:PORT (or auto), "
                             "or omit --ray-address for a local runtime (on an overloaded machine, try again)")
