@@ -37,23 +37,12 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from avbalance.procs import children_by_parent
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TICK = os.sysconf("SC_CLK_TCK")
 STAGES = "frames,audio,pack"
 TARGET = 1.15  # issue 13: Ray over local, whole run, 576 clips
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(entry))
-    return kids
 
 
 def _kind(pid: int, driver: int) -> str:
@@ -67,7 +56,7 @@ def _kind(pid: int, driver: int) -> str:
 
 
 def _tree(roots: list[int]) -> list[int]:
-    kids, todo, pids = _children(), list(roots), list(roots)
+    kids, todo, pids = children_by_parent(), list(roots), list(roots)
     while todo:
         for child in kids.get(todo.pop(), []):
             pids.append(child)

@@ -60,15 +60,9 @@ def assert_same_outputs(out: str, reference: str) -> None:
 
 def descendants(pid: int) -> dict[int, str]:
     """Every process below ``pid`` and its command line (Ray workers show ``ray::<task>``)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
+    from avbalance.procs import children_by_parent
+
+    children = children_by_parent()
     found, todo = {}, [pid]
     while todo:
         for child in children.get(todo.pop(), []):
