@@ -112,10 +112,9 @@ def faces_table(data: dict) -> str:
             if "torch" not in by or "onnx" not in by:
                 continue
             t, o, spin = by["torch"], by["onnx"], by.get("onnx, spinning")
-            out.append(f"| {nets.get(what, what)} | {threads} | {t['per_s']:.1f} | {o['per_s']:.1f} | "
-                       f"{spin['per_s']:.1f} |" if spin else f"| {nets.get(what, what)} | {threads} | {t['per_s']:.1f} | "
-                       f"{o['per_s']:.1f} | – |")
-            out[-1] += f" {t['per_cpu_s']:.1f} | {o['per_cpu_s']:.1f} | {o['per_cpu_s'] / t['per_cpu_s']:.2f}x |"
+            spinning = f"{spin['per_s']:.1f}" if spin else "–"
+            out.append(f"| {nets.get(what, what)} | {threads} | {t['per_s']:.1f} | {o['per_s']:.1f} | {spinning} | "
+                       f"{t['per_cpu_s']:.1f} | {o['per_cpu_s']:.1f} | {o['per_cpu_s'] / t['per_cpu_s']:.2f}x |")
     boxes = data.get("box_carrying", [])
     if boxes:
         out += ["", "| detection | speed-up | box IoU mean | 5th pct | min |", "|---|--:|--:|--:|--:|"]

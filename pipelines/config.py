@@ -37,10 +37,5 @@ class PreprocessConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     pack: PackConfig = field(default_factory=PackConfig)
 
-    def stage_configs(self) -> dict:
-        """What changes outputs (paths, workers, devices, engines and backends do not)."""
-        return {name: asdict(getattr(self, name)) if name != "faces" else self.faces.recorded()
-                for name in ("frames", "flow", "faces", "face_features", "audio", "pack")}
-
     def as_dict(self) -> dict:
         return asdict(self)

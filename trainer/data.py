@@ -171,7 +171,7 @@ def check_sources(shards: str, cfg: DataConfig) -> None:
 
 # --- per-sample decoding ------------------------------------------------------------------
 
-NPY_HEADER = re.compile(r"^\{'descr': '([<>|=][a-z]\d+|\|b1)', 'fortran_order': (True|False), 'shape': \(([\d, ]*)\), \}\s*$")
+NPY_HEADER = re.compile(r"^\{'descr': '([<>|=][a-z]\d+)', 'fortran_order': (True|False), 'shape': \(([\d, ]*)\), \}\s*$")
 
 
 def _npy(data: bytes) -> np.ndarray:
