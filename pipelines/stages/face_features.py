@@ -30,7 +30,12 @@ if TYPE_CHECKING:  # torch is imported where it is used: the CLI starts fast wit
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_SEED = 0
-ONNX_STEP = 8  # crops per ONNX Runtime call on CPU (bench/preprocess.py measures the batch sizes)
+
+
+def onnx_step(threads: int) -> int:
+    """Crops per ONNX Runtime call on CPU: on one intra-op thread one crop at a time is fastest,
+    more threads want a few crops to share (bench/preprocess.py --faces-only, ``backends``)."""
+    return 1 if threads == 1 else 4
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,8 @@ class FaceFeaturesStage(Stage):
         if backend == "onnx":
             from pipelines.stages.onnx_backend import session
 
-            self.session = session(export_onnx(config), threads or torch.get_num_threads())
+            self.threads = threads or torch.get_num_threads()
+            self.session = session(export_onnx(config), self.threads)
         else:
             self.model = build_backbone(config, device)
 
@@ -186,13 +192,14 @@ class FaceFeaturesStage(Stage):
 
         With torch on CPU the network runs 8 crops at a time: larger batches fall out of cache
         and were slower here (bench/preprocess.py); on CUDA it takes 64 at a time. ONNX Runtime
-        takes ``ONNX_STEP`` crops a call.
+        takes ``onnx_step(threads)`` crops a call.
         """
         import torch
 
         if self.backend == "onnx":
-            outs = [torch.from_numpy(self.session.run(None, {"x": crops[i:i + ONNX_STEP].float().contiguous().numpy()})[0])
-                    for i in range(0, len(crops), ONNX_STEP)]
+            step = onnx_step(self.threads)
+            outs = [torch.from_numpy(self.session.run(None, {"x": crops[i:i + step].float().contiguous().numpy()})[0])
+                    for i in range(0, len(crops), step)]
         else:
             step = 64 if self.device.startswith("cuda") else 8
             outs = []

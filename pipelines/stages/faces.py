@@ -1,9 +1,9 @@
 """faces: MTCNN face boxes per face frame, a mask for frames without a face, square crops.
 
 Frames stream in from the decoder and are batched across clips; one flush detects faces
-on a batch (MTCNN from facenet-pytorch, weights from its wheel), crops them with
-``roi_align`` at the configured size and margin, and hands the crops to the face-feature
-extractor. MTCNN's own batched crop call raises when some frame has no face, so we detect
+on a batch (MTCNN from facenet-pytorch, weights from its wheel), crops them at the configured
+size and margin as ``roi_align`` samples (``pipelines/stages/face_crops.py``), and hands the
+crops to the face-feature extractor. MTCNN's own batched crop call raises when some frame has no face, so we detect
 and crop ourselves. A frame without a face keeps its slot with mask 0 and a zero feature.
 
 Box carrying (``detect_fps``): detect only at that rate and hold each box until the next
@@ -12,11 +12,16 @@ the frame resized by that factor, for large faces (CREMA-D's fill a third of the
 ``min_face_size`` then counts the small frame's pixels. ``bench/preprocess.py`` measures the
 speed-up and the box agreement of both against per-frame, full-size detection.
 
+The cascade around the networks (image pyramid, candidates, NMS, box regression) is
+``pipelines/stages/mtcnn_cascade.py``: facenet-pytorch's steps and box arithmetic, with the
+pyramid and every candidate's crop resampled at once from a summed-area table instead of one
+``interpolate`` call per candidate; boxes equal facenet-pytorch's ``MTCNN.detect`` up to float
+rounding (``tests/test_mtcnn_cascade.py``).
+
 Backends: ``torch`` runs facenet-pytorch's P-, R- and O-nets; ``onnx`` runs the same weights
 (the wheel's ``data/*.pt``) exported to ONNX under ONNX Runtime, cached by their sha256
 (``pipelines/stages/onnx_backend.py``; P-net with dynamic height and width for the image
-pyramid). Everything around the networks (pyramid, NMS, box regression) stays
-facenet-pytorch's own code, so both backends compute the same boxes up to float rounding.
+pyramid). Both backends share the cascade, so they compute the same boxes up to float rounding.
 """
 
 from __future__ import annotations
@@ -184,28 +189,33 @@ class FaceBatcher:
     def detect(self, frames: np.ndarray) -> tuple[list, list]:
         """MTCNN on (N, H, W, 3) uint8 frames, on a copy resized by ``detect_scale`` if set
         (area interpolation); boxes in the full frame's pixels."""
+        from pipelines.stages.mtcnn_cascade import detect
+
+        def cascade(images: np.ndarray) -> tuple[list, list]:
+            m = self.mtcnn
+            return detect(images, m.pnet, m.rnet, m.onet, m.min_face_size, m.thresholds, m.factor, self.device)
+
         scale = self.cfg.detect_scale
         if scale == 1.0:
-            return self.mtcnn.detect(frames)
+            return cascade(frames)
         import cv2
 
         h, w = frames.shape[1:3]
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         small = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
-        boxes, probs = self.mtcnn.detect(small)
+        boxes, probs = cascade(small)
         sx, sy = w / size[0], h / size[1]
         return [None if b is None else b * np.array([sx, sy, sx, sy], np.float32) for b in boxes], probs
 
     def _crop_and_embed(self, queue) -> None:
         import torch
-        from torchvision.ops import roi_align
+
+        from pipelines.stages.face_crops import crop_square
 
         rows = [(clip, k, rgb) for clip, k, rgb in self._positions(queue) if clip.mask[k]]
         if rows:
-            frames = torch.from_numpy(np.stack([rgb for _, _, rgb in rows])).permute(0, 3, 1, 2).float()
-            rois = torch.tensor([self.square_box(clip.boxes[k]) for clip, k, _ in rows], dtype=torch.float32)
-            rois = torch.cat([torch.arange(len(rows), dtype=torch.float32)[:, None], rois], dim=1)
-            crops = roi_align(frames, rois, output_size=self.cfg.size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+            # roi_align's crops (aligned, 2 x 2 samples a pixel), computed on each box's pixels only.
+            crops = torch.stack([crop_square(rgb, self.square_box(clip.boxes[k]), self.cfg.size) for clip, k, rgb in rows])
             if self.featurizer is not None:
                 out = self.featurizer.features(crops).numpy()
             for j, (clip, k, _) in enumerate(rows):
