@@ -6,8 +6,14 @@ the per-frame work the backends share or differ in.
     python bench/face_profile.py --clips 2 --json bench/face_profile.json
 
 Reports CPU ms per face frame and the cumulative time of: MTCNN as a whole, its image
-resampling (``imresample``: the pyramid and every candidate box's crop resized for R-net and
-O-net, one call per box), EfficientNet-B2 (``features``) and the face crops (``roi_align``).
+resampling (the pyramid and every candidate box's crop resized for R-net and O-net),
+EfficientNet-B2 (``features``) and the face crops, per backend (torch, ONNX Runtime).
+
+``--baseline REF`` (repeatable) profiles the stage code of that git revision too, in a
+subprocess that imports its ``pipelines`` package (with its default backend): the per-frame
+work as it was, e.g. before the stage's own MTCNN cascade (``pipelines/stages/mtcnn_cascade.py``)
+and crops (``pipelines/stages/face_crops.py``) replaced facenet-pytorch's ``MTCNN.detect``
+(one ``interpolate`` call per candidate box) and ``roi_align`` on whole frames.
 """
 
 from __future__ import annotations
@@ -25,11 +31,16 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-PARTS = {  # (file suffix, function name) -> label; cumulative seconds
+PARTS = {  # (file suffix, function name) -> label; cumulative seconds (the functions of a label do not nest)
     ("facenet_pytorch/models/mtcnn.py", "detect"): "mtcnn",
+    ("pipelines/stages/mtcnn_cascade.py", "detect"): "mtcnn",
     ("facenet_pytorch/models/utils/detect_face.py", "imresample"): "mtcnn_resampling",
+    ("pipelines/stages/mtcnn_cascade.py", "summed_area"): "mtcnn_resampling",
+    ("pipelines/stages/mtcnn_cascade.py", "resize_area"): "mtcnn_resampling",
+    ("pipelines/stages/mtcnn_cascade.py", "resample_boxes"): "mtcnn_resampling",
     ("pipelines/stages/face_features.py", "features"): "efficientnet",
     ("torchvision/ops/roi_align.py", "roi_align"): "crops",
+    ("pipelines/stages/face_crops.py", "crop_square"): "crops",
 }
 
 
@@ -47,12 +58,15 @@ def frames_of(clips: int, work: str) -> list[list]:
     return out
 
 
-def profile(backend: str, clips: list[list]) -> dict:
+def profile(backend: str | None, clips: list[list]) -> dict:
+    """``backend`` None: the stage classes as they are, without backend options (an older
+    revision's, which ran torch)."""
     from pipelines.stages.face_features import FaceFeaturesConfig, FaceFeaturesStage
     from pipelines.stages.faces import FaceBatcher, FacesConfig
 
-    featurizer = FaceFeaturesStage(FaceFeaturesConfig(allow_random=True, weights_sha256="random-init-seed0"), "cpu", backend, 1)
-    batcher = FaceBatcher(FacesConfig(), featurizer, "cpu", 32, backend, 1)
+    options = () if backend is None else (backend, 1)
+    featurizer = FaceFeaturesStage(FaceFeaturesConfig(allow_random=True, weights_sha256="random-init-seed0"), "cpu", *options)
+    batcher = FaceBatcher(FacesConfig(), featurizer, "cpu", 32, *options)
 
     def run() -> None:
         for i, frames in enumerate(clips):
@@ -84,14 +98,32 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=2)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "avbalance-bench-face-profile"))
     ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--baseline", action="append", default=[], metavar="REF",
+                    help="also profile the stage code of this git revision (its default backend)")
+    ap.add_argument("--code", help=argparse.SUPPRESS)  # internal: profile the pipelines package of this checkout
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)
     os.environ.setdefault("AVBALANCE_CACHE_DIR", os.path.join(args.work, "cache"))  # ONNX exports
+    if args.code:  # a baseline's subprocess: its stage code, its default backend, JSON on stdout
+        sys.path.insert(0, args.code)
+        json.dump(profile(None, frames_of(args.clips, args.work)), sys.stdout)
+        return
     clips = frames_of(args.clips, args.work)
-    res = {backend: profile(backend, clips) for backend in ("torch", "onnx")}
+    res = {}
+    for ref in args.baseline:
+        from bench.ray_engine import tree_of
+
+        tree = tree_of(ref, args.work)
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--clips", str(args.clips), "--work", args.work,
+                              "--code", tree], check=True, capture_output=True, text=True).stdout
+        res[os.path.basename(tree).replace("tree-", "at_")] = json.loads(out)
+    res["baselines"] = list(res)
+    res.update({backend: profile(backend, clips) for backend in ("torch", "onnx")})
     res["onnx_over_torch"] = res["torch"]["cpu_ms_per_frame"] / res["onnx"]["cpu_ms_per_frame"]
+    for base in res["baselines"]:
+        res[f"onnx_over_{base}"] = res[base]["cpu_ms_per_frame"] / res["onnx"]["cpu_ms_per_frame"]
     print(json.dumps(res, indent=2))
     if args.json:
         with open(args.json, "w") as fh:

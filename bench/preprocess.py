@@ -37,6 +37,7 @@ import glob
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,25 +100,30 @@ def rate(fn, items, workers: int) -> float:
 
 
 LAST_CPU_SECONDS = [0.0]
+LAST_SECONDS = [0.0]  # wall seconds of the last run_preprocess, the wrapper's start-up included
 
 
 def run_preprocess(root: str, out: str, stages: str, workers: int, extra: list[str] | None = None,
-                   corpus: list[str] | None = None) -> tuple[float, dict, int]:
+                   corpus: list[str] | None = None, tree: str = REPO) -> tuple[float, dict, int]:
     """Run the CLI in a subprocess; return (clips/s over the whole run, summary, peak RSS MB).
-    ``corpus``: the recipe and its options (default CREMA-D, split ogm)."""
+    ``corpus``: the recipe and its options (default CREMA-D, split ogm); ``tree``: the checkout
+    whose CLI runs (default this one; ``--baseline`` passes an older revision's)."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, os.path.join(REPO, "cli.py"), "preprocess", *(corpus or ["cremad", "--split", "ogm"]),
+    cmd = [sys.executable, os.path.join(tree, "cli.py"), "preprocess", *(corpus or ["cremad", "--split", "ogm"]),
            "--root", root, "--out", out, "--stages", stages, "--workers", str(workers), *(extra or [])]
     # A wrapper process reports the peak RSS of this run's processes alone (the largest one).
     # It also reports their CPU time (user + system, workers included): on a shared machine
     # clips per CPU-second say what the work costs whatever else runs.
     wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
                "r = resource.getrusage(resource.RUSAGE_CHILDREN); print(r.ru_maxrss, r.ru_utime + r.ru_stime)")
+    env = {**os.environ, "PYTHONPATH": tree}  # the tree's own packages, not the installed checkout's
     start = time.perf_counter()
-    peak, cpu = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True).stdout.split()
+    peak, cpu = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True,
+                               cwd=tree, env=env).stdout.split()
     peak_kb = int(peak)
     LAST_CPU_SECONDS[0] = float(cpu)  # CPU time of the run's processes: what a shared machine does not distort
     seconds = time.perf_counter() - start
+    LAST_SECONDS[0] = seconds
     summary = json.load(open(os.path.join(out, "preprocess.json")))
     summary["clips_per_cpu_s"] = summary["clips"] / float(cpu)
     return summary["clips"] / seconds, summary, int(peak_kb) // 1024
@@ -185,12 +191,13 @@ def _effnet_call(stage, crops):
         return stage.model(((crops - stage.mean) / stage.std).contiguous(memory_format=torch.channels_last))
 
 
-def backend_comparison(files: list[str], threads: tuple[int, ...], n_frames: int = 32, batches=(1, 8),
+def backend_comparison(files: list[str], threads: tuple[int, ...], n_frames: int = 32, batches=(1, 4, 8),
                        rounds: int = 2) -> list[dict]:
-    """torch vs ONNX Runtime on the same frames and crops with the same threads: MTCNN on a
-    batch of ``n_frames`` frames, EfficientNet-B2 at each batch size (8: what the stage uses on
-    CPU); ONNX Runtime with its idle threads spinning and not (``spinning``). The variants
-    alternate and each keeps its best of ``rounds``."""
+    """torch vs ONNX Runtime on the same frames and crops with the same threads: MTCNN (the
+    stage's cascade, ``FaceBatcher.detect``) on a batch of ``n_frames`` frames, EfficientNet-B2
+    at each batch size (the stage uses 8 with torch, ``onnx_step(threads)`` with ONNX Runtime);
+    ONNX Runtime with its idle threads spinning and not (``spinning``). The variants alternate
+    and each keeps its best of ``rounds``."""
     import av
     import torch
 
@@ -212,15 +219,15 @@ def backend_comparison(files: list[str], threads: tuple[int, ...], n_frames: int
         nets = {}
         for b, spin in variants:
             onnx_backend.SPINNING = default_spinning if spin is None else spin  # read when the sessions are made
-            nets[(b, spin)] = (FaceBatcher(FacesConfig(), None, backend=b, threads=n).mtcnn,
+            nets[(b, spin)] = (FaceBatcher(FacesConfig(), None, backend=b, threads=n),
                                ff.FaceFeaturesStage(ff.FaceFeaturesConfig(allow_random=True, weights_sha256="random-init-seed0"),
                                                     backend=b, threads=n))
         onnx_backend.SPINNING = default_spinning
         best: dict[tuple, tuple[float, float]] = {}
         for _ in range(rounds):
-            for variant, (mtcnn, feats) in nets.items():
-                mtcnn.detect(frames[:2])  # warm
-                jobs = {"mtcnn": (lambda m=mtcnn: m.detect(frames), len(frames))}
+            for variant, (batcher, feats) in nets.items():
+                batcher.detect(frames[:2])  # warm
+                jobs = {"mtcnn": (lambda m=batcher: m.detect(frames), len(frames))}
                 for bs in batches:
                     jobs[f"effnet_b{bs}"] = (lambda bs=bs, f=feats: [_effnet_call(f, crops[i:i + bs]) for i in range(0, len(crops), bs)],
                                              len(crops))
@@ -351,7 +358,8 @@ def main() -> None:
     ap.add_argument("--cluster", action="store_true",
                     help="with --engine ray: also time the Ray engine on a head node started once for all rounds")
     ap.add_argument("--baseline", action="append", default=[], metavar="REF",
-                    help="with --engine ray: also time the Ray engine of this git revision, in the same rounds")
+                    help="with --engine ray: also time the Ray engine of this git revision, in the same rounds; "
+                         "with --faces-only: also time the face stages of this revision (its default backend)")
     args = ap.parse_args()
     if args.rounds is None:
         args.rounds = 3 if args.engine == "ray" else 2
@@ -395,8 +403,8 @@ def main() -> None:
 
     # CREMA-D: 7,442 clips, mean 2.5 s at 30 fps (~75 face frames a clip).
     full = 7442
-    res["estimate_cremad_hours"] = {f"faces_{k}": full / v / 3600 for k, v in res["faces_clips_s"].items()
-                                    if not k.endswith("_over_torch")}
+    res["estimate_cremad_hours"] = {f"faces_{k}": full / v / 3600 for k, v in res["faces_steady_clips_s"].items()
+                                    if "_over_" not in k}
     if not args.faces_only:
         res["estimate_cremad_hours"]["frames_audio_pack"] = full / res["pipeline_marginal_clips_s"] / 3600
     print(json.dumps(res, indent=2))
@@ -445,30 +453,58 @@ def face_rates(res: dict, files: list[str], root: str, args: argparse.Namespace)
     from pipelines.stages.face_features import FaceFeaturesConfig, export_onnx
     from pipelines.stages.faces import export_mtcnn
 
-    face_root = os.path.join(args.work, "faces")
-    shutil.rmtree(face_root, ignore_errors=True)
-    for d in ("VideoFlash", "AudioWAV"):
-        os.makedirs(os.path.join(face_root, d))
-    for f in files[: args.face_clips]:
-        stem = os.path.splitext(os.path.basename(f))[0]
-        shutil.copy(f, os.path.join(face_root, "VideoFlash"))
-        shutil.copy(os.path.join(root, "AudioWAV", stem + ".wav"), os.path.join(face_root, "AudioWAV"))
+    # The runs cover --face-clips clips and twice as many: the extra clips over the extra time
+    # are the steady-state rate, what a full corpus sees (start-up, imports and model loads are
+    # paid once per command and weigh heavily on a few clips).
+    roots = {}
+    for count in (args.face_clips, 2 * args.face_clips):
+        roots[count] = face_root = os.path.join(args.work, f"faces{count}")
+        shutil.rmtree(face_root, ignore_errors=True)
+        for d in ("VideoFlash", "AudioWAV"):
+            os.makedirs(os.path.join(face_root, d))
+        for f in files[:count]:
+            stem = os.path.splitext(os.path.basename(f))[0]
+            shutil.copy(f, os.path.join(face_root, "VideoFlash"))
+            shutil.copy(os.path.join(root, "AudioWAV", stem + ".wav"), os.path.join(face_root, "AudioWAV"))
     export_mtcnn()  # once, outside the timed runs (a re-run finds them in the cache)
     export_onnx(FaceFeaturesConfig(allow_random=True, weights_sha256="random-init-seed0"))
     out = os.path.join(args.work, "out")
     runs = {"every_frame": [], "fps5": ["--face-fps", "5"]}
-    res["faces_clips_s"], res["faces_clips_per_cpu_s"] = {}, {}
+    # (name, checkout, options): both backends here, and each --baseline revision as it ran by
+    # default (before --backend existed: torch, facenet-pytorch's cascade).
+    variants = [(backend, REPO, ["--backend", backend]) for backend in ("torch", "onnx")]
+    for ref in args.baseline:
+        from bench.ray_engine import tree_of
+
+        tree = tree_of(ref, args.work)
+        variants.append((os.path.basename(tree).replace("tree-", "at_"), tree, []))
+    res["baselines"] = [name for name, tree, _ in variants if tree != REPO]
+    res["face_clips"] = args.face_clips
+    # Per variant and round: (seconds, CPU seconds) for the short and the doubled run.
+    timed: dict[str, list[dict[int, tuple[float, float]]]] = {}
     for _ in range(args.rounds):
         for name, extra in runs.items():
-            for backend in ("torch", "onnx"):
-                got, summary, _ = run_preprocess(face_root, out, "faces,face_features", args.workers,
-                                                 ["--allow-random-weights", "--backend", backend, *extra])
-                key = f"{name}_{backend}"
-                res["faces_clips_s"][key] = max(got, res["faces_clips_s"].get(key, 0.0))
-                res["faces_clips_per_cpu_s"][key] = max(summary["clips_per_cpu_s"], res["faces_clips_per_cpu_s"].get(key, 0.0))
+            for variant, tree, options in variants:
+                got = {}
+                for count, face_root in roots.items():
+                    _, summary, _ = run_preprocess(face_root, out, "faces,face_features", args.workers,
+                                                   ["--allow-random-weights", *options, *extra], tree=tree)
+                    got[count] = (LAST_SECONDS[0], LAST_CPU_SECONDS[0])
+                timed.setdefault(f"{name}_{variant}", []).append(got)
+    n, n2 = args.face_clips, 2 * args.face_clips
+    res["faces_clips_s"], res["faces_clips_per_cpu_s"] = {}, {}  # whole runs of --face-clips clips, best round
+    res["faces_steady_clips_s"], res["faces_steady_clips_per_cpu_s"] = {}, {}  # the marginal rates, median round
+    for key, rounds in timed.items():
+        res["faces_clips_s"][key] = max(n / r[n][0] for r in rounds)
+        res["faces_clips_per_cpu_s"][key] = max(n / r[n][1] for r in rounds)
+        res["faces_steady_clips_s"][key] = statistics.median((n2 - n) / (r[n2][0] - r[n][0]) for r in rounds)
+        res["faces_steady_clips_per_cpu_s"][key] = statistics.median((n2 - n) / (r[n2][1] - r[n][1]) for r in rounds)
     for name in runs:
-        for what in ("faces_clips_s", "faces_clips_per_cpu_s"):
-            res[what][f"{name}_onnx_over_torch"] = res[what][f"{name}_onnx"] / res[what][f"{name}_torch"]
+        for what in ("faces_clips_s", "faces_clips_per_cpu_s", "faces_steady_clips_s", "faces_steady_clips_per_cpu_s"):
+            rates = res[what]
+            rates[f"{name}_onnx_over_torch"] = rates[f"{name}_onnx"] / rates[f"{name}_torch"]
+            for base in res["baselines"]:  # this version's default (onnx on CPU) over the older one's
+                rates[f"{name}_onnx_over_{base}"] = rates[f"{name}_onnx"] / rates[f"{name}_{base}"]
     _save(res, args.json)
     threads = tuple(sorted({1, os.cpu_count() or 1}))
     res["backends"] = backend_comparison(files[:4], threads, rounds=args.rounds)
