@@ -141,7 +141,7 @@ def faces_table(data: dict) -> str:
             out.append(f"| {what} | {b['speedup']:.2f}x | {b['iou_mean']:.3f} | {b['iou_p05']:.3f} | {b['iou_min']:.3f} |")
     hours = data.get("estimate_cremad_hours", {})
     if hours:
-        out += ["", "Full CREMA-D (7,442 clips) on this machine at these wall rates, hours: " + ", ".join(
+        out += ["", "Full CREMA-D (7,442 clips) on this machine at the steady-state wall rates, hours: " + ", ".join(
             f"{k.removeprefix('faces_').replace('_', ' ')} {v:.1f}" for k, v in sorted(hours.items())) + "."]
     out += ["", f"{data['clips']} corpus clips, {data['workers']} workers, {data['cpu']} CPUs."]
     return "\n".join(out) + "\n"
