@@ -83,6 +83,20 @@ def decode_table(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+@renderer("handover")
+def handover_table(data: dict) -> str:
+    """bench/train.py's cost of handing a batch to the main process, in the worker."""
+    d = data["handover"]
+    ms = d["ms_per_batch"]
+    labels = {"fresh_segment": "a fresh shared-memory segment per batch (the loader before the pool)",
+              "pool_slot": "a reused pool slot (`trainer/batch_pool.py`, the loader now)",
+              "heap": "ordinary memory (no process boundary: the floor)"}
+    out = ["| a worker stacks the batch into | CPU ms per batch | vs pool slot |", "|---|--:|--:|"]
+    out += [f"| {labels[k]} | {ms[k]:.2f} | {ms[k] / ms['pool_slot']:.2f}x |" for k in labels if k in ms]
+    out += ["", f"{d['batch']} samples, {d['mb_per_batch']:.1f} MB of uint8 frames a batch; CPU time, best of 3 rounds of 50."]
+    return "\n".join(out) + "\n"
+
+
 FACE_TARGET = 2.0  # issue 14: face stages on CPU at least 2x faster end to end
 
 

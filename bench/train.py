@@ -6,7 +6,9 @@
 - loader (224 px, 3 frames, batch 16, equal workers): the shard loader (trainer/data.py)
   against an OGM-style per-sample loader rebuilt here (librosa + STFT per sample, a JPEG
   file per frame, torchvision transforms) and against a decode-only floor (strip decode and
-  cut, nothing else); per-sample strip decode costs; cores to keep one H100 busy (derived);
+  cut, nothing else); per-sample strip decode costs; what handing a batch to the main process
+  costs a worker (fresh shared segment vs reused pool slot vs heap); cores to keep one H100
+  busy (derived);
 - step time: MLB and multiloss against joint, same model, same batch.
 """
 
@@ -169,6 +171,43 @@ def decode_costs(shards: str, rounds: int = 3) -> dict:
             "frame_counts": {str(c): counts.count(c) for c in sorted(set(counts))}}
 
 
+def handover_costs(batch: int, frames: int, image: int, rounds: int = 3, reps: int = 50) -> dict:
+    """CPU ms per batch to stack ``batch`` cut samples (``frames`` x 3 x ``image``^2 uint8) the
+    three ways a worker could: into a fresh shared-memory segment (what the loader did before
+    ``trainer/batch_pool.py``: new pages faulted in, unmapped when freed), into a reused pool
+    slot (what it does now), and on the heap (no process boundary: the floor), best of
+    ``rounds``; the same process, one after the other."""
+    from trainer.batch_pool import BatchPool, pooled_stack
+
+    samples = [torch.randint(0, 256, (frames, 3, image, image), dtype=torch.uint8) for _ in range(batch)]
+    nbytes = batch * samples[0].numel()
+
+    def fresh() -> torch.Tensor:
+        storage = torch.UntypedStorage._new_shared(nbytes)
+        return torch.stack(samples, out=samples[0].new_empty(0).set_(storage).view(batch, *samples[0].shape))
+
+    pool = BatchPool(1, 2)
+
+    def pooled() -> torch.Tensor:
+        out, slot = pooled_stack(samples, pool, 0)
+        pool.release(0, slot)  # as the main process does once the batch is used
+        return out
+
+    ways = {"fresh_segment": fresh, "pool_slot": pooled, "heap": lambda: torch.stack(samples)}
+    ms = {}
+    for name, fn in ways.items():
+        fn()
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.process_time()
+            for _ in range(reps):
+                fn()
+            best = min(best, time.process_time() - start)
+        ms[name] = best / reps * 1000
+    return {"ms_per_batch": ms, "batch": batch, "mb_per_batch": nbytes / 1e6,
+            "fresh_over_pool": ms["fresh_segment"] / ms["pool_slot"]}
+
+
 def loader_rates(shards: str, corpus: str, work: str, workers: int, batch: int, epochs: int, image: int,
                  frames: int, rounds: int = 2) -> dict:
     """samples/s of the OGM-style loader, the decode floor and the shard loader: interleaved
@@ -297,7 +336,7 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "avbalance-bench-train"))
     ap.add_argument("--skip-loader", action="store_true", help="only the step-time comparison")
     ap.add_argument("--skip-step", action="store_true", help="only the loader comparison")
-    ap.add_argument("--decode-only", action="store_true", help="only the strip decode costs")
+    ap.add_argument("--decode-only", action="store_true", help="only the strip decode and batch handover costs")
     ap.add_argument("--all-methods", action="store_true", help="also every registered method's step time against joint")
     ap.add_argument("--json", help="merge the results into this file: what this run measured replaces its part, the rest is kept")
     args = ap.parse_args()
@@ -309,6 +348,7 @@ def main() -> None:
     res: dict = {}
     if not args.skip_loader:
         res["decode"] = decode_costs(shards)
+        res["handover"] = handover_costs(args.batch, args.frames, args.image)
     if not args.skip_loader and not args.decode_only:
         res["loader"] = loader_rates(shards, corpus, args.work, args.workers, args.batch, args.epochs, args.image, args.frames,
                                      args.rounds)

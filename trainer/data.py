@@ -45,6 +45,7 @@ from PIL import Image
 from avbalance import remote
 from avbalance.errors import UserError
 from trainer import tar_members
+from trainer.batch_pool import SLOTS_KEY, BatchPool, new_pass, pooled_stack, slots_for
 from trainer.device_batch import DeviceLoader, EpochStream, LoaderPlan, plan_for
 from trainer.flow_input import split_flow
 from trainer.transforms import Cut, cut_frames, decode_strip, draw_cut, strip_frames, strip_layout
@@ -293,22 +294,31 @@ def pad_stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+def stack(tensors: list[torch.Tensor], slots: list | None = None, where: tuple[str, str] = ("", "x")) -> torch.Tensor:
     """``torch.stack``; in a loader worker, straight into shared memory. A batch leaves the
     worker through shared memory, and a tensor already there is handed over as it is instead
-    of being copied into a fresh segment: one write of the batch instead of two (and half the
-    page faults), which is most of the cost of crossing the process boundary."""
-    if torch.utils.data.get_worker_info() is None or tensors[0].numel() * len(tensors) < SHARED_MIN_ELEMENTS:
+    of being copied into a fresh segment: one write of the batch instead of two. With the
+    loader's ``BatchPool`` the segment is one of the worker's reused slots (no new pages to
+    fault in); the slot is recorded in ``slots`` with ``where`` the tensor sits in the batch."""
+    info = torch.utils.data.get_worker_info()
+    if info is None or tensors[0].numel() * len(tensors) < SHARED_MIN_ELEMENTS:
         return torch.stack(tensors)
-    first = tensors[0]
-    storage = torch.UntypedStorage._new_shared(len(tensors) * first.numel() * first.element_size())
-    out = first.new_empty(0).set_(storage).view(len(tensors), *first.shape)
-    return torch.stack(tensors, out=out)
+    pool = getattr(info.dataset, "batch_pool", None)
+    if pool is None:
+        first = tensors[0]
+        storage = torch.UntypedStorage._new_shared(len(tensors) * first.numel() * first.element_size())
+        return torch.stack(tensors, out=first.new_empty(0).set_(storage).view(len(tensors), *first.shape))
+    out, slot = pooled_stack(tensors, pool, info.id)
+    if slot is not None and slots is not None:
+        slots.append((info.id, slot, *where))
+    return out
 
 
 def collate(samples: list[dict]) -> dict:
-    """Batch model inputs: fixed shapes are stacked; sequences padded with a mask."""
+    """Batch model inputs: fixed shapes are stacked; sequences padded with a mask. Pool slots
+    the batch's tensors occupy are listed under ``SLOTS_KEY`` (``trainer/batch_pool.py``)."""
     batch_inputs: dict[str, dict[str, torch.Tensor]] = {}
+    slots: list[tuple[int, int, str, str]] = []
     for modality in samples[0]["inputs"]:
         parts = [s["inputs"][modality] for s in samples]
         if "jpeg" in parts[0]:  # decoded on the device: the strips' bytes differ in length
@@ -317,20 +327,24 @@ def collate(samples: list[dict]) -> dict:
         x = [p["x"] for p in parts]
         extra = {k: torch.stack([p[k] for p in parts]) for k in parts[0] if k not in ("x", "mask")}  # flow's flips
         if all(t.shape == x[0].shape for t in x) and "mask" in parts[0]:
-            batch_inputs[modality] = {"x": stack(x), "mask": torch.stack([p["mask"] for p in parts]), **extra}
+            batch_inputs[modality] = {"x": stack(x, slots, (modality, "x")), "mask": torch.stack([p["mask"] for p in parts]),
+                                      **extra}
         elif all(t.shape == x[0].shape for t in x):
-            batch_inputs[modality] = {"x": stack(x)}
+            batch_inputs[modality] = {"x": stack(x, slots, (modality, "x"))}
         else:
             padded, length_mask = pad_stack(x)
             if "mask" in parts[0]:
                 inner, _ = pad_stack([p["mask"] for p in parts])
                 length_mask = length_mask & inner
             batch_inputs[modality] = {"x": padded, "mask": length_mask}
-    return {
+    batch = {
         "inputs": batch_inputs,
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "clip_id": [s["clip_id"] for s in samples],
     }
+    if slots:
+        batch[SLOTS_KEY] = slots
+    return batch
 
 
 def _batched(size: int, partial: bool):
@@ -468,14 +482,39 @@ SKIPPED = CorruptLog()
 
 
 class GuardedLoader:
-    """Iterates a loader's batches; damage records become a clear error or skip counts."""
+    """Iterates a loader's batches; damage records become a clear error or skip counts.
 
-    def __init__(self, loader, on_corrupt: str, log: CorruptLog = SKIPPED) -> None:
-        self.loader, self.on_corrupt, self.log = loader, on_corrupt, log
+    With a ``BatchPool``, a batch's large tensors live in a worker's reused slot: they are
+    valid until the next batch is asked for (then the slot goes back to its worker), so a
+    consumer that keeps a batch longer keeps a ``clone()``. ``DeviceLoader`` converts each
+    batch before asking for the next."""
+
+    def __init__(self, loader, on_corrupt: str, log: CorruptLog = SKIPPED, pool: BatchPool | None = None) -> None:
+        self.loader, self.on_corrupt, self.log, self.pool = loader, on_corrupt, log, pool
+        self.mapped: dict[tuple[int, int], torch.UntypedStorage] = {}  # slot -> this process's mapping of it
 
     def __iter__(self):
+        held: list = []
+        try:
+            yield from self._batches(held)
+        finally:
+            self._release(held)
+
+    def _release(self, held: list) -> None:
+        for worker, slot in held:
+            self.pool.release(worker, slot)
+        held.clear()
+
+    def _batches(self, held: list):
         yielded, damaged = 0, 0
         for batch in self.loader:
+            for worker, slot, modality, key in batch.get(SLOTS_KEY, ()):
+                held.append((worker, slot))
+                tensor = batch["inputs"][modality][key]
+                if not tensor.is_pinned():  # a pinned batch is the DataLoader's copy, not the slot
+                    # Kept mapped: when the slot comes back, torch finds it cached, no new mapping.
+                    self.mapped[(worker, slot)] = tensor.untyped_storage()
+            batch.pop(SLOTS_KEY, None)
             for record in batch.pop("corrupt", []):
                 damaged += 1
                 fix = (f"Check the set with `python cli.py verify-shards {remote.parent(record['shard'])}` and "
@@ -489,6 +528,7 @@ class GuardedLoader:
             if "inputs" in batch:
                 yielded += 1
                 yield batch
+            self._release(held)  # the consumer asked for the next batch: it is done with this one
         if yielded == 0 and damaged:
             raise UserError(f"damaged data: no sample of this part could be read ({damaged} damaged shard(s) or sample(s), "
                             "listed above); re-create the shards with `python cli.py preprocess`")
@@ -537,7 +577,7 @@ def _worker_share(n_batches: int):
 
 def _train_pipeline(epoch: int, urls: list[str], expected: dict[str, int], keys: set[str], exclude: set[str],
                     cfg: DataConfig, rank: int, world_size: int, seed: int, jpeg_on_device: bool,
-                    n_batches: int) -> wds.DataPipeline:
+                    n_batches: int, pool: BatchPool | None = None) -> wds.DataPipeline:
     """One epoch's training stream of ``n_batches`` batches, seeded by (seed, rank, epoch);
     built in each worker when the epoch starts, so persistent workers follow ``set_epoch``."""
     stream_seed = (seed * 1_000_003 + rank) * 10_007 + epoch
@@ -547,6 +587,7 @@ def _train_pipeline(epoch: int, urls: list[str], expected: dict[str, int], keys:
         source = wds.ResampledShards(urls, seed=stream_seed, worker_seed=_fixed_worker_seed, deterministic=True)
     return wds.DataPipeline(
         source,
+        new_pass(pool),
         read_shards(expected, keys),
         _keep(keys, exclude),
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 64), rng=random.Random(stream_seed)),
@@ -563,6 +604,11 @@ def _worker_options(cfg: DataConfig, workers: int, plan: LoaderPlan) -> dict:
     if workers > 0:
         options.update(prefetch_factor=cfg.prefetch, persistent_workers=cfg.persistent_workers)
     return options
+
+
+def _pool(cfg: DataConfig, workers: int) -> BatchPool | None:
+    """The shared-memory slots the workers reuse for their batches (none without workers)."""
+    return BatchPool(workers, slots_for(cfg.prefetch, workers)) if workers > 0 else None
 
 
 def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int = 0, world_size: int = 1,
@@ -592,13 +638,17 @@ def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int 
         n_batches = max(1, per_epoch // (cfg.batch_size * world_size))
         if len(urls) >= world_size:
             workers = max(1, min(cfg.workers, len(urls) // world_size))  # every worker owns a shard
+        pool = _pool(cfg, workers)
         stream = EpochStream(functools.partial(_train_pipeline, urls=urls, expected=expected, keys=keys, exclude=exclude,
                                                cfg=cfg, rank=rank, world_size=world_size, seed=seed,
-                                               jpeg_on_device=plan.jpeg_on_device, n_batches=n_batches), epoch)
+                                               jpeg_on_device=plan.jpeg_on_device, n_batches=n_batches, pool=pool), epoch)
+        stream.batch_pool = pool
         loader = torch.utils.data.DataLoader(stream, batch_size=None, **_worker_options(cfg, workers, plan))
-        return DeviceLoader(GuardedLoader(loader, cfg.on_corrupt), cfg, plan, stream), n_batches
+        return DeviceLoader(GuardedLoader(loader, cfg.on_corrupt, pool=pool), cfg, plan, stream), n_batches
+    pool = _pool(cfg, workers)
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
+        new_pass(pool),
         wds.split_by_node,
         wds.split_by_worker,
         read_shards(expected, keys),
@@ -606,5 +656,6 @@ def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int 
         _guard(to_inputs(cfg, train=False, jpeg_on_device=plan.jpeg_on_device)),
         _batched(cfg.batch_size, partial=True),
     )
+    dataset.batch_pool = pool
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, **_worker_options(cfg, workers, plan))
-    return DeviceLoader(GuardedLoader(loader, cfg.on_corrupt), cfg, plan), math.ceil(n_samples / (cfg.batch_size * world_size))
+    return DeviceLoader(GuardedLoader(loader, cfg.on_corrupt, pool=pool), cfg, plan), math.ceil(n_samples / (cfg.batch_size * world_size))

@@ -125,7 +125,7 @@ class DeviceLoader:
         keep_global_rng_in_step(self.source)
         if self.plan.device.type != "cuda":
             for batch in self.source:
-                yield finish(batch, self.cfg, self.plan)
+                yield _detached(finish(batch, self.cfg, self.plan), batch)
             return
         yield from self._ahead()
 
@@ -143,6 +143,19 @@ class DeviceLoader:
             pending = (ready, done)
         if pending is not None:
             yield _hand_over(*pending, main)
+
+
+def _detached(done: dict, raw: dict) -> dict:
+    """``done`` with a copy of any input that is still the worker's tensor (a float32 input
+    ``finish`` passes through on the CPU): the worker's large tensors sit in a pool slot that
+    goes back to it when the next batch is asked for (``trainer/batch_pool.py``)."""
+    shared = {t.untyped_storage().data_ptr() for parts in raw["inputs"].values() for t in parts.values()
+              if isinstance(t, torch.Tensor)}
+    for parts in done["inputs"].values():
+        for key, t in parts.items():
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in shared:
+                parts[key] = t.clone()
+    return done
 
 
 def _hand_over(batch: dict, done: torch.cuda.Event, main: torch.cuda.Stream) -> dict:
