@@ -3,8 +3,8 @@
 Frames stream in from the decoder and are batched across clips; one flush detects faces
 on a batch (MTCNN from facenet-pytorch, weights from its wheel), crops them at the configured
 size and margin as ``roi_align`` samples (``pipelines/stages/face_crops.py``), and hands the
-crops to the face-feature extractor. MTCNN's own batched crop call raises when some frame has no face, so we detect
-and crop ourselves. A frame without a face keeps its slot with mask 0 and a zero feature.
+crops to the face-feature extractor. MTCNN's own batched crop call raises when some frame
+has no face, so we detect and crop ourselves. A frame without a face keeps its slot with mask 0 and a zero feature.
 
 Box carrying (``detect_fps``): detect only at that rate and hold each box until the next
 detection; faces in CREMA-D barely move. Downscaled detection (``detect_scale``): detect on

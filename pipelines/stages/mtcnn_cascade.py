@@ -1,11 +1,12 @@
-"""MTCNN's three-network cascade with every candidate crop resampled in one vectorised call.
+"""MTCNN's three-network cascade with the image pyramid and every candidate crop resampled at once.
 
-facenet-pytorch's ``detect_face`` resizes each candidate box for R-net and O-net with its own
-``interpolate(mode="area")`` call: about 64 calls a frame on CREMA-D-like video, a fifth of the
-face stages' CPU time under ONNX Runtime (``bench/face_profile.py``). Here the cascade runs
-the same steps, with facenet-pytorch's own box arithmetic (``generateBoundingBox``, ``rerec``,
-``pad``, ``bbreg``, its NMS variants) imported rather than rewritten, and resamples all
-candidates of a stage at once from a summed-area table of the frames.
+facenet-pytorch's ``detect_face`` resizes the frames for each pyramid level, and each
+candidate box for R-net and O-net, with its own ``interpolate(mode="area")`` call: dozens of
+calls a frame on CREMA-D-like video, and a large share of the face stages' CPU time once the
+networks run under ONNX Runtime (``bench/face_profile.py --baseline REF`` shows it). Here the
+cascade runs the same steps, with facenet-pytorch's own box arithmetic (``generateBoundingBox``,
+``rerec``, ``pad``, ``bbreg``, its NMS variants) imported rather than rewritten, and reads every
+pyramid level and every stage's candidates from one summed-area table of the frames.
 
 Area resampling ("area" interpolation, i.e. adaptive average pooling) averages, for output
 cell ``i`` of ``S``, the input rows ``[floor(i*h/S), ceil((i+1)*h/S))`` and likewise the columns.
@@ -113,8 +114,9 @@ def detect(frames: np.ndarray, pnet: Net, rnet: Net, onet: Net, min_face_size: i
            device: str = "cpu") -> tuple[list, list]:
     """Faces in (B, H, W, 3) uint8 frames: per frame an (n, 4) float32 array of boxes
     (x0, y0, x1, y1) and an (n,) array of probabilities, or ``None`` and ``[None]`` when none
-    was found (what ``facenet_pytorch.MTCNN.detect`` returns, boxes in its order). The networks
-    run on ``device``; the resampling and the box arithmetic on the CPU."""
+    was found (what ``facenet_pytorch.MTCNN.detect`` returns with ``select_largest=False``;
+    its default reorders each frame's boxes by area). The networks run on ``device``; the
+    resampling and the box arithmetic on the CPU."""
     from facenet_pytorch.models.utils.detect_face import batched_nms_numpy, bbreg, generateBoundingBox, rerec
     from torchvision.ops import batched_nms
 
