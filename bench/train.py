@@ -189,8 +189,8 @@ def handover_costs(batch: int, frames: int, image: int, rounds: int = 3, reps: i
     pool = BatchPool(1, 2)
 
     def pooled() -> torch.Tensor:
-        out, slot = pooled_stack(samples, pool, 0)
-        pool.release(0, slot)  # as the main process does once the batch is used
+        out, (slot, number) = pooled_stack(samples, pool, 0)
+        pool.release(0, slot, number)  # as the main process does once the batch is used
         return out
 
     ways = {"fresh_segment": fresh, "pool_slot": pooled, "heap": lambda: torch.stack(samples)}

@@ -90,6 +90,7 @@ def test_frames_without_a_face_and_frames_too_small(mtcnn):
     assert list(mtcnn.detect(flat)[0]) == [None, None]  # as facenet-pytorch says
     tiny = frames_of(4, n=2, h=20, w=30)  # smaller than min_face_size: no pyramid level at all
     assert run(mtcnn, tiny) == ([None, None], [[None], [None]])
+    assert run(mtcnn, np.zeros((0, 120, 160, 3), np.uint8)) == ([], [])
 
 
 def test_a_candidate_outside_the_frame_is_dropped_not_misaligned():

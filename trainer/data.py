@@ -308,9 +308,9 @@ def stack(tensors: list[torch.Tensor], slots: list | None = None, where: tuple[s
         first = tensors[0]
         storage = torch.UntypedStorage._new_shared(len(tensors) * first.numel() * first.element_size())
         return torch.stack(tensors, out=first.new_empty(0).set_(storage).view(len(tensors), *first.shape))
-    out, slot = pooled_stack(tensors, pool, info.id)
-    if slot is not None and slots is not None:
-        slots.append((info.id, slot, *where))
+    out, taken = pooled_stack(tensors, pool, info.id)
+    if taken is not None and slots is not None:
+        slots.append((info.id, *taken, *where))
     return out
 
 
@@ -318,7 +318,7 @@ def collate(samples: list[dict]) -> dict:
     """Batch model inputs: fixed shapes are stacked; sequences padded with a mask. Pool slots
     the batch's tensors occupy are listed under ``SLOTS_KEY`` (``trainer/batch_pool.py``)."""
     batch_inputs: dict[str, dict[str, torch.Tensor]] = {}
-    slots: list[tuple[int, int, str, str]] = []
+    slots: list[tuple[int, int, int, str, str]] = []
     for modality in samples[0]["inputs"]:
         parts = [s["inputs"][modality] for s in samples]
         if "jpeg" in parts[0]:  # decoded on the device: the strips' bytes differ in length
@@ -501,15 +501,15 @@ class GuardedLoader:
             self._release(held)
 
     def _release(self, held: list) -> None:
-        for worker, slot in held:
-            self.pool.release(worker, slot)
+        for worker, slot, number in held:
+            self.pool.release(worker, slot, number)
         held.clear()
 
     def _batches(self, held: list):
         yielded, damaged = 0, 0
         for batch in self.loader:
-            for worker, slot, modality, key in batch.get(SLOTS_KEY, ()):
-                held.append((worker, slot))
+            for worker, slot, number, modality, key in batch.get(SLOTS_KEY, ()):
+                held.append((worker, slot, number))
                 tensor = batch["inputs"][modality][key]
                 if not tensor.is_pinned():  # a pinned batch is the DataLoader's copy, not the slot
                     # Kept mapped: when the slot comes back, torch finds it cached, no new mapping.
@@ -608,7 +608,7 @@ def _worker_options(cfg: DataConfig, workers: int, plan: LoaderPlan) -> dict:
 
 def _pool(cfg: DataConfig, workers: int) -> BatchPool | None:
     """The shared-memory slots the workers reuse for their batches (none without workers)."""
-    return BatchPool(workers, slots_for(cfg.prefetch, workers)) if workers > 0 else None
+    return BatchPool(workers, slots_for(cfg.prefetch, workers, len(cfg.modalities))) if workers > 0 else None
 
 
 def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int = 0, world_size: int = 1,

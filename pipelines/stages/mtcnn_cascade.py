@@ -122,6 +122,8 @@ def detect(frames: np.ndarray, pnet: Net, rnet: Net, onet: Net, min_face_size: i
 
     frames = np.ascontiguousarray(frames, np.uint8)
     n, h, w = frames.shape[:3]
+    if n == 0:
+        return [], []
     table = summed_area(frames)  # the pyramid and every candidate's crop are read from it
 
     # Stage 1: P-net over an image pyramid whose smallest face is min_face_size pixels.
