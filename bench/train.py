@@ -183,8 +183,7 @@ def handover_costs(batch: int, frames: int, image: int, rounds: int = 3, reps: i
     nbytes = batch * samples[0].numel()
 
     def fresh() -> torch.Tensor:
-        storage = torch.UntypedStorage._new_shared(nbytes)
-        return torch.stack(samples, out=samples[0].new_empty(0).set_(storage).view(batch, *samples[0].shape))
+        return pooled_stack(samples, None)[0]  # no pool: a fresh segment
 
     pool = BatchPool(1, 2)
 

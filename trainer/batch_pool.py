@@ -15,8 +15,8 @@ comes back is found in torch's cache of shared storages and not mapped again.
 Nothing ever waits: a worker with no free slot stacks into a fresh segment, as before. A
 pass cut short (PMR and re-learning read part of an epoch) leaves batches the main process
 never hands to anyone: torch drops what is still queued when the next pass starts. So each
-worker frees its own slots when it starts a pass (``free_worker``, the first stage of the
-loader's pipelines): by then it has sent every batch of the last pass, the main process has
+worker frees its own slots when it starts a pass (``free_worker``, in ``new_pass``, a stage of
+the loader's pipelines): by then it has sent every batch of the last pass, the main process has
 handed back those it used (a pass's consumer is done with it when the next pass starts), and
 the rest are dropped unread. The free/taken flags sit behind a lock, whose acquire and
 release order the main process's reads of a batch before the worker's next write into its
@@ -118,15 +118,21 @@ class BatchPool:
             return sum(1 for f in self.flags if f == TAKEN)
 
 
-def new_pass(pool: BatchPool | None):
-    """A pipeline stage that frees this worker's slots when its pass starts."""
-    def stage(src):
-        info = torch.utils.data.get_worker_info()
-        if pool is not None and info is not None:
-            pool.free_worker(info.id)
-        yield from src
+def worker_pool() -> tuple[BatchPool, int] | None:
+    """(the loader's pool, this worker's id) in a loader worker whose dataset carries a pool
+    (``make_loader`` sets ``dataset.batch_pool``); None elsewhere."""
+    info = torch.utils.data.get_worker_info()
+    pool = getattr(info.dataset, "batch_pool", None) if info is not None else None
+    return None if pool is None else (pool, info.id)
 
-    return stage
+
+def new_pass(src):
+    """A pipeline stage that frees this worker's slots when its pass starts."""
+    found = worker_pool()
+    if found is not None:
+        pool, worker = found
+        pool.free_worker(worker)
+    yield from src
 
 
 def slots_for(prefetch: int, workers: int, tensors: int = 1) -> int:
@@ -137,13 +143,13 @@ def slots_for(prefetch: int, workers: int, tensors: int = 1) -> int:
     return (prefetch * workers + 1) * tensors
 
 
-def pooled_stack(tensors: list[torch.Tensor], pool: BatchPool,
-                 worker: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
-    """``torch.stack`` into one of ``worker``'s pool slots (or a fresh shared segment when none
-    is free): (the batch tensor, (slot, pass) or None)."""
+def pooled_stack(tensors: list[torch.Tensor], pool: BatchPool | None,
+                 worker: int = 0) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """``torch.stack`` into one of ``worker``'s pool slots, or into a fresh shared segment when
+    there is no pool or no free slot: (the batch tensor, (slot, pass) or None)."""
     first = tensors[0]
     nbytes = len(tensors) * first.numel() * first.element_size()
-    got = pool.claim(worker, nbytes)
+    got = pool.claim(worker, nbytes) if pool is not None else None
     if got is None:
         taken, storage = None, torch.UntypedStorage._new_shared(nbytes)
     else:

@@ -45,7 +45,7 @@ from PIL import Image
 from avbalance import remote
 from avbalance.errors import UserError
 from trainer import tar_members
-from trainer.batch_pool import SLOTS_KEY, BatchPool, new_pass, pooled_stack, slots_for
+from trainer.batch_pool import SLOTS_KEY, BatchPool, new_pass, pooled_stack, slots_for, worker_pool
 from trainer.device_batch import DeviceLoader, EpochStream, LoaderPlan, plan_for
 from trainer.flow_input import split_flow
 from trainer.transforms import Cut, cut_frames, decode_strip, draw_cut, strip_frames, strip_layout
@@ -303,14 +303,10 @@ def stack(tensors: list[torch.Tensor], slots: list | None = None, where: tuple[s
     info = torch.utils.data.get_worker_info()
     if info is None or tensors[0].numel() * len(tensors) < SHARED_MIN_ELEMENTS:
         return torch.stack(tensors)
-    pool = getattr(info.dataset, "batch_pool", None)
-    if pool is None:
-        first = tensors[0]
-        storage = torch.UntypedStorage._new_shared(len(tensors) * first.numel() * first.element_size())
-        return torch.stack(tensors, out=first.new_empty(0).set_(storage).view(len(tensors), *first.shape))
-    out, taken = pooled_stack(tensors, pool, info.id)
+    pool, worker = worker_pool() or (None, info.id)
+    out, taken = pooled_stack(tensors, pool, worker)
     if taken is not None and slots is not None:
-        slots.append((info.id, *taken, *where))
+        slots.append((worker, *taken, *where))
     return out
 
 
@@ -577,7 +573,7 @@ def _worker_share(n_batches: int):
 
 def _train_pipeline(epoch: int, urls: list[str], expected: dict[str, int], keys: set[str], exclude: set[str],
                     cfg: DataConfig, rank: int, world_size: int, seed: int, jpeg_on_device: bool,
-                    n_batches: int, pool: BatchPool | None = None) -> wds.DataPipeline:
+                    n_batches: int) -> wds.DataPipeline:
     """One epoch's training stream of ``n_batches`` batches, seeded by (seed, rank, epoch);
     built in each worker when the epoch starts, so persistent workers follow ``set_epoch``."""
     stream_seed = (seed * 1_000_003 + rank) * 10_007 + epoch
@@ -587,7 +583,7 @@ def _train_pipeline(epoch: int, urls: list[str], expected: dict[str, int], keys:
         source = wds.ResampledShards(urls, seed=stream_seed, worker_seed=_fixed_worker_seed, deterministic=True)
     return wds.DataPipeline(
         source,
-        new_pass(pool),
+        new_pass,
         read_shards(expected, keys),
         _keep(keys, exclude),
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 64), rng=random.Random(stream_seed)),
@@ -641,14 +637,14 @@ def make_loader(shards: str, part: str, cfg: DataConfig, train: bool, rank: int 
         pool = _pool(cfg, workers)
         stream = EpochStream(functools.partial(_train_pipeline, urls=urls, expected=expected, keys=keys, exclude=exclude,
                                                cfg=cfg, rank=rank, world_size=world_size, seed=seed,
-                                               jpeg_on_device=plan.jpeg_on_device, n_batches=n_batches, pool=pool), epoch)
-        stream.batch_pool = pool
+                                               jpeg_on_device=plan.jpeg_on_device, n_batches=n_batches), epoch)
+        stream.batch_pool = pool  # read in the workers by stack() and new_pass
         loader = torch.utils.data.DataLoader(stream, batch_size=None, **_worker_options(cfg, workers, plan))
         return DeviceLoader(GuardedLoader(loader, cfg.on_corrupt, pool=pool), cfg, plan, stream), n_batches
     pool = _pool(cfg, workers)
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
-        new_pass(pool),
+        new_pass,
         wds.split_by_node,
         wds.split_by_worker,
         read_shards(expected, keys),
