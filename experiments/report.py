@@ -77,6 +77,9 @@ def run_row(run: Run, out: str, synthetic: bool = False) -> dict[str, Any]:
         "macro_f1": t.get("macro_f1"), "unimodal_accuracy": t.get("unimodal_accuracy", {}), "ece": t.get("ece"),
         "best_epoch": t.get("best_epoch"), "best_val_accuracy": t.get("best_val_accuracy"),
         "probe_accuracy": t.get("probe_accuracy", {}),
+        # The tested model on its train part in evaluation mode, and in training mode over that
+        # epoch: a gap means evaluation does not use what training learnt (train.precise_bn).
+        "train_accuracy": t.get("train_accuracy"), "train_batch_accuracy": t.get("train_batch_accuracy"),
         "human": human_accuracy(run.shards, run.test_part) if run.finished and not synthetic else None,
         "config": _rel(os.path.join(run.path, "config.yaml"), out),
         "metrics": _rel(os.path.join(run.path, "metrics.jsonl"), out),
@@ -191,14 +194,16 @@ def runs_table_html(summary: dict[str, Any]) -> str:
     modalities = sorted({m for r in rows for m in r["unimodal_accuracy"]})
     probed = sorted({m for r in rows for m in r.get("probe_accuracy") or {}})
     head = ["id", "preset", "split", "method", "fusion", "seed", "status", "epochs", "test acc. %", "macro-F1",
-            *[f"{m} head acc. %" for m in modalities], *[f"{m} probe acc. %" for m in probed], "ECE", "best epoch",
-            "files"]
+            *[f"{m} head acc. %" for m in modalities], *[f"{m} probe acc. %" for m in probed],
+            "train part, eval mode %", "train part, training mode %", "ECE", "best epoch (from 1)", "files"]
     out = [f"<table><tr>{_cells(head, 'th', 7)}</tr>"]
     for r in rows:
         values = [r["id"], r["preset"], r["split"], r["method"], r["fusion"], str(r["seed"]), r["status"],
                   str(r["epochs"]), _pct(r["accuracy"]), _num(r["macro_f1"]),
                   *[_pct(r["unimodal_accuracy"].get(m)) for m in modalities],
-                  *[_pct((r.get("probe_accuracy") or {}).get(m)) for m in probed], _num(r["ece"]), _num(r["best_epoch"])]
+                  *[_pct((r.get("probe_accuracy") or {}).get(m)) for m in probed],
+                  _pct(r.get("train_accuracy")), _pct(r.get("train_batch_accuracy")), _num(r["ece"]),
+                  "n/a" if r["best_epoch"] is None else str(r["best_epoch"] + 1)]
         links = f"{_link(r['config'], 'config.yaml')} {_link(r['metrics'], 'metrics.jsonl')}"
         out.append(f"<tr class={r['status']}>{_cells(values, left=7)}<td class=l>{links}</td></tr>")
     out.append("</table>")
@@ -243,7 +248,10 @@ def render_html(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
         accuracy_tables_html(summary),
         *[figure_html(name, path, _missing(name, summary)) for name, path in figures.items()],
         "<h2>Runs</h2>", "<p>Every run found, by setting, method and fusion; links point to its config.yaml and metrics.jsonl. "
-        "epochs: epochs validated; best epoch counts from 0 (as in the logs).</p>",
+        "epochs: epochs validated; best epoch counts from 1, as the progress lines do (metrics.jsonl and "
+        "summary.json count from 0). Train part, eval mode: the tested checkpoint on its own train part in evaluation "
+        "mode; training mode: its training batches' accuracy in that epoch. A large gap means evaluation does not use "
+        "what training learnt (see train.precise_bn in the README).</p>",
         runs_table_html(summary),
         "</body></html>",
     ])

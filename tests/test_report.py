@@ -134,8 +134,10 @@ def test_summary_rows_equal_the_runs_evaluations(report, runs_root):
         assert (row["method"], row["seed"], row["fusion"], row["split"], row["preset"]) == (
             method, seed, "late_linear", "kfold1", "resnet")
         assert row["status"] == "finished"
-        for key in ("accuracy", "macro_f1", "ece", "unimodal_accuracy", "best_epoch", "probe_accuracy"):
+        for key in ("accuracy", "macro_f1", "ece", "unimodal_accuracy", "best_epoch", "probe_accuracy",
+                    "train_accuracy", "train_batch_accuracy"):
             assert row[key] == ev[key], key
+        assert 0 <= row["train_accuracy"] <= 1 and 0 <= row["train_batch_accuracy"] <= 1
 
 
 def test_aggregates_are_numpy_mean_and_sample_std_of_finished_runs(report, runs_root):
@@ -320,9 +322,11 @@ def test_report_command_ends_with_the_short_table(runs_root, tmp_path):
     with open(tmp_path / "rep" / "summary.json", encoding="utf-8") as fh:
         summary = json.load(fh)
     assert lines[-len(tables.short_lines(summary)):] == tables.short_lines(summary)
-    last = {ln.split()[0]: ln.split() for ln in lines[-4:]}
-    assert list(last) == ["audio_only", "visual_only", "joint", "mlb"]
-    mlb = next(r for r in next(iter(summary["study"].values()))["methods"] if r["method"] == "mlb")
+    last = {ln.split()[0]: ln.split() for ln in lines[-5:]}
+    assert list(last) == ["audio_only", "visual_only", "ensemble", "joint", "mlb"]
+    study = next(iter(summary["study"].values()))
+    assert last["ensemble"][1] == f"{100 * study['ensemble']['fused']['mean']:.1f}"  # from the controls' logits files
+    mlb = next(r for r in study["methods"] if r["method"] == "mlb")
     assert last["mlb"][1] == f"{100 * mlb['fused']['mean']:.1f}"
     assert last["mlb"][-3] == f"{100 * mlb['probe']['visual']['mean']:.1f}"
 

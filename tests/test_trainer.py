@@ -75,6 +75,8 @@ def test_evaluate_writes_every_metric(shards, tmp_path):
     assert "accuracy" in proc.stdout
     m = json.load(open(tmp_path / "run" / "eval_test.json"))
     assert m["accuracy"] == trained["accuracy"]
+    # the checkpoint on its own train part in evaluation mode: the same pass as train's probe
+    assert m["train_accuracy"] == trained["train_accuracy"] and 0 <= m["train_accuracy"] <= 1
     index = json.load(open(os.path.join(shards, "shards.json")))
     assert m["samples"] == index["parts"]["test"]["samples"]
     assert len(m["confusion"]) == 6 and len(m["reliability"]) == 15

@@ -72,6 +72,9 @@ DEFAULTS: dict[str, Any] = {
         "bf16": True,  # bf16 autocast on CUDA
         "log_every": 10,
         "deterministic": True,
+        # Recompute batch-norm statistics on the train part before each evaluation (trainer/precise_bn.py).
+        "precise_bn": True,
+        "precise_bn_batches": None,  # at most this many train-part batches; None: the whole part
     },
 }
 # What each numeric or named setting allows; checked where the config is read, so a bad
@@ -102,6 +105,7 @@ RULES: dict[str, Allowed] = {
     "train.patience": Allowed(lo=0),
     "train.device": Allowed(choices=("auto", "cpu", "cuda")),
     "train.log_every": Allowed(lo=1),
+    "train.precise_bn_batches": Allowed(lo=1, optional=True),
 }
 FREE_FORM = {("model", "encoders"), ("model", "fusion"), ("balancing",), ("data", "modalities")}
 

@@ -1,4 +1,5 @@
-"""``cli.py evaluate``: the best checkpoint of a run on one part of its shards."""
+"""``cli.py evaluate``: the best checkpoint of a run on one part of its shards (eval_<part>.json,
+probe_<part>.npz, logits_<part>.npz)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from trainer.checkpoint import load_checkpoint
 from trainer.corpus import shard_classes
 from trainer.data import SKIPPED, make_loader, read_index
 from trainer.loop import build_run_model, data_config, evaluate, probe_model
+from trainer.predictions import save_predictions
 
 
 def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkpoint: str = "best") -> dict:
@@ -30,12 +32,18 @@ def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkp
     model.load_state_dict(load_checkpoint(ckpt_path)["model"])
     loader, _ = make_loader(shards, part, data_config(cfg), train=False)
     features: dict = {}
+    predictions: dict = {}
     SKIPPED.records.clear()
-    metrics = evaluate(model, loader, torch.device("cpu"), cfg["model"]["n_classes"], nullcontext, features=features)
+    metrics = evaluate(model, loader, torch.device("cpu"), cfg["model"]["n_classes"], nullcontext, features=features,
+                       predictions=predictions)
+    save_predictions(os.path.join(run, f"logits_{part}.npz"), **predictions)
     metrics["skipped_corrupt"] = SKIPPED.count  # damaged samples of ``part`` skipped (data.on_corrupt=skip)
     # The probes learn from the run's own train part, even when --shards evaluates on another set.
+    train_metrics: dict = {}
     metrics["probe_accuracy"] = probe_model(model, cfg["data"].get("shards") or shards, cfg, torch.device("cpu"),
-                                            nullcontext, part, features, os.path.join(run, f"probe_{part}.npz"))
+                                            nullcontext, part, features, os.path.join(run, f"probe_{part}.npz"),
+                                            train_metrics)
+    metrics["train_accuracy"] = train_metrics.get("accuracy")  # the same checkpoint on its train part, eval mode
     metrics.update(part=part, checkpoint=checkpoint, shards=shards, classes=shard_classes(read_index(shards)))
     with open(os.path.join(run, f"eval_{part}.json"), "w", encoding="utf-8") as fh:
         json.dump(metrics, fh, indent=2)

@@ -33,6 +33,8 @@ from trainer.data import SKIPPED, DataConfig, make_loader, preflight, read_index
 from trainer.resume import resume_config
 from trainer.metrics import summarize
 from trainer.model import MultimodalModel, build_model
+from trainer.precise_bn import batch_norms, recompute_bn_stats
+from trainer.predictions import ID_BYTES, ids_to_tensor, save_predictions, tensor_to_ids
 from trainer.probe import run_probes
 
 if TYPE_CHECKING:
@@ -160,9 +162,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, n_classes: int, autocast,
-             features: dict | None = None) -> dict:
+             features: dict | None = None, predictions: dict | None = None) -> dict:
     """Metrics over a whole part, gathered from every rank. A ``features`` dict, when given,
-    receives each modality's pooled encoder features and the labels (numpy), for the probes."""
+    receives each modality's pooled encoder features and the labels (numpy), for the probes;
+    a ``predictions`` dict receives ``clip_id``, ``label`` and the fused ``logits`` (numpy),
+    for ``logits_<part>.npz`` (trainer/predictions.py)."""
     core = model.module if isinstance(model, DDP) else model
     core.eval()
     # A decomposable head (late_linear) also gives each modality's share of the fused logits:
@@ -170,7 +174,10 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, n_classes: in
     decomposable = getattr(core.fusion, "decomposable", False)
     labels, fused, uni, share = [], [], {m: [] for m in core.modalities}, {m: [] for m in core.modalities}
     feats: dict[str, list] = {m: [] for m in core.modalities}
+    ids: list[torch.Tensor] = []
     for batch in loader:
+        if predictions is not None:
+            ids.append(ids_to_tensor(batch["clip_id"], device))
         batch = to_device(batch, device)
         with autocast():
             out = core(batch["inputs"])
@@ -190,17 +197,24 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, n_classes: in
     shares = {m: cat(v, empty) for m, v in share.items()} if decomposable else None
     if features is not None:
         features.update({m: cat(v, torch.zeros(0, core.dims[m], device=device)) for m, v in feats.items()}, label=y)
-    return summarize(y, cat(fused, empty), {m: cat(v, empty) for m, v in uni.items()}, n_classes, share_logits=shares)
+    fused_logits = cat(fused, empty)
+    if predictions is not None:
+        clip_ids = tensor_to_ids(cat(ids, torch.zeros(0, ID_BYTES, dtype=torch.uint8, device=device)))
+        predictions.update(clip_id=clip_ids, label=y, logits=fused_logits)
+    return summarize(y, fused_logits, {m: cat(v, empty) for m, v in uni.items()}, n_classes, share_logits=shares)
 
 
 def probe_model(model: torch.nn.Module, shards: str, cfg: dict, device: torch.device, autocast, part: str,
-                part_features: dict, out: str | None) -> dict:
+                part_features: dict, out: str | None, train_metrics: dict | None = None) -> dict:
     """Linear-probe accuracy per modality (trainer/probe.py): the frozen encoders' features of
-    the train part (one more evaluation pass) against ``part``'s, already collected."""
+    the train part (one more evaluation pass) against ``part``'s, already collected. The
+    model's own metrics on the train part in that pass (evaluation mode) go to ``train_metrics``."""
     def collect(name: str) -> dict:
         found: dict = {}
         loader, _ = make_loader(shards, name, data_config(cfg), train=False, device=device)
-        evaluate(model, loader, device, cfg["model"]["n_classes"], autocast, features=found)
+        metrics = evaluate(model, loader, device, cfg["model"]["n_classes"], autocast, features=found)
+        if train_metrics is not None and name == cfg["data"]["train_part"]:
+            train_metrics.update(metrics)
         return found
 
     return run_probes(collect, cfg["data"]["train_part"], part, part_features, out)
@@ -275,6 +289,12 @@ def _load_resume_state(cfg: dict, last_path: str, model, optimizer, schedule, ba
     return ckpt
 
 
+def stopped(state: dict, cfg: dict) -> bool:
+    """Training is over: every epoch done, or early stopping reached its patience."""
+    patience = cfg["train"]["patience"]
+    return state["epoch"] >= cfg["train"]["epochs"] or bool(patience and state["bad_epochs"] >= patience)
+
+
 def _epoch_line(epoch: int, epochs: int, val: dict, val_part: str, loss: float | None, seconds: float) -> str:
     heads = ", ".join(f"{m} {a:.3f}" for m, a in val["unimodal_accuracy"].items())
     shown = f", last train loss {loss:.4f}" if loss is not None else ""
@@ -326,6 +346,12 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
         ckpt = _load_resume_state(cfg, last_path, model, optimizer, schedule, balancer)
         set_rng_state(ckpt["rng"])
         state = ckpt["state"]
+        tested = os.path.join(out, f"eval_{cfg['data']['test_part']}.json")
+        if stopped(state, cfg) and os.path.exists(tested):  # nothing left to do: write nothing
+            with open(tested, encoding="utf-8") as fh:
+                finished = json.load(fh)
+            distributed.cleanup()
+            return {**finished, "already_finished": True}
 
     # Every check passed: now the run folder may change.
     if dist_info.main:
@@ -356,11 +382,17 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     patience, epochs = cfg["train"]["patience"], cfg["train"]["epochs"]
     chatty = dist_info.main and not quiet()
     val_loader, _ = make_loader(shards, val_part, dcfg, train=False, device=device)  # deterministic: built once
+    # Batch-norm statistics recomputed before each evaluation on the train part as evaluation
+    # reads it (trainer/precise_bn.py): the moving averages of small batches mislead eval mode.
+    bn_loader = None
+    if cfg["train"].get("precise_bn") and batch_norms(model):
+        bn_loader, _ = make_loader(shards, cfg["data"]["train_part"], dcfg, train=False, device=device)
     for epoch in range(state["epoch"], epochs):
         loader = train_loader
         loader.set_epoch(epoch)
         balancer.on_epoch_start(model, epoch, loader, val_loader)
         tick, seen, shown_loss = time.perf_counter(), 0, None
+        correct = torch.zeros((), device=device)  # training-mode accuracy of the epoch, summed on the device (no sync per step)
         bar = progress_bar(steps_per_epoch, f"train epoch {epoch + 1}/{epochs}", unit="step") if chatty else None
         for batch in loader:
             batch = to_device(batch, device)
@@ -377,6 +409,7 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
             schedule.step()
             state["step"] += 1
             seen += batch["label"].shape[0] * dist_info.world_size
+            correct += (out_.fused.detach().argmax(1) == batch["label"]).sum()
             if state["step"] % cfg["train"]["log_every"] == 0 or state["step"] == 1:
                 if not torch.isfinite(loss):
                     raise UserError(f"the loss became {loss.item()} at step {state['step']}: lower optim.lr or enable optim.clip_grad")
@@ -396,9 +429,13 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
             bar.close()
 
         # Validate, let the method react, keep the best, stop early when it stops improving.
+        train_batch_acc = float(distributed.all_reduce_mean(correct)) * dist_info.world_size / max(1, seen)
+        if bn_loader is not None:
+            recompute_bn_stats(model, bn_loader, cfg["train"].get("precise_bn_batches"))
         val = evaluate(model, val_loader, device, n_classes, autocast)
         balancer.on_epoch_end(model, epoch, val)
         log.write({"kind": "val", "epoch": epoch, "step": state["step"], "part": val_part, "accuracy": val["accuracy"],
+                   "train_batch_accuracy": train_batch_acc,
                    "macro_f1": val["macro_f1"], "ece": val["ece"],
                    **{f"accuracy_{m}": a for m, a in val["unimodal_accuracy"].items()},
                    **{f"share_accuracy_{m}": a for m, a in val.get("share_accuracy", {}).items()}})
@@ -406,7 +443,7 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
             print(_epoch_line(epoch, epochs, val, val_part, shown_loss, time.perf_counter() - tick), file=sys.stderr, flush=True)
         improved = val["accuracy"] > state["best_acc"]
         if improved:
-            state.update(best_acc=val["accuracy"], best_epoch=epoch, bad_epochs=0)
+            state.update(best_acc=val["accuracy"], best_epoch=epoch, bad_epochs=0, best_train_batch_acc=train_batch_acc)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
@@ -417,24 +454,37 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
                 save_checkpoint(best_path, ckpt)
             save_checkpoint(last_path, ckpt)  # written last: resume continues after this epoch
         distributed.barrier()
-        if patience and state["bad_epochs"] >= patience:
+        if stopped(state, cfg):
+            if chatty and state["epoch"] < epochs:
+                print(f"early stop after epoch {state['epoch']}/{epochs}: no {val_part} improvement for {patience} epochs "
+                      f"(train.patience); best epoch {state['best_epoch'] + 1}", file=sys.stderr, flush=True)
             break
 
     # Test the best checkpoint.
     model.load_state_dict(load_checkpoint(best_path)["model"])
     test_loader, _ = make_loader(shards, cfg["data"]["test_part"], dcfg, train=False, device=device)
     test_features: dict = {}
-    test = evaluate(model, test_loader, device, n_classes, autocast, features=test_features)
+    test_predictions: dict = {}
+    test = evaluate(model, test_loader, device, n_classes, autocast, features=test_features, predictions=test_predictions)
     test_part = cfg["data"]["test_part"]
+    if dist_info.main:  # the fused logits per clip: ensembles of runs are built from them (experiments/ensemble.py)
+        save_predictions(os.path.join(out, f"logits_{test_part}.npz"), **test_predictions)
+    train_metrics: dict = {}
     test["probe_accuracy"] = probe_model(model, shards, cfg, device, autocast, test_part, test_features,
-                                         os.path.join(out, f"probe_{test_part}.npz") if dist_info.main else None)
+                                         os.path.join(out, f"probe_{test_part}.npz") if dist_info.main else None,
+                                         train_metrics)
+    # The tested model on its own train part, in evaluation mode, beside its training-mode
+    # accuracy in the same epoch: a large gap means evaluation does not use what was learnt.
+    test["train_accuracy"] = train_metrics.get("accuracy")
+    test["train_batch_accuracy"] = state.get("best_train_batch_acc")
     # Damaged samples skipped (data.on_corrupt=skip), over every rank: a result to read with care.
     skipped = int(round(float(distributed.all_reduce_mean(torch.tensor(float(SKIPPED.count), device=device))) * dist_info.world_size))
     test.update(best_epoch=state["best_epoch"], best_val_accuracy=state["best_acc"], val_part=val_part, skipped_corrupt=skipped,
                 classes=shard_classes(read_index(shards)))  # the confusion's row and column names
     if dist_info.main:
         log.write({"kind": "test", "epoch": state["best_epoch"], "step": state["step"], "accuracy": test["accuracy"],
-                   "macro_f1": test["macro_f1"], "skipped_corrupt": skipped,
+                   "macro_f1": test["macro_f1"], "skipped_corrupt": skipped, "train_accuracy": test["train_accuracy"],
+                   "train_batch_accuracy": test["train_batch_accuracy"],
                    **{f"accuracy_{m}": a for m, a in test["unimodal_accuracy"].items()},
                    "probe_accuracy": test["probe_accuracy"]})
         with open(os.path.join(out, f"eval_{cfg['data']['test_part']}.json"), "w", encoding="utf-8") as fh:

@@ -19,7 +19,11 @@ from trainer.config import DEFAULTS, deep_update, load_config
 
 # Keys a resumed run may change: they decide how long it continues, not what it learnt.
 RESUMABLE = frozenset({"train.epochs", "train.patience", "train.log_every", "data.workers", "data.prefetch",
-                       "data.persistent_workers", "data.pin_memory"})
+                       "data.persistent_workers", "data.pin_memory",
+                       # how the run is evaluated, not what it learnt: batch-norm statistics before each evaluation
+                       "train.precise_bn", "train.precise_bn_batches"})
+# Keys whose default changed when they were added: a run written before carries on as it was.
+ADDED_WITH_ANOTHER_DEFAULT = {("train", "precise_bn"): False}
 # Filled in by train itself, not chosen by the user.
 RECORDED = frozenset({"data.shards"})
 
@@ -37,6 +41,9 @@ def saved_config(out: str) -> dict:
             raise UserError(f"--resume: {path} is not valid YAML: {err}") from None
     if not isinstance(cfg, dict):
         raise UserError(f"--resume: {path} does not hold a config mapping")
+    for (section, key), value in ADDED_WITH_ANOTHER_DEFAULT.items():
+        if isinstance(cfg.get(section), dict):
+            cfg[section].setdefault(key, value)
     return deep_update(DEFAULTS, cfg)
 
 
