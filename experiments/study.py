@@ -11,7 +11,12 @@ Per setting (see ``Run.setting``), the unimodal controls are the finished one-mo
 - ``vs_joint``: the method minus joint on each of those, paired over (split, seed). The
   method *helps* on a metric only when the CI of the difference lies above 0;
 - ``phenomenon[m]``: joint's probe[m] minus the control's, paired: below 0 (CI under 0) is
-  the under-training of modality m that balancing methods exist to fix.
+  the under-training of modality m that balancing methods exist to fix;
+- ``ensemble``: the unimodal ensemble (UME, experiments/ensemble.py) of the controls of each
+  (split, seed) — the mean of their softmax outputs — and ``oracle``, the share of test clips
+  at least one control gets right; every multimodal method's ``vs_ensemble`` is its fused
+  accuracy minus the ensemble's, paired. A method that cannot beat the ensemble gains nothing
+  from training the modalities together.
 """
 
 from __future__ import annotations
@@ -21,8 +26,12 @@ from typing import Any, Iterable
 import numpy as np
 from scipy import stats as sps
 
+import os
+
 from experiments import aggregate as agg
 from experiments.collect import Run
+from experiments.ensemble import ensemble_scores
+from trainer.predictions import load_predictions
 
 LEVEL = 0.95
 
@@ -80,6 +89,33 @@ def _values(runs: list[Run], modalities: list[str], control_probe: dict[str, dic
     return out
 
 
+def _predictions(run: Run) -> dict | None:
+    path = os.path.join(run.path, f"logits_{run.test_part}.npz")
+    return load_predictions(path) if os.path.exists(path) else None
+
+
+def ensemble_of(controls: dict[str, list[Run]]) -> dict[str, Any] | None:
+    """The controls' ensemble per (split, seed) where every control of that key kept its logits:
+    accuracy and oracle as t intervals, and the per-key accuracies (for paired differences).
+    None with fewer than two controls or no key they all have logits for."""
+    if len(controls) < 2:
+        return None
+    by_key = {m: {_key(r): r for r in reversed(group)} for m, group in controls.items()}  # the first run wins
+    keys = sorted(set.intersection(*(set(k) for k in by_key.values())))
+    scores: dict[tuple[str, int], dict] = {}
+    for key in keys:
+        members = [_predictions(by_key[m][key]) for m in controls]
+        if all(p is not None for p in members):
+            scores[key] = ensemble_scores(members)
+    if not scores:
+        return None
+    return {"members": sorted(r.method for g in controls.values() for r in g[:1]),
+            "n": len(scores), "pairs": [list(k) for k in scores],
+            "fused": t_interval(s["accuracy"] for s in scores.values()),
+            "oracle": t_interval(s["oracle"] for s in scores.values()),
+            "per_key": {k: s["accuracy"] for k, s in scores.items()}}
+
+
 def setting_study(runs: list[Run]) -> dict[str, Any] | None:
     """The study of one setting's finished runs; None when no run has probe accuracies."""
     if not any(r.test.get("probe_accuracy") for r in runs):
@@ -87,10 +123,12 @@ def setting_study(runs: list[Run]) -> dict[str, Any] | None:
     methods = agg.by_method(runs)
     controls: dict[str, dict[str, Any]] = {}
     control_probe: dict[str, dict] = {}
+    control_runs: dict[str, list[Run]] = {}
     for method, (fusion, group) in methods.items():
         mods = group[0].modalities
         if len(mods) == 1 and mods[0] not in controls:
             m = mods[0]
+            control_runs[m] = group
             control_probe[m] = _per_key(group, _probe(m))
             controls[m] = {"method": method, "fusion": fusion, "n": len(group), "runs": [r.id for r in group],
                            "fused": t_interval(_fused(r) for r in group), "probe": t_interval(control_probe[m].values())}
@@ -98,6 +136,7 @@ def setting_study(runs: list[Run]) -> dict[str, Any] | None:
     modalities = list(dict.fromkeys(m for _, group in multi.values() for r in group for m in r.modalities))
     joint = multi.get("joint")
     base = _values(joint[1], modalities, control_probe) if joint else None
+    ensemble = ensemble_of(control_runs)
     rows = []
     for method, (fusion, group) in multi.items():
         values = _values(group, modalities, control_probe)
@@ -112,10 +151,15 @@ def setting_study(runs: list[Run]) -> dict[str, Any] | None:
                 "probe": {m: paired_difference(values[f"probe/{m}"], base[f"probe/{m}"]) for m in modalities},
                 "fraction": {m: paired_difference(values[f"fraction/{m}"], base[f"fraction/{m}"]) for m in modalities
                              if m in control_probe}}
+        if ensemble is not None:
+            row["vs_ensemble"] = {"fused": paired_difference(values["fused"], ensemble["per_key"])}
         rows.append(row)
     phenomenon = {m: paired_difference(base[f"probe/{m}"], control_probe[m]) for m in modalities
                   if base is not None and m in control_probe}
-    return {"modalities": modalities, "controls": controls, "methods": rows, "phenomenon": phenomenon}
+    out = {"modalities": modalities, "controls": controls, "methods": rows, "phenomenon": phenomenon}
+    if ensemble is not None:
+        out["ensemble"] = {k: v for k, v in ensemble.items() if k != "per_key"}
+    return out
 
 
 def study(runs: list[Run]) -> dict[str, dict[str, Any]]:

@@ -28,6 +28,10 @@ LEGEND = ("Accuracies in %, mean ± half-width of the t-based 95 % CI over runs 
           "control's of the same split and seed.")
 DIFF_LEGEND = ("Method minus joint, paired over (split, seed), in points (fractions: % of the control), "
                "mean [95 % CI]; **bold**: the CI excludes 0 (the method helps when positive, hurts when negative).")
+ENSEMBLE_LEGEND = ("ensemble: the unimodal controls of the same split and seed combined after training (the mean of "
+                   "their softmax outputs; UME, Du et al. ICML 2023); Δ fused vs ensemble: the method's fused accuracy "
+                   "minus the ensemble's, paired. oracle: test clips at least one control gets right, the most a fusion "
+                   "of what the controls learnt could reach.")
 
 
 COEFFICIENT_LEGEND = ("Balancing coefficients over training: the mean over runs at each logged step, averaged over the "
@@ -94,21 +98,30 @@ def study_rows(s: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
         for m2 in mods:
             row += [pct(c["probe"]) if m2 == m else "–"] + (["(control)" if m2 == m else "–"] if m2 in s["controls"] else [])
         main.append(row)
+    ens = s.get("ensemble")
+    if ens:
+        blank = ["–"] * (len(head) - 3)
+        main.append([f"ensemble ({' + '.join(ens['members'])})", str(ens["n"]), pct(ens["fused"]), *blank])
+        main.append([f"oracle ({' or '.join(ens['members'])})", str(ens["n"]), pct(ens["oracle"]), *blank])
     for r in s["methods"]:
         row = [r["method"], str(r["n"]), pct(r["fused"])]
         for m in mods:
             row += [pct(r["probe"].get(m))] + ([pct(r["fraction"].get(m))] if m in s["controls"] else [])
         main.append(row)
     tables = [(head, main)]
-    compared = [r for r in s["methods"] if "vs_joint" in r]
+    compared = [r for r in s["methods"] if "vs_joint" in r or "vs_ensemble" in r]
     if compared:
-        head = ["method − joint", "pairs", "Δ fused acc."]
+        with_ensemble = any("vs_ensemble" in r for r in compared)
+        head = ["method − joint", "pairs", "Δ fused acc."] + (["Δ fused vs ensemble"] if with_ensemble else [])
         for m in mods:
             head += [f"Δ {m} probe"] + ([f"Δ {m} / control"] if m in s["controls"] else [])
         rows = []
         for r in compared:
-            v = r["vs_joint"]
-            row = [r["method"], str(v["fused"]["n"]), diff(v["fused"])]
+            v = r.get("vs_joint") or {"fused": None, "probe": {}, "fraction": {}}
+            n = (v["fused"] or (r.get("vs_ensemble") or {}).get("fused") or {}).get("n", "–")
+            row = [r["method"], str(n), diff(v["fused"])]
+            if with_ensemble:
+                row.append(diff((r.get("vs_ensemble") or {}).get("fused")))
             for m in mods:
                 row += [diff(v["probe"].get(m))] + ([diff(v["fraction"].get(m))] if m in s["controls"] else [])
             rows.append(row)
@@ -158,7 +171,8 @@ def markdown(summary: dict[str, Any]) -> str:
         out += [f"**{setting}** — data: {describe_data(data.get(setting))}.", ""]
         for head, rows in study_rows(s):
             out += _markdown_table(head, rows) + [""]
-        out += [LEGEND + (" " + DIFF_LEGEND if any("vs_joint" in r for r in s["methods"]) or s["phenomenon"] else ""), ""]
+        out += [LEGEND + (" " + DIFF_LEGEND if any("vs_joint" in r for r in s["methods"]) or s["phenomenon"] else "")
+                + (" " + ENSEMBLE_LEGEND if s.get("ensemble") else ""), ""]
     coefficients = coefficient_rows(summary)
     if coefficients:
         out += _markdown_table(["method", "coefficient", "first third", "middle third", "last third", "max", "runs"],
@@ -174,6 +188,8 @@ def short_lines(summary: dict[str, Any]) -> list[str]:
         mods = s["modalities"] or list(s["controls"])
         rows = [[c["method"], pct(c["fused"]), *[pct(c["probe"]) if m == cm else "–" for m in mods]]
                 for cm, c in s["controls"].items()]
+        if s.get("ensemble"):
+            rows.append(["ensemble", pct(s["ensemble"]["fused"]), *["–"] * len(mods)])
         rows += [[r["method"], pct(r["fused"]), *[pct(r["probe"].get(m)) for m in mods]] for r in s["methods"]]
         head = ["method", "fused %", *[f"{m} probe %" for m in mods]]
         widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
