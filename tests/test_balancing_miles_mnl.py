@@ -55,7 +55,10 @@ def test_miles_imbalance_by_hand() -> None:
     assert miles_imbalance({"a": 0.8, "v": 0.6}) == pytest.approx(0.25)        # no fused: A = max
     assert miles_imbalance({"a": 0.8, "v": 0.6}, 0.0) == pytest.approx(0.25)
     assert miles_imbalance({"a": 0.0, "v": 0.0}, None) == 0.0
-    assert miles_imbalance({"a": 0.3, "v": 0.5, "t": 0.9}, 0.9) == pytest.approx(0.6 / 0.9)
+    # M = 3: the spread of the utilizations u_m = (A - mean of the others) / A
+    u = utilization({"a": 0.3, "v": 0.5, "t": 0.9}, 0.9)
+    assert miles_imbalance({"a": 0.3, "v": 0.5, "t": 0.9}, 0.9) == pytest.approx(max(u.values()) - min(u.values()))
+    assert miles_imbalance({"a": 0.3, "v": 0.5, "t": 0.9}, 0.9) == pytest.approx(0.6 / (2 * 0.9))
     with pytest.raises(ValueError):
         miles_imbalance({"a": 0.5})
 
@@ -89,7 +92,7 @@ def test_miles_scales_with_the_real_schedule() -> None:
     assert _scales(optimizer) == {"audio": 1.0, "visual": 1.0, "shared": 1.0}
 
 
-def test_miles_default_tau_and_no_change_when_every_utilization_is_negative() -> None:
+def test_miles_default_tau_and_reset_when_every_utilization_is_negative() -> None:
     model, _ = make()
     balancer = build_balancer("miles", model)
     optimizer = _optimizer(balancer, model)
@@ -99,9 +102,11 @@ def test_miles_default_tau_and_no_change_when_every_utilization_is_negative() ->
     balancer.on_epoch_end(model, 1, {"accuracy": 0.8, "unimodal_accuracy": {"audio": 0.7, "visual": 0.4}})
     assert _scales(optimizer) == {"audio": 0.5, "visual": 1.0, "shared": 1.0}
     # fused 0.35 below both unimodal accuracies: u_audio = (0.35 - 0.4) / 0.35 < 0 and
-    # u_visual = (0.35 - 0.7) / 0.35 < 0 -> no adjustment (the scales are not restored either)
+    # u_visual = (0.35 - 0.7) / 0.35 < 0 -> no modality is over-used: every rate back to the
+    # base rate, as the reference implementation resets them (though d = 0.86 > tau)
     balancer.on_epoch_end(model, 2, {"accuracy": 0.35, "unimodal_accuracy": {"audio": 0.7, "visual": 0.4}})
-    assert _scales(optimizer) == {"audio": 0.5, "visual": 1.0, "shared": 1.0}
+    assert _scales(optimizer) == {"audio": 1.0, "visual": 1.0, "shared": 1.0}
+    assert balancer.imbalance == pytest.approx(0.3 / 0.35) and balancer.dominant == ""
     assert utilization({"audio": 0.7, "visual": 0.4}, 0.35) == pytest.approx(
         {"audio": (0.35 - 0.4) / 0.35, "visual": (0.35 - 0.7) / 0.35})
 
@@ -140,7 +145,12 @@ def test_miles_three_modalities_and_options() -> None:
     model, _ = make(("audio", "visual", "text"))
     balancer = build_balancer("miles", model)
     optimizer = _optimizer(balancer, model)
+    # d = (0.7 - 0.4) / (2 * 0.8) = 0.1875: under tau 0.2 once divided by M - 1 = 2 (the
+    # reference's spread of u_m), so nothing is cut; a wider gap is
     balancer.on_epoch_end(model, 0, {"accuracy": 0.8, "unimodal_accuracy": {"audio": 0.4, "visual": 0.7, "text": 0.5}})
+    assert _scales(optimizer) == {"audio": 1.0, "visual": 1.0, "text": 1.0, "shared": 1.0}
+    assert balancer.imbalance == pytest.approx(0.1875)
+    balancer.on_epoch_end(model, 1, {"accuracy": 0.8, "unimodal_accuracy": {"audio": 0.3, "visual": 0.7, "text": 0.5}})
     assert _scales(optimizer) == {"audio": 1.0, "visual": 0.5, "text": 1.0, "shared": 1.0}
     assert balancer.dominant == "visual"
     out = model({m: {"x": torch.randn(2, 3 + i)} for i, m in enumerate(model.modalities)})

@@ -13,11 +13,11 @@ Everything below that is more concrete than that sentence is our choice:
   ``val_metrics["unimodal_accuracy"][m]``), the conditional utilization rate of modality m
   given the others is read as ``u_m = (A - mean_{j != m} a_j) / A``: how much of the fused
   accuracy is lost without m (Wu et al., 2022, with the unimodal heads standing in for the
-  models without m). For two modalities ``u_a - u_v = (a_a - a_v) / A``, so the
-  imbalance is the relative accuracy gap ``d = (max_m a_m - min_m a_m) / A`` (the same
-  formula for any M >= 2; the spread of u_m over modalities, up to a factor (M - 1) for
-  M > 2). If ``A`` is missing or not > 0, ``A`` is replaced by ``max_m a_m`` (and ``d`` is 0
-  when every ``a_m`` is 0).
+  models without m). The imbalance is the spread of the u_m, ``d = max_m u_m - min_m u_m``
+  (the reference implementation's delta; ``|u_a - u_v|`` for two modalities), which works
+  out as ``d = (max_m a_m - min_m a_m) / ((M - 1) A)``: the relative accuracy gap for two
+  modalities. If ``A`` is missing or not > 0, ``A`` is replaced by ``max_m a_m`` (and ``d``
+  is 0 when every ``a_m`` is 0).
 - Rule, at each ``on_epoch_end`` with unimodal accuracies for every modality: the dominant
   modality is the one with the highest ``a_m`` (first in modality order on ties). If
   ``d > tau`` (default 0.2: a 20 % relative gap), the dominant modality's ``lr_scale`` is
@@ -28,10 +28,12 @@ Everything below that is more concrete than that sentence is our choice:
   dominant scale is multiplied by ``mu`` (floored at ``min_scale``, default 0.01) and the
   others are restored to 1; if ``d <= tau`` every scale is divided by ``mu`` and capped at 1
   (restored toward 1 by one step).
-- Epochs without ``unimodal_accuracy`` (or missing one modality) change nothing, and neither
-  do epochs in which every u_m < 0 (the fused model is worse than every model without one
-  modality, so no modality is over-used): the scales stay as they are. This follows the
-  third-party implementation the review of issue 16 cited, which does not adjust then.
+- Epochs without ``unimodal_accuracy`` (or missing one modality) change nothing. An epoch in
+  which every u_m < 0 (the fused model is worse than every model without one modality, so no
+  modality is over-used) counts as balanced, like ``d <= tau``: every scale goes back to 1
+  (with ``compound``, one step back toward 1). This follows the third-party implementation
+  docs/methods.md names (``miles_adjust_learning_rates``), which resets every learning rate
+  to the base rate then.
 - tau defaults to 0.2, that implementation's value.
 - Groups and ``lr_scale``: as ``mslr`` (one optimizer group per modality from
   ``modality_param_groups`` plus a never-rescaled ``"shared"`` group for the fusion); the
@@ -70,7 +72,8 @@ def utilization(unimodal_accuracy: Mapping[str, float], fused_accuracy: float | 
 
 
 def miles_imbalance(unimodal_accuracy: Mapping[str, float], fused_accuracy: float | None = None) -> float:
-    """d = (max_m a_m - min_m a_m) / A, with A = max_m a_m when the fused accuracy is missing or <= 0."""
+    """d = max_m u_m - min_m u_m = (max_m a_m - min_m a_m) / ((M - 1) A), with A = max_m a_m
+    when the fused accuracy is missing or <= 0."""
     accs = [float(a) for a in unimodal_accuracy.values()]
     if len(accs) < 2:
         raise ValueError(f"miles needs unimodal accuracies for at least 2 modalities, got {len(accs)}")
@@ -79,7 +82,7 @@ def miles_imbalance(unimodal_accuracy: Mapping[str, float], fused_accuracy: floa
         ref = max(accs)
     if not ref > 0:
         return 0.0
-    return (max(accs) - min(accs)) / ref
+    return (max(accs) - min(accs)) / ((len(accs) - 1) * ref)
 
 
 @register("miles")
@@ -119,11 +122,10 @@ class MILES(PerModalityLR):
         fused = val_metrics.get("accuracy")
         fused = None if fused is None else float(fused)
         self.imbalance = float(miles_imbalance(accs, fused))
-        if all(u < 0 for u in utilization(accs, fused).values()):
-            return  # no modality is over-used: leave the scales as they are
+        over_used = not all(u < 0 for u in utilization(accs, fused).values())  # all negative: none is
         best = max(accs.values())
         dominant = next(m for m, a in accs.items() if a == best)
-        if self.imbalance > self.tau:
+        if over_used and self.imbalance > self.tau:
             self.dominant = dominant
             for m in self.scale:
                 if m != dominant:
