@@ -172,9 +172,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     metrics = train(cfg, args.shards, args.out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
+        if metrics.get("already_finished"):
+            print(f"train: {args.out} already finished (epoch {cfg['train']['epochs']} or early stop reached; test "
+                  f"accuracy {metrics['accuracy']:.3f} in eval_{cfg['data']['test_part']}.json); nothing to do, nothing "
+                  f"written. To train on, resume with a larger --set train.epochs=N")
+            return 0
         uni = ", ".join(f"{m} {a:.3f}" for m, a in metrics["unimodal_accuracy"].items())
         print(f"train: test accuracy {metrics['accuracy']:.3f} (macro-F1 {metrics['macro_f1']:.3f}; heads: {uni}; "
-              f"linear probes: {_probes(metrics)}) from epoch {metrics['best_epoch']}; run in {args.out}")
+              f"linear probes: {_probes(metrics)}) from epoch {metrics['best_epoch'] + 1}; run in {args.out}")
     return 0
 
 

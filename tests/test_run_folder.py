@@ -89,6 +89,26 @@ def test_a_refused_resume_leaves_the_run_folder_byte_identical(mlb_run, train_sh
         assert yaml.safe_load(fh)["balancing"]["name"] == "mlb"
 
 
+@pytest.mark.parametrize("sets", [[], ["train.epochs=1"]])
+def test_resuming_a_finished_run_says_so_and_writes_nothing(mlb_run, train_shards, sets):
+    before = snapshot(mlb_run)
+    proc = cli(*train_args(train_shards, mlb_run, None, *sets), "--resume")
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "already finished" in text and "nothing written" in text, proc.stdout + proc.stderr
+    assert "train.epochs=N" in text
+    assert snapshot(mlb_run) == before
+
+
+def test_early_stopping_says_why(train_shards, tmp_path):
+    """patience 1 with a learning rate too small to change anything: the second epoch cannot
+    improve on the first, so the run stops there and says so, counting epochs from 1."""
+    proc = cli(*train_args(train_shards, str(tmp_path / "run"), "resnet_joint.yaml", *TINY, "train.epochs=5",
+                           "train.patience=1", "optim.lr=1e-12"), quiet=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "early stop after epoch 2/5: no val improvement for 1 epochs (train.patience); best epoch 1" in proc.stderr
+    assert "from epoch 1;" in proc.stdout
+
+
 def test_a_resume_on_other_shards_is_refused_and_changes_nothing(mlb_run, train_shards, tmp_path):
     before = snapshot(mlb_run)
     proc = cli(*train_args(str(tmp_path / "elsewhere"), mlb_run, None, "train.epochs=2"), "--resume")
