@@ -26,6 +26,7 @@ import textwrap
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from avbalance.errors import UserError  # noqa: E402
+from avbalance.invocation import ENV as PROG_ENV, command, detect, prog  # noqa: E402
 from avbalance.ranges import Allowed, arg  # noqa: E402
 
 CORPORA = ("cremad",)
@@ -115,9 +116,20 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     print(f"preprocess: {summary['done']} clips done, {summary['failed']} failed "
           f"({summary['computed_clips']} computed this run, {summary['seconds']} s)")
     if summary["failed"]:
-        print(f"failed clips and reasons: {os.path.join(args.out, 'status.jsonl')}")
+        print_failed(os.path.join(args.out, "status.jsonl"), summary["failed"])
         return 1
     return 0
+
+
+def print_failed(status_path: str, n_failed: int, shown: int = 3) -> None:
+    """The first failed clips with their stage and reason, and where the rest are listed."""
+    from manifests.io import read_jsonl
+
+    failed = [r for r in read_jsonl(status_path) if r.get("status") == "failed"] if os.path.exists(status_path) else []
+    for row in failed[:shown]:
+        print(f"  failed: {row['clip_id']} at {row.get('stage')}: {row.get('reason')}")
+    more = n_failed - min(shown, len(failed))
+    print(f"{'and ' + str(more) + ' more ' if more > 0 else ''}failed clip(s) with their reasons: {status_path}")
 
 
 def cmd_verify_shards(args: argparse.Namespace) -> int:
@@ -215,7 +227,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     failed = [r for r in records.values() if r.get("status") == "failed"]
     done = sum(r.get("status") == "done" for r in records.values())
     print(f"sweep: {done}/{len(sweep.runs)} runs of the sweep finished, {len(failed)} failed; status in "
-          f"{os.path.join(sweep.out, 'sweep.json')}; report: python cli.py report --runs {sweep.out} --out REPORT_DIR")
+          f"{os.path.join(sweep.out, 'sweep.json')}; report: {command('report')} --runs {sweep.out} --out REPORT_DIR")
     return 1 if failed else 0
 
 
@@ -310,9 +322,18 @@ def corpus_parsers(sub, command: str, help_text: str):
         yield recipe, q
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals are the same one-paragraph ``error:`` as every other refusal
+    (no usage dump; the command's ``--help`` is named). Subcommand parsers inherit it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(error_text(f"{self.prog}: {message}; see `{self.prog} --help`"), file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cli.py",
+    parser = Parser(
+        prog=prog(),
         description="avbalance: audio-visual datasets to WebDataset shards, and modality-balanced training.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -411,7 +432,7 @@ def error_text(message: str) -> str:
 
 def continue_command(argv: list[str], args: argparse.Namespace) -> str:
     """The command that continues after Ctrl-C: ``train`` needs ``--resume`` once a checkpoint exists."""
-    cmd = ["python", "cli.py", *argv]
+    cmd = [*shlex.split(prog()), *argv]
     if args.command == "train" and not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
         cmd.append("--resume")
     return shlex.join(cmd)
@@ -419,6 +440,7 @@ def continue_command(argv: list[str], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    os.environ.setdefault(PROG_ENV, detect())  # the spelling every suggested command uses, here and in children
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from avbalance.errors import UserError
+from avbalance.invocation import prog
 
 RUN_FILES = ("config.yaml", "metrics.jsonl")
 PRESENTATIONS = ("voice", "face", "audiovisual")  # CREMA-D crowd ratings, per presentation
@@ -166,7 +167,7 @@ def collect_runs(root: str) -> list[Run]:
     runs = [read_run(folder, root) for folder in find_runs(root)]
     if not runs:
         raise UserError(f"no runs under {root}: a run folder holds config.yaml and metrics.jsonl "
-                        "(written by `python cli.py train`)")
+                        f"(written by `{prog()} train`)")
     return runs
 
 

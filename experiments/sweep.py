@@ -42,6 +42,7 @@ from typing import Any, Callable
 import yaml
 
 from avbalance.errors import UserError
+from avbalance.invocation import prog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO, "cli.py")
@@ -358,7 +359,7 @@ def missing_shards(specs: list[RunSpec]) -> list[str]:
     for s in specs:
         if not os.path.exists(os.path.join(s.shards, "shards.json")):
             missing[s.shards] = missing.get(s.shards, 0) + 1
-    return [f"{n} run(s) read {path}, which holds no shards.json: run `python cli.py preprocess` for that split first"
+    return [f"{n} run(s) read {path}, which holds no shards.json: run `{prog()} preprocess` for that split first"
             for path, n in missing.items()]
 
 

@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 from avbalance.errors import UserError
+from avbalance.invocation import prog
 
 BLOCK = re.compile(r"(<!-- study-table:begin (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- study-table:end -->)", re.S)
 LEGEND = ("Accuracies in %, mean ± half-width of the t-based 95 % CI over runs (splits × seeds); n: runs. "
@@ -45,9 +46,9 @@ def load_summary(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             summary = json.load(fh)
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"--summary {path}: cannot read a report summary ({err}); `python cli.py report` writes one") from None
+        raise UserError(f"--summary {path}: cannot read a report summary ({err}); `{prog()} report` writes one") from None
     if not isinstance(summary, dict) or "study" not in summary:
-        raise UserError(f"--summary {path}: no `study` section; write it again with this version's `python cli.py report`")
+        raise UserError(f"--summary {path}: no `study` section; write it again with this version's `{prog()} report`")
     return summary
 
 

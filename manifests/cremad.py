@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from avbalance.errors import UserError
+from avbalance.invocation import prog
 from manifests import metadata
 from manifests.probe import LFS_FIX, Probe, probe_file
 from manifests.schema import EMOTION_NAMES, MODALITY_DIRS, SENTENCES, parse_clip_name
@@ -49,7 +50,7 @@ def check_root(root: str) -> dict[str, list[str]]:
         raise UserError(
             f"{root} has no VideoFlash/ or AudioWAV/ folder: is it a CREMA-D copy? "
             "Clone it with `git lfs clone https://github.com/CheyneyComputerScience/CREMA-D` "
-            "and pass that folder, or make a synthetic one with `python cli.py synth cremad --out DIR`."
+            f"and pass that folder, or make a synthetic one with `{prog()} synth cremad --out DIR`."
         )
     if not any(media.values()):
         raise UserError(f"{root} has the CREMA-D folders but they are empty: nothing to index")

@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Iterable
 
 from avbalance.errors import UserError
+from avbalance.invocation import prog
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -69,6 +70,6 @@ def read_manifest(out_dir: str) -> tuple[list[dict], dict]:
     clips_path = os.path.join(out_dir, "clips.jsonl")
     summary_path = os.path.join(out_dir, "summary.json")
     if not (os.path.exists(clips_path) and os.path.exists(summary_path)):
-        raise UserError(f"no complete manifest in {out_dir}; run `python cli.py manifest CORPUS --root ROOT --out {out_dir}`")
+        raise UserError(f"no complete manifest in {out_dir}; run `{prog()} manifest CORPUS --root ROOT --out {out_dir}`")
     with open(summary_path, encoding="utf-8") as fh:
         return read_jsonl(clips_path), json.load(fh)

@@ -57,6 +57,7 @@ import numpy as np
 
 from avbalance import __version__
 from avbalance.errors import UserError
+from avbalance.invocation import prog
 from avbalance.progress import progress_bar
 
 H5_SCHEMA_VERSION = 1
@@ -82,13 +83,13 @@ def export_h5(shards: str, out: str, parts: list[str] | None = None, compression
     index_path = os.path.join(shards, "shards.json")
     if not os.path.isfile(index_path):
         raise UserError(f"{shards} has no shards.json: the shard set is incomplete or was never written; "
-                        "run `python cli.py preprocess` to (re)write it, then export again")
+                        f"run `{prog()} preprocess` to (re)write it, then export again")
     with open(index_path, encoding="utf-8") as fh:
         index_text = fh.read()
     try:
         index = json.loads(index_text)
     except json.JSONDecodeError as err:
-        raise UserError(f"{index_path} is not valid JSON ({err}); run `python cli.py preprocess` again") from None
+        raise UserError(f"{index_path} is not valid JSON ({err}); run `{prog()} preprocess` again") from None
     available = [p for p in PARTS if p in index["parts"]] + [p for p in index["parts"] if p not in PARTS]
     parts = list(dict.fromkeys(parts or available))  # in order, without repeats
     unknown = [p for p in parts if p not in index["parts"]]
@@ -98,7 +99,7 @@ def export_h5(shards: str, out: str, parts: list[str] | None = None, compression
         for shard in index["parts"][part]["shards"]:
             if not os.path.isfile(os.path.join(shards, shard["name"])):
                 raise UserError(f"shard {shard['name']} listed in {index_path} is missing; "
-                                "run `python cli.py preprocess` again to rewrite the shard set")
+                                f"run `{prog()} preprocess` again to rewrite the shard set")
 
     out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
@@ -138,7 +139,7 @@ def _export_part(group: h5py.Group, shards: str, part: dict, keys: list[str], co
             n += 1
         if n != shard["samples"]:
             raise UserError(f"shard {shard['name']} holds {n} samples, shards.json says {shard['samples']}; "
-                            "run `python cli.py preprocess` again to rewrite the shard set")
+                            f"run `{prog()} preprocess` again to rewrite the shard set")
     n = writer.close()
     group.attrs["samples"] = n
     group.attrs["shards"] = json.dumps([s["name"] for s in part["shards"]])
@@ -184,12 +185,12 @@ def _read_shard(path: str, shard: dict, keys: list[str]) -> Iterator[dict[str, b
                     sample["__key__"] = clip_id
                     sample[key] = tar.extractfile(member).read()
         except tarfile.TarError as err:
-            raise UserError(f"shard {name} is damaged ({err}); run `python cli.py preprocess` again") from None
+            raise UserError(f"shard {name} is damaged ({err}); run `{prog()} preprocess` again") from None
         while reader.read(1 << 20):
             pass
         if reader.digest.hexdigest() != shard.get("sha256", reader.digest.hexdigest()):
             raise UserError(f"shard {name} does not match its sha256 in shards.json: the shard set is damaged "
-                            "or changed; run `python cli.py preprocess` again to rewrite it")
+                            f"or changed; run `{prog()} preprocess` again to rewrite it")
         if sample:
             yield sample
 
@@ -225,7 +226,7 @@ class _PartWriter:
         lengths = {len(row[k]) for k in FACE_KEYS if k in row}
         if len(lengths) > 1:
             raise UserError(f"sample {sample['__key__']}: face arrays have different lengths {sorted(lengths)}; "
-                            "the shard set is inconsistent, run `python cli.py preprocess` again")
+                            f"the shard set is inconsistent, run `{prog()} preprocess` again")
         if lengths:
             self.face_lengths.append(lengths.pop())
         if "wav" in row:
@@ -258,7 +259,7 @@ class _PartWriter:
         short = [name for name in self.group if name not in (*FACE_KEYS, "wav") and self.group[name].shape[0] != self.count]
         if short:
             raise UserError(f"{', '.join(short)} missing in some samples; the shard set is inconsistent, "
-                            "run `python cli.py preprocess` again")
+                            f"run `{prog()} preprocess` again")
         for name, lengths in (("face_offsets", self.face_lengths), ("wav_offsets", self.wav_lengths)):
             if lengths:
                 offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -285,7 +286,7 @@ class _PartWriter:
         ds = self.group[name]
         if ds.shape[1:] != data.shape[1:]:
             raise UserError(f"{name} has shape {data.shape[1:]} per row here and {ds.shape[1:]} in earlier samples; "
-                            "the shard set is inconsistent, run `python cli.py preprocess` again")
+                            f"the shard set is inconsistent, run `{prog()} preprocess` again")
         start = ds.shape[0]
         ds.resize(start + len(data), axis=0)
         ds[start:] = data

@@ -130,11 +130,6 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         raise UserError("the face_features stage needs the faces stage: add faces to --stages")
     check_engine(cfg)
     cfg.backend = resolve_backend(cfg.backend, cfg.device)
-    storage = Storage(cfg.out)
-    if cfg.overwrite:
-        for sub in ("cache", "shards"):
-            storage.rmtree(sub)
-    storage.makedirs()
     if "face_features" in cfg.stages:
         cfg.face_features = type(cfg.face_features)(
             model=cfg.face_features.model, weights=cfg.face_features.weights,
@@ -145,10 +140,22 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     timings: dict[str, float] = {}
     mark = time.time()
     recipe = get_recipe(cfg.corpus)(**cfg.recipe_options)
-    clips, skipped, manifest = write_manifest(cfg, storage, recipe)
-    for split in cfg.splits:
-        if not any(split in c["splits"] for c in clips):
-            raise UserError(f"no clip belongs to split {split!r}; splits of this corpus: {sorted({s for c in clips for s in c['splits']})}")
+    storage = Storage(cfg.out)
+    # Every input is checked before the output changes: the manifest is built aside, the splits
+    # checked against it, and only then is anything under --out removed or written.
+    with tempfile.TemporaryDirectory(prefix="avb-manifest-") as manifest_dir:
+        manifest = recipe.prepare(cfg.root, manifest_dir)
+        clips = read_jsonl(os.path.join(manifest_dir, "clips.jsonl"))
+        skipped = read_jsonl(os.path.join(manifest_dir, "skipped.jsonl"))
+        for split in cfg.splits:
+            if not any(split in c["splits"] for c in clips):
+                raise UserError(f"no clip belongs to split {split!r}; splits of this corpus: "
+                                f"{sorted({s for c in clips for s in c['splits']})}; nothing under {cfg.out} was changed")
+        if cfg.overwrite:
+            for sub in ("cache", "shards"):
+                storage.rmtree(sub)
+        storage.makedirs()
+        publish_manifest(manifest_dir, storage)
 
     cache = ClipCache(storage)
     cache.scan([s for s in CLIP_STAGES if s in cfg.stages])
@@ -187,22 +194,16 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     return summary
 
 
-def write_manifest(cfg: PreprocessConfig, storage: Storage, recipe: Recipe) -> tuple[list[dict], list[dict], dict]:
-    """Build ``manifest/`` under the output with the corpus recipe (through a local folder when
-    the output is a URL); return the clips, the skipped files and the manifest summary."""
-    def read(manifest_dir: str) -> tuple[list[dict], list[dict]]:
-        return read_jsonl(os.path.join(manifest_dir, "clips.jsonl")), read_jsonl(os.path.join(manifest_dir, "skipped.jsonl"))
-
-    if not storage.url:
-        manifest_dir = storage.path("manifest")
-        summary = recipe.prepare(cfg.root, manifest_dir)
-        return (*read(manifest_dir), summary)
-    with tempfile.TemporaryDirectory(prefix="avb-manifest-") as manifest_dir:
-        summary = recipe.prepare(cfg.root, manifest_dir)
-        for name in sorted(os.listdir(manifest_dir)):
-            with open(os.path.join(manifest_dir, name), "rb") as fh:
-                storage.write_bytes(f"manifest/{name}", fh.read())
-        return (*read(manifest_dir), summary)
+def publish_manifest(manifest_dir: str, storage: Storage) -> None:
+    """Copy a manifest built in ``manifest_dir`` to ``manifest/`` under the output; a file whose
+    bytes are already there is left untouched (a re-run changes nothing)."""
+    for name in sorted(os.listdir(manifest_dir)):
+        with open(os.path.join(manifest_dir, name), "rb") as fh:
+            data = fh.read()
+        rel = f"manifest/{name}"
+        if storage.exists(rel) and storage.read_bytes(rel) == data:
+            continue
+        storage.write_bytes(rel, data)
 
 
 def status_rows(cfg: PreprocessConfig, clips: list[dict], skipped: list[dict], failures: dict[str, dict[str, str]]) -> list[dict]:

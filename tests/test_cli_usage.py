@@ -86,3 +86,37 @@ def test_the_documented_reading_snippet_runs_without_warnings(train_shards):
         scope: dict = {}
         exec(compile(code, "docs/shards.md", "exec"), scope)  # noqa: S102 - the project's own documentation
     assert scope["feats"].shape[1] == 1408
+
+
+@pytest.mark.parametrize("args, message", [
+    (["preprocess", "cremad", "--root", "R", "--out", "O", "--face-fps", "-1"], "argument --face-fps: -1 is not allowed"),
+    (["trian"], "invalid choice: 'trian'"),
+    (["train", "--shards"], "argument --shards: expected one argument"),
+])
+def test_argparse_refusals_are_one_error_paragraph(args, message):
+    proc = run_cli(*args)
+    text = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in text, proc.stderr
+    assert "usage:" not in proc.stderr and "--help`" in text and len(proc.stderr.splitlines()) <= 3
+
+
+def test_the_console_script_names_itself_in_messages(tmp_path):
+    """``avbalance`` (installed by ``[project.scripts]`` beside this interpreter) runs from any
+    folder and suggests commands spelled ``avbalance ...``; ``cli.py`` spells them so they work
+    with this interpreter."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), "avbalance")
+    assert os.path.exists(script), "the console script is not installed: `make install`"
+    proc = subprocess.run([script, "train", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    text = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "run `avbalance preprocess` first" in text, proc.stderr
+    assert not (tmp_path / "run").exists()
+    from avbalance.invocation import detect
+
+    spelled = detect(os.path.join(REPO, "cli.py"))
+    assert spelled.split()[-1].endswith("cli.py")
+    python = spelled.split()[0]
+    assert python == "python" or os.path.realpath(python) == os.path.realpath(sys.executable)

@@ -145,8 +145,46 @@ def test_folder_preprocess_records_bad_files_and_resumes(folder_run):
     named = sum(row["named"] for row in index["coverage"].values())
     written = sum(row["written"] for row in index["coverage"].values())
     assert (named, written) == (18, 15)  # nothing lost silently: the 3 bad rows are named and missing
+    # the console names failed clips and their reasons, not only the file that lists them
+    assert "failed: class1_gone at manifest:" in proc.stdout and "missing" in proc.stdout
+    assert "failed clip(s) with their reasons: " + os.path.join(out, "status.jsonl") in proc.stdout
     again = run_cli(*folder_run["args"])
     assert "(0 computed this run" in again.stdout
+
+
+def _tree(folder: str) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and mtime (a rewrite with the same bytes shows too)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = (fh.read(), os.stat(path).st_mtime_ns)
+    return out
+
+
+def test_folder_refusals_leave_the_output_as_it_was(folder_run, tmp_path):
+    """A split the CSV does not have, and a bad CSV header: one error, and the output folder
+    (an existing one byte- and mtime-identical, a new one not created)."""
+    before = _tree(folder_run["out"])
+    args = list(folder_run["args"])
+    proc = run_cli(*args, "--split", "kfold1")
+    assert proc.returncode == 2 and "no clip belongs to split 'kfold1'" in " ".join(proc.stderr.split()), proc.stderr
+    assert _tree(folder_run["out"]) == before
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,class\na.mp4,x\n")
+    fresh = tmp_path / "new_out"
+    args[args.index("--labels") + 1], args[args.index("--out") + 1] = str(bad), str(fresh)
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and "the header must name path and label" in " ".join(proc.stderr.split()), proc.stderr
+    assert not fresh.exists()
+
+
+def test_a_re_run_rewrites_no_manifest_file(folder_run):
+    before = {k: v for k, v in _tree(folder_run["out"]).items() if k.startswith("manifest")}
+    run_cli(*folder_run["args"])
+    after = {k: v for k, v in _tree(folder_run["out"]).items() if k.startswith("manifest")}
+    assert after == before and before
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,5 +179,5 @@ def test_only_counts_the_selected_runs_and_a_failure_keeps_the_whole_message(tmp
     (record,) = records.values()
     assert record["status"] == "failed"
     # The whole error paragraph, not the last line of a wrapped message.
-    assert record["reason"].startswith("error: no shards.json in ") and "run `python cli.py preprocess` first" in record["reason"]
+    assert record["reason"].startswith("error: no shards.json in ") and re.search(r"run `\S*(python \S*cli.py|avbalance) preprocess` first", record["reason"])
     assert any(record["reason"] in m for m in messages if "FAILED" in m)

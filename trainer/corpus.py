@@ -13,6 +13,7 @@ import copy
 from typing import Any
 
 from avbalance.errors import UserError
+from avbalance.invocation import prog
 
 # key -> the value when neither the user nor the shard set gives one
 FALLBACKS: dict[str, Any] = {"data.frame_sampling": "consecutive"}
@@ -52,7 +53,7 @@ def apply_shard_set(cfg: dict, index: dict, shards: str) -> dict:
     if classes is None:
         if given is None:
             raise UserError(f"{shards}/shards.json does not name its classes (written by an older version for corpus "
-                            f"{index.get('corpus')!r}): re-run `python cli.py preprocess`, or set model.n_classes")
+                            f"{index.get('corpus')!r}): re-run `{prog()} preprocess`, or set model.n_classes")
     elif given is None:
         out["model"]["n_classes"] = len(classes)
     elif int(given) != len(classes):

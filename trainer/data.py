@@ -44,6 +44,7 @@ from PIL import Image
 
 from avbalance import remote
 from avbalance.errors import UserError
+from avbalance.invocation import prog
 from trainer import tar_members
 from trainer.batch_pool import SLOTS_KEY, BatchPool, new_pass, pooled_stack, slots_for, worker_pool
 from trainer.device_batch import DeviceLoader, EpochStream, LoaderPlan, plan_for
@@ -101,7 +102,7 @@ def read_index(shards: str) -> dict:
         if splits:
             raise UserError(f"{shards} holds shard sets, one per split, but is not one itself: pass one of "
                             f"{', '.join(splits)} as --shards")
-        raise UserError(f"no shards.json in {shards}: not a complete shard set; run `python cli.py preprocess` first")
+        raise UserError(f"no shards.json in {shards}: not a complete shard set; run `{prog()} preprocess` first")
     return index
 
 
@@ -120,8 +121,8 @@ def shard_urls(shards: str, part: str, on_corrupt: str = "error") -> tuple[list[
     for entry, url, size in zip(listed, urls, sizes):
         if "bytes" in entry and size != entry["bytes"] and size != -1:  # -1: pipe:, size unknown
             message = (f"shard {url} is {size} bytes but shards.json records {entry['bytes']}: it is damaged or cut "
-                       f"short. Check the set with `python cli.py verify-shards {shards}` and re-create it with "
-                       "`python cli.py preprocess` (finished stages are cached)")
+                       f"short. Check the set with `{prog()} verify-shards {shards}` and re-create it with "
+                       f"`{prog()} preprocess` (finished stages are cached)")
             if on_corrupt != "skip":
                 raise UserError(message + "; data.on_corrupt=skip reads what it can and counts the samples lost")
             _warn_once(url, "warning: " + message + "; data.on_corrupt=skip: its unreadable samples are skipped and counted")
@@ -135,7 +136,7 @@ def excluded_ids(index: dict, part: str, flags: tuple[str, ...]) -> dict[str, li
     quality = index["parts"][part].get("quality")
     if quality is None:
         raise UserError(f"data.exclude_quality needs shards with quality flags; {index.get('split')} shards were written "
-                        f"by an older version (schema {index.get('schema_version')}): re-run `python cli.py preprocess`")
+                        f"by an older version (schema {index.get('schema_version')}): re-run `{prog()} preprocess`")
     return {f: quality[f] for f in flags if quality.get(f)}
 
 
@@ -513,8 +514,8 @@ class GuardedLoader:
             batch.pop(SLOTS_KEY, None)
             for record in batch.pop("corrupt", []):
                 damaged += 1
-                fix = (f"Check the set with `python cli.py verify-shards {remote.parent(record['shard'])}` and "
-                       "re-create it with `python cli.py preprocess` (finished stages are cached)")
+                fix = (f"Check the set with `{prog()} verify-shards {remote.parent(record['shard'])}` and "
+                       f"re-create it with `{prog()} preprocess` (finished stages are cached)")
                 if record.get("fatal"):
                     raise UserError(f"damaged data: {record['reason']} (e.g. {record['shard']}). {fix}")
                 if self.on_corrupt != "skip":
@@ -527,7 +528,7 @@ class GuardedLoader:
             self._release(held)  # the consumer asked for the next batch: it is done with this one
         if yielded == 0 and damaged:
             raise UserError(f"damaged data: no sample of this part could be read ({damaged} damaged shard(s) or sample(s), "
-                            "listed above); re-create the shards with `python cli.py preprocess`")
+                            f"listed above); re-create the shards with `{prog()} preprocess`")
 
 
 class RankShards(torch.utils.data.IterableDataset):
