@@ -192,3 +192,19 @@ def test_resume_reads_a_config_written_before_a_key_existed(tmp_path):
     resumed = resume_config(str(tmp_path), load_config(None, ["train.epochs=5"]), str(tmp_path / "shards"))
     assert resumed["train"]["epochs"] == 5 and resumed["train"]["log_every"] == load_config(None)["train"]["log_every"]
     assert config_differences(resumed, load_config(None, ["train.epochs=5"])) == []  # data.shards is recorded, not compared
+
+
+def test_resume_refusal_names_unset_and_null_values_plainly(tmp_path):
+    from trainer.config import load_config, save_config
+    from trainer.resume import resume_config
+
+    cfg = load_config(None, ["model.encoders.audio.width=8", "data.samples_per_epoch=64"])
+    cfg["data"]["shards"] = str(tmp_path / "shards")
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    from avbalance.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        resume_config(str(tmp_path), load_config(None), str(tmp_path / "shards"))
+    text = str(err.value)
+    assert "model.encoders.audio.width: the run has 8, this command asks nothing (the key is not set)" in text
+    assert "data.samples_per_epoch: the run has 64, this command asks null" in text and "None" not in text

@@ -69,15 +69,28 @@ def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict, requested: dict) -> list[tuple[str, Any, Any]]:
     """``(key, saved value, requested value)`` for every leaf that differs (recorded keys aside)."""
     a, b = _flat(saved), _flat(requested)
-    missing = object()
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key in RECORDED:
             continue
-        old, new = a.get(key, missing), b.get(key, missing)
+        old, new = a.get(key, UNSET), b.get(key, UNSET)
         if old != new:
-            diffs.append((key, None if old is missing else old, None if new is missing else new))
+            diffs.append((key, old, new))
     return diffs
+
+
+class _Unset:
+    """A key one config has and the other does not."""
+
+    def __repr__(self) -> str:
+        return "nothing (the key is not set)"
+
+
+UNSET = _Unset()
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else repr(value)
 
 
 def resume_config(out: str, requested: dict, shards: str) -> dict:
@@ -88,7 +101,7 @@ def resume_config(out: str, requested: dict, shards: str) -> dict:
     saved = saved_config(out)
     diffs = config_differences(saved, requested)
     refused = [d for d in diffs if d[0] not in RESUMABLE]
-    problems = [f"{key}: the run has {old!r}, this command asks {new!r}" for key, old, new in refused]
+    problems = [f"{key}: the run has {_shown(old)}, this command asks {_shown(new)}" for key, old, new in refused]
     recorded_shards = saved.get("data", {}).get("shards")
     if recorded_shards and remote.canonical(shards) != recorded_shards:
         problems.append(f"--shards: the run reads {recorded_shards}, this command gives {remote.canonical(shards)}")
