@@ -309,3 +309,50 @@ def test_a_kept_loader_leaves_the_global_generator_where_fresh_loaders_did(shard
         return torch.rand(4)
 
     assert torch.equal(after_three_passes(kept=True), after_three_passes(kept=False))
+
+
+def test_the_shuffle_never_mixes_passes_and_empties_at_each_pass_end():
+    from trainer.data import shuffle_by_pass
+
+    samples = [{"__pass__": p, "i": i} for p in range(3) for i in range(10)]
+    damage = {"__corrupt__": {"shard": "x"}}
+    for bufsize in (4, 10, 64):  # smaller than a pass, equal, larger
+        out = list(shuffle_by_pass(bufsize, min(bufsize, 3), random.Random(0))(iter(samples[:15] + [damage] + samples[15:])))
+        got = [s for s in out if "__pass__" in s]
+        assert [s["__pass__"] for s in got] == sorted(s["__pass__"] for s in got)  # pass 0 all out before pass 1
+        for p in range(3):
+            ids = [s["i"] for s in got if s["__pass__"] == p]
+            assert sorted(ids) == list(range(10))  # every sample of a pass once
+        assert [s["i"] for s in got] != [s["i"] for s in samples]  # and shuffled
+        assert damage in out
+    assert [s["i"] for s in shuffle_by_pass(0, 0, random.Random(0))(iter(samples))] == [s["i"] for s in samples]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_training_epoch_reads_no_sample_twice(shards, workers):
+    from trainer.data import DataConfig, make_loader
+
+    """An epoch of a small part is a random permutation of it (cut to whole batches), as a
+    map-style loader's shuffle=True: no clip twice while others wait for the next epoch."""
+    cfg = DataConfig(modalities={"audio": "spec"}, batch_size=8, workers=workers)
+    loader, n_batches = make_loader(shards, "train", cfg, train=True, seed=3)
+    index = json.load(open(os.path.join(shards, "shards.json")))
+    n_train = index["parts"]["train"]["samples"]
+    orders = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        ids = [c for b in loader for c in b["clip_id"]]
+        assert len(ids) == n_batches * 8 and len(set(ids)) == len(ids), f"epoch {epoch}: a clip read twice"
+        assert len(ids) > n_train - 8 * workers  # at most a partial batch per worker left out
+        orders.append(ids)
+    assert orders[0] != orders[1]  # reshuffled every epoch
+
+
+def test_worker_shares_follow_the_samples_each_worker_holds():
+    from trainer.data import worker_shares
+
+    assert worker_shares(6, [36, 18]) == [4, 2]
+    assert worker_shares(22, [180, 180]) == [11, 11]
+    assert worker_shares(5, [10, 10, 10]) == [2, 2, 1]  # remainders to the lower workers
+    assert worker_shares(7, [0, 0]) == [4, 3]  # nothing known: equal, as before
+    assert all(sum(worker_shares(n, s)) == n for n in range(12) for s in ([3, 1], [5, 5, 1], [1]))

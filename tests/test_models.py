@@ -405,3 +405,25 @@ def test_model_under_bf16_autocast() -> None:
         dropped = model({"face": _face_batch()}, drop={"visual"})
     assert torch.isfinite(out.fused.float()).all() and torch.isfinite(dropped.fused.float()).all()
     out.fused.float().sum().backward()
+
+
+def test_heads_start_as_the_reference_code_initialises_them():
+    """model.head_init=xavier_normal (the run config's default): every Linear of the heads and
+    the fusion has zero bias and the Xavier-normal weight std; the encoders are untouched."""
+    from trainer.config import load_config
+
+    cfg = load_config(None, ["model.n_classes=6", "model.encoders.audio.width=8", "model.encoders.visual.width=8"])["model"]
+    assert cfg["head_init"] == "xavier_normal"
+    torch.manual_seed(0)
+    xavier = build_model(cfg)
+    torch.manual_seed(0)
+    plain = build_model({**cfg, "head_init": "torch"})
+    fc = xavier.fusion.fc
+    want = (2.0 / (fc.in_features + fc.out_features)) ** 0.5
+    assert torch.count_nonzero(fc.bias) == 0 and abs(float(fc.weight.std()) / want - 1) < 0.15
+    assert all(torch.count_nonzero(h.bias) == 0 for h in xavier.heads.values())
+    assert not torch.equal(plain.fusion.fc.weight, fc.weight) and torch.count_nonzero(plain.fusion.fc.bias) > 0
+    for a, b in zip(xavier.encoders.parameters(), plain.encoders.parameters()):
+        assert torch.equal(a, b)  # the encoders start from the same weights either way
+    with pytest.raises(UserError, match="model.head_init"):
+        build_model({**cfg, "head_init": "kaiming"})

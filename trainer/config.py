@@ -54,6 +54,8 @@ DEFAULTS: dict[str, Any] = {
             "visual": {"name": "resnet18_visual"},
         },
         "fusion": {"name": "late_linear"},
+        # Linear layers of the heads and the fusion: xavier_normal (the reference codes') | torch
+        "head_init": "xavier_normal",
     },
     "balancing": {"name": "joint"},
     "optim": {
@@ -93,6 +95,7 @@ RULES: dict[str, Allowed] = {
     "data.prefetch": Allowed(lo=1),
     "data.jpeg_decode": Allowed(choices=("cpu", "cuda")),
     "model.n_classes": Allowed(lo=2, optional=True),
+    "model.head_init": Allowed(choices=("xavier_normal", "torch")),
     "data.frame_sampling": Allowed(choices=("consecutive", "spread"), optional=True),
     "optim.name": Allowed(choices=("adam", "adamw", "sgd")),
     "optim.lr": Allowed(lo=0, lo_open=True),

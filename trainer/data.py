@@ -411,7 +411,7 @@ def read_shards(expected: dict[str, int], keys: set[str] | None = None):
                             count += 1
                             current = None
                         if current is None:
-                            current = {"__key__": key, "__url__": url}
+                            current = {"__key__": key, "__url__": url, "__pass__": item.get("pass", 0)}
                         if data is not None:
                             current[name] = data
                 if current is not None:
@@ -532,7 +532,8 @@ class GuardedLoader:
 
 
 class RankShards(torch.utils.data.IterableDataset):
-    """Endless shard URLs for one rank and one loader worker, reshuffled on every pass."""
+    """Endless shard URLs for one rank and one loader worker, reshuffled on every pass; each
+    item names its pass (``{"url", "pass"}``), so that the shuffle never mixes two passes."""
 
     def __init__(self, urls: list[str], rank: int, world_size: int, seed: int, epoch: int) -> None:
         super().__init__()
@@ -546,10 +547,47 @@ class RankShards(torch.utils.data.IterableDataset):
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
         mine = self.urls[wid::nworkers]
         rng = random.Random(self.seed * 1_000_003 + wid)
-        while True:
+        for n in itertools.count():
             rng.shuffle(mine)
             for url in mine:
-                yield {"url": url}
+                yield {"url": url, "pass": n}
+
+
+def shuffle_by_pass(bufsize: int, initial: int, rng: random.Random):
+    """A shuffle buffer (as ``wds.shuffle``: fill ``initial``, then keep ``bufsize`` samples and
+    yield a random one per sample read) that empties itself, in random order, before the next
+    pass over the shards begins. So an epoch yields every sample of its shards once before any
+    sample a second time; with a buffer as large as a worker's share of the part (small corpora),
+    an epoch is a random permutation of it, like a map-style loader's ``shuffle=True``. Records
+    without a pass (damage records) go straight through."""
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        buf: list[dict] = []
+        current, fill = None, max(1, initial)
+
+        def drain() -> Iterator[dict]:
+            rng.shuffle(buf)
+            yield from buf
+            buf.clear()
+
+        for sample in src:
+            this = sample.get("__pass__")
+            if this is None:
+                yield sample
+                continue
+            if current is not None and this != current:
+                yield from drain()
+                fill = max(1, initial)
+            current = this
+            buf.append(sample)
+            if len(buf) < fill:
+                continue
+            fill = max(1, bufsize)
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            yield buf.pop()
+        yield from drain()
+
+    return stage
 
 
 def _fixed_worker_seed() -> int:
@@ -559,15 +597,30 @@ def _fixed_worker_seed() -> int:
     return info.id if info is not None else 0
 
 
-def _worker_share(n_batches: int):
-    """This worker's part of an epoch of ``n_batches``: the DataLoader takes batch k from
-    worker k mod W, so worker w gives ceil((n - w) / W) and stops. The epoch then ends in
-    every worker, instead of workers running on into batches the epoch never takes (their
-    prefetch, thrown away at every epoch's end)."""
+def worker_shares(n_batches: int, sizes: list[int]) -> list[int]:
+    """``n_batches`` split over workers in proportion to the samples each one's shards hold
+    (largest remainders, ties to the lower worker); equal shares when no size is known."""
+    total = sum(sizes)
+    if total <= 0:
+        return [-(-(n_batches - w) // len(sizes)) for w in range(len(sizes))]
+    exact = [n_batches * size / total for size in sizes]
+    shares = [int(x) for x in exact]
+    for w in sorted(range(len(sizes)), key=lambda w: (-(exact[w] - shares[w]), w))[:n_batches - sum(shares)]:
+        shares[w] += 1
+    return shares
+
+
+def _worker_share(n_batches: int, sizes: list[int] | None = None):
+    """This worker's part of an epoch of ``n_batches``, then it stops: the epoch ends in every
+    worker, instead of workers running on into batches the epoch never takes (their prefetch,
+    thrown away at every epoch's end). With ``sizes`` (samples per worker) the parts follow
+    them, so a worker whose shards hold fewer samples is not made to read some twice while
+    another leaves some unread (the DataLoader skips a worker that has stopped); else equal."""
     def stage(src: Iterator[dict]) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
-        yield from itertools.islice(src, max(0, -(-(n_batches - wid) // nworkers)))
+        shares = worker_shares(n_batches, sizes if sizes and len(sizes) == nworkers else [0] * nworkers)
+        yield from itertools.islice(src, shares[wid])
 
     return stage
 
@@ -578,8 +631,12 @@ def _train_pipeline(epoch: int, urls: list[str], expected: dict[str, int], keys:
     """One epoch's training stream of ``n_batches`` batches, seeded by (seed, rank, epoch);
     built in each worker when the epoch starts, so persistent workers follow ``set_epoch``."""
     stream_seed = (seed * 1_000_003 + rank) * 10_007 + epoch
+    sizes = None
     if len(urls) >= world_size:
         source = RankShards(urls, rank, world_size, seed, epoch)
+        info = torch.utils.data.get_worker_info()
+        nworkers = info.num_workers if info is not None else 1
+        sizes = [sum(expected.get(u, 0) for u in source.urls[w::nworkers]) for w in range(nworkers)]
     else:
         source = wds.ResampledShards(urls, seed=stream_seed, worker_seed=_fixed_worker_seed, deterministic=True)
     return wds.DataPipeline(
@@ -587,10 +644,10 @@ def _train_pipeline(epoch: int, urls: list[str], expected: dict[str, int], keys:
         new_pass,
         read_shards(expected, keys),
         _keep(keys, exclude),
-        wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 64), rng=random.Random(stream_seed)),
+        shuffle_by_pass(cfg.shuffle_buffer, min(cfg.shuffle_buffer, 64), random.Random(stream_seed)),
         _guard(to_inputs(cfg, train=True, seed=stream_seed, jpeg_on_device=jpeg_on_device)),
         _batched(cfg.batch_size, partial=False),
-        _worker_share(n_batches),
+        _worker_share(n_batches, sizes),
     )
 
 

@@ -23,9 +23,10 @@ RESUMABLE = frozenset({"train.epochs", "train.patience", "train.log_every", "dat
                        # how the run is evaluated, not what it learnt: batch-norm statistics before each evaluation
                        "train.precise_bn", "train.precise_bn_batches"})
 # Keys whose default changed when they were added: a run written before carries on as it was.
-ADDED_WITH_ANOTHER_DEFAULT = {("train", "precise_bn"): False}
-# Filled in by train itself, not chosen by the user.
-RECORDED = frozenset({"data.shards"})
+ADDED_WITH_ANOTHER_DEFAULT = {("train", "precise_bn"): False, ("model", "head_init"): "torch"}
+# Filled in by train itself, not chosen by the user; or used only when a run starts (a resumed
+# run loads its weights): kept as the run recorded them, never compared.
+RECORDED = frozenset({"data.shards", "model.head_init"})
 
 
 def saved_config(out: str) -> dict:
