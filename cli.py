@@ -150,7 +150,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     parts = [p for p in args.parts.split(",") if p] if args.parts else None
     summary = export_h5(args.shards, args.out, parts=parts)
     counts = ", ".join(f"{p} {n}" for p, n in summary["parts"].items())
-    print(f"export: {counts} samples -> {summary['out']} ({summary['bytes'] / 1e6:.1f} MB)")
+    state = "up to date, nothing written" if summary.get("up_to_date") else "written"
+    print(f"export: {counts} samples -> {summary['out']} ({summary['bytes'] / 1e6:.1f} MB; {state})")
     return 0
 
 

@@ -101,12 +101,18 @@ def export_h5(shards: str, out: str, parts: list[str] | None = None, compression
                 raise UserError(f"shard {shard['name']} listed in {index_path} is missing; "
                                 f"run `{prog()} preprocess` again to rewrite the shard set")
 
+    recipe = json.dumps({"parts": parts, "compression": compression, "tool": f"avbalance {__version__}",
+                         "schema_version": H5_SCHEMA_VERSION}, sort_keys=True)
+    done = _up_to_date(out, index_text, recipe)
+    if done is not None:  # the same shard set, exported the same way: nothing to do
+        return {"out": out, "parts": done, "bytes": os.path.getsize(out), "up_to_date": True}
     out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
     tmp = out + ".tmp"
     counts: dict[str, int] = {}
     try:
         with h5py.File(tmp, "w") as f:
+            f.attrs["export"] = recipe  # what a re-run compares (with source_index) to skip the work
             f.attrs["schema_version"] = H5_SCHEMA_VERSION
             f.attrs["shards_schema_version"] = index.get("schema_version", 0)
             f.attrs["tool"] = f"avbalance {__version__}"
@@ -125,6 +131,20 @@ def export_h5(shards: str, out: str, parts: list[str] | None = None, compression
             os.remove(tmp)
         raise
     return {"out": out, "parts": counts, "bytes": os.path.getsize(out)}
+
+
+def _up_to_date(out: str, index_text: str, recipe: str) -> dict[str, int] | None:
+    """The sample counts of ``out`` when it already holds this shard index exported this way
+    (files are written whole and renamed, so one that exists is complete); else None."""
+    if not os.path.isfile(out):
+        return None
+    try:
+        with h5py.File(out, "r") as f:
+            if f.attrs.get("export") != recipe or f.attrs.get("source_index") != index_text:
+                return None
+            return {name: int(f[name].attrs["samples"]) for name in json.loads(recipe)["parts"]}
+    except (OSError, KeyError, ValueError):
+        return None  # not a readable export of ours: write it again
 
 
 def _export_part(group: h5py.Group, shards: str, part: dict, keys: list[str], compression: str | None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -111,6 +112,7 @@ def test_ray_writes_the_shards_and_status_of_the_local_engine(corpus, local_run,
     out = str(tmp_path / "ray")  # through an fsspec URL: the storage every node would see
     proc = run_cli("preprocess", "cremad", "--root", corpus, "--out", "file://" + out, *ARGS, "--engine", "ray", check=True)
     assert "12 clips done, 0 failed (12 computed this run" in proc.stdout
+    assert re.search(r"ray: running on a local Ray runtime: 1 node\(s\), \d+ CPUs", proc.stderr), proc.stderr
     assert_same_outputs(out, local_run)
     # The face actors ran the backend the driver resolved (auto: onnx when installed): a torch
     # run's shards differ from those bytes, so matching them means the actors used ONNX Runtime.

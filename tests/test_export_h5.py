@@ -133,3 +133,16 @@ def test_damaged_shard_leaves_no_file(shard_set, tmp_path):
     proc = run_cli("export", "h5", "--shards", directory, "--out", out)
     assert proc.returncode != 0 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
     assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
+
+
+def test_a_re_export_of_the_same_shards_writes_nothing(shard_set, tmp_path):
+    shard_set, _ = shard_set
+    out = str(tmp_path / "set.h5")
+    first = run_cli("export", "h5", "--shards", shard_set, "--out", out, check=True)
+    assert "; written)" in first.stdout
+    stamp = os.stat(out).st_mtime_ns
+    again = run_cli("export", "h5", "--shards", shard_set, "--out", out, check=True)
+    assert "up to date, nothing written" in again.stdout and os.stat(out).st_mtime_ns == stamp
+    assert again.stdout.split("->")[0] == first.stdout.split("->")[0]  # the same counts
+    one = run_cli("export", "h5", "--shards", shard_set, "--out", out, "--parts", "test", check=True)
+    assert "; written)" in one.stdout  # another selection of parts is another export

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -113,6 +114,7 @@ class RayEngine(Engine):
                             "start a cluster with `ray start --head` and pass --ray-address HOST:PORT (or auto), "
                             "or omit --ray-address for a local runtime (on an overloaded machine, try again)")
         self._ray = ray
+        print(describe_cluster(ray, address), file=sys.stderr, flush=True)  # say where the work runs
         return ray
 
     @classmethod
@@ -191,6 +193,18 @@ class RayEngine(Engine):
             if on_done:
                 on_done()
         return results
+
+
+def describe_cluster(ray, address: str | None) -> str:
+    """One line: which Ray the run uses, its nodes and CPUs (and GPUs)."""
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        total = ray.cluster_resources()
+    except Exception:  # noqa: BLE001 -- the line is information; the run does not depend on it
+        nodes, total = [], {}
+    where = f"the Ray cluster at {address} ({ray.get_runtime_context().gcs_address})" if address else "a local Ray runtime"
+    gpus = f", {int(total['GPU'])} GPUs" if total.get("GPU") else ""
+    return f"ray: running on {where}: {len(nodes)} node(s), {int(total.get('CPU', 0))} CPUs{gpus}"
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
