@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train", help="train a multimodal classifier from shards (torchrun for several processes)")
-    p.add_argument("--config", help="YAML preset (trainer/configs/*.yaml); built-in defaults apply where it is silent "
+    p.add_argument("--config", help="a YAML config, or a shipped preset by name (resnet_small, resnet_mlb, ...: trainer/configs/NAME.yaml); built-in defaults apply where it is silent "
                    "(default: none, all built-in defaults; with --resume: the run's own config)")
     p.add_argument("--shards", required=True, metavar="DIR|URL", help="a shard set folder with shards.json (OUT/shards/<split>), "
                    "or its URL: http(s)://, s3://, gs://, file://, or pipe:CMD with {name} for the file name (streamed)")

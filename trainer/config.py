@@ -200,11 +200,24 @@ def _modalities_of(layer: dict) -> Any:
     return data.get("modalities") if isinstance(data, dict) else None
 
 
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def resolve_preset(path: str) -> str:
+    """A YAML file as given, or a shipped preset by name (``resnet_small`` ->
+    ``trainer/configs/resnet_small.yaml``), so ``--config NAME`` works from any folder."""
+    if os.path.exists(path) or os.sep in path or "/" in path:
+        return path
+    named = os.path.join(PRESETS_DIR, path if path.endswith(".yaml") else f"{path}.yaml")
+    return named if os.path.exists(named) else path
+
+
 def load_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> dict:
-    """Defaults (or ``base``, e.g. a run's saved config) <- YAML file (with optional ``base:``
-    file it extends) <- --set overrides; every value checked against its range."""
+    """Defaults (or ``base``, e.g. a run's saved config) <- YAML file or preset name (with
+    optional ``base:`` file it extends) <- --set overrides; every value checked against its range."""
     cfg = copy.deepcopy(DEFAULTS if base is None else base)
     if path:
+        path = resolve_preset(path)
         layer = _read_yaml(path)
         cfg = merge(cfg, layer)
         if _modalities_of(layer) is not None:
@@ -248,7 +261,9 @@ def check_data_quality_keys(cfg: dict) -> None:
 
 def _read_yaml(path: str) -> dict:
     if not os.path.exists(path):
-        raise UserError(f"config file {path} does not exist (presets live in trainer/configs/)")
+        names = sorted(n[:-5] for n in os.listdir(PRESETS_DIR) if n.endswith(".yaml") and not n.endswith("_base.yaml"))
+        raise UserError(f"config file {path} does not exist; give a YAML file or a preset's name "
+                        f"({', '.join(names)}; in {PRESETS_DIR})")
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
