@@ -144,8 +144,22 @@ def _link(href: str, text: str) -> str:
     return f'<a href="{html.escape(urllib.parse.quote(href))}">{html.escape(text)}</a>'
 
 
+def _mean_ci(stat: dict[str, Any]) -> str:
+    """'62.3 [58.2, 66.4] (n=5)': mean and t-based 95 % CI (clipped to 0–100) from mean, std, n."""
+    from scipy import stats as sps
+
+    n, std = int(stat.get("n") or 0), stat.get("std")
+    if stat.get("mean") is None:
+        return ""
+    if n < 3 or std is None:
+        return f"{_pct(stat['mean'])} (n={n})"
+    half = float(sps.t.ppf(0.975, n - 1)) * std / n ** 0.5
+    lo, hi = max(0.0, stat["mean"] - half), min(1.0, stat["mean"] + half)
+    return f"{_pct(stat['mean'])} [{_pct(lo)}, {_pct(hi)}] (n={n})"
+
+
 def accuracy_tables_html(summary: dict[str, Any]) -> str:
-    """Per setting: methods x fusions, 'mean ± std (n)' of the test accuracy in %."""
+    """Per setting: methods x fusions, 'mean [95 % CI] (n)' of the test accuracy in %."""
     parts = []
     for setting in dict.fromkeys(r["setting"] for r in summary["accuracy_table"]):
         rows = [r for r in summary["accuracy_table"] if r["setting"] == setting]
@@ -162,10 +176,21 @@ def accuracy_tables_html(summary: dict[str, Any]) -> str:
             for fusion in fusions:
                 r = next((r for r in rows if r["method"] == method and r["fusion"] == fusion), None)
                 a = r and r["accuracy"]
-                cells.append(f"{_pct(a['mean'])} ± {_pct(a['std'])} (n={r['n']})" if r else "")
+                cells.append(_mean_ci(a) if r else "")
             parts.append(f"<tr>{_cells(cells, left=1)}</tr>")
         parts.append("</table>")
     return "\n".join(parts) or "<p>No finished run: nothing to aggregate.</p>"
+
+
+def verdicts_html(summary: dict[str, Any]) -> str:
+    """Per setting, the generated verdict (experiments/verdicts.py): the answer before the tables."""
+    from experiments.verdicts import verdicts
+
+    parts = []
+    for setting, s in (summary.get("study") or {}).items():
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in verdicts(s))
+        parts.append(f"<h3>{html.escape(setting)}</h3><ul>{items}</ul>")
+    return "\n".join(parts) or "<p>No run with linear-probe accuracies: no verdict.</p>"
 
 
 def study_html(summary: dict[str, Any]) -> str:
@@ -235,7 +260,9 @@ def render_html(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
     return "\n".join([
         "<!DOCTYPE html>", "<html lang=en><head><meta charset=utf-8><title>avbalance report</title>",
         f"<style>{STYLE}</style></head><body>",
-        "<h1>avbalance report: modality balancing methods compared</h1>", f"<p>{html.escape(head)}</p>",
+        "<h1>avbalance report: modality balancing methods compared</h1>",
+        "<h2>What the runs show</h2>", verdicts_html(summary),
+        f"<p>{html.escape(head)}</p>",
         "<h2>Data</h2>", data_html(summary),
         "<h2>Imbalance study: linear probes, unimodal controls, differences to joint</h2>",
         "<p>Each method's fused accuracy and each encoder's linear-probe accuracy (logistic regression on the frozen "
@@ -243,7 +270,8 @@ def render_html(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
         "control's, and every method minus joint paired over (split, seed).</p>",
         study_html(summary),
         "<h2>Accuracy by method and fusion</h2>",
-        "<p>Test accuracy of the fused model in %, mean ± sample std (n runs), per setting (sweep block, preset family "
+        "<p>Test accuracy of the fused model in %, mean [t-based 95 % CI, clipped to 0–100] (n runs; fewer than 3: "
+        "the mean only, no difference can be significant), per setting (sweep block, preset family "
         "and split kind: kfold1..K and vavl1..5 are aggregated).</p>",
         accuracy_tables_html(summary),
         *[figure_html(name, path, _missing(name, summary)) for name, path in figures.items()],

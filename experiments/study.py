@@ -53,7 +53,8 @@ def paired_difference(a: dict[Any, float | None], b: dict[Any, float | None]) ->
     keys = sorted(k for k in set(a) & set(b) if a[k] is not None and b[k] is not None)
     out = t_interval(a[k] - b[k] for k in keys)
     ci = out["ci"]
-    out.update(pairs=[list(k) for k in keys], helps=bool(ci and ci[0] > 0), hurts=bool(ci and ci[1] < 0))
+    enough = out["n"] >= 3  # with 2 pairs the t interval exists, but no difference is called significant
+    out.update(pairs=[list(k) for k in keys], helps=bool(enough and ci and ci[0] > 0), hurts=bool(enough and ci and ci[1] < 0))
     return out
 
 

@@ -24,9 +24,11 @@ from avbalance.errors import UserError
 from avbalance.invocation import prog
 
 BLOCK = re.compile(r"(<!-- study-table:begin (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- study-table:end -->)", re.S)
-LEGEND = ("Accuracies in %, mean ± half-width of the t-based 95 % CI over runs (splits × seeds); n: runs. "
+MIN_RUNS = 3  # below this, no interval is shown and no difference is called significant
+LEGEND = ("Accuracies in %, mean [t-based 95 % CI] over runs (splits × seeds), the interval clipped to 0–100; "
+          "n: runs; with fewer than 3 runs only the mean is shown: no difference can be significant. "
           "probe: linear-probe accuracy of the frozen encoder; / control: probe accuracy as % of the unimodal "
-          "control's of the same split and seed.")
+          "control's of the same split and seed (not clipped: a probe may beat its control).")
 DIFF_LEGEND = ("Method minus joint, paired over (split, seed), in points (fractions: % of the control), "
                "mean [95 % CI]; **bold**: the CI excludes 0 (the method helps when positive, hurts when negative).")
 ENSEMBLE_LEGEND = ("ensemble: the unimodal controls of the same split and seed combined after training (the mean of "
@@ -52,20 +54,37 @@ def load_summary(path: str) -> dict[str, Any]:
     return summary
 
 
-def pct(stat: dict[str, Any] | None) -> str:
-    """'62.3 ± 4.1' (mean ± CI half-width, in %), '62.3' without a CI, '–' without a value."""
+def _few(stat: dict[str, Any]) -> bool:
+    return int(stat.get("n") or 0) < MIN_RUNS
+
+
+def pct(stat: dict[str, Any] | None, clip: bool = True) -> str:
+    """'62.3 [58.2, 66.4]' (mean [95 % CI], in %; the interval clipped to 0–100 with ``clip``),
+    '62.3 (n = 2)' with fewer than ``MIN_RUNS`` runs, '62.3' without a CI, '–' without a value."""
     if not stat or stat.get("mean") is None:
         return "–"
+    mean = 100 * stat["mean"]
+    if _few(stat) and stat.get("n"):
+        return f"{mean:.1f} (n = {stat['n']})"
     if not stat.get("ci"):
-        return f"{100 * stat['mean']:.1f}"
-    return f"{100 * stat['mean']:.1f} ± {100 * (stat['ci'][1] - stat['ci'][0]) / 2:.1f}"
+        return f"{mean:.1f}"
+    lo, hi = 100 * stat["ci"][0], 100 * stat["ci"][1]
+    if clip:
+        lo, hi = max(0.0, lo), min(100.0, hi)
+    return f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
+_pct_full = pct
 
 
 def diff(stat: dict[str, Any] | None, bold: str = "**") -> str:
-    """'+3.1 [−0.5, 6.7]' in points; wrapped in ``bold`` when the CI excludes 0."""
+    """'+3.1 [−0.5, +6.7]' in points; wrapped in ``bold`` when the CI excludes 0; '+3.1 (n = 2)'
+    with fewer than ``MIN_RUNS`` pairs (never bold)."""
     if not stat or stat.get("mean") is None:
         return "–"
     text = f"{100 * stat['mean']:+.1f}"
+    if _few(stat) and stat.get("n"):
+        return f"{text} (n = {stat['n']})"
     if stat.get("ci"):
         text += f" [{100 * stat['ci'][0]:+.1f}, {100 * stat['ci'][1]:+.1f}]"
     return f"{bold}{text}{bold}" if stat.get("helps") or stat.get("hurts") else text
@@ -107,7 +126,7 @@ def study_rows(s: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
     for r in s["methods"]:
         row = [r["method"], str(r["n"]), pct(r["fused"])]
         for m in mods:
-            row += [pct(r["probe"].get(m))] + ([pct(r["fraction"].get(m))] if m in s["controls"] else [])
+            row += [pct(r["probe"].get(m))] + ([pct(r["fraction"].get(m), clip=False)] if m in s["controls"] else [])
         main.append(row)
     tables = [(head, main)]
     compared = [r for r in s["methods"] if "vs_joint" in r or "vs_ensemble" in r]
@@ -167,9 +186,12 @@ def markdown(summary: dict[str, Any]) -> str:
     study, data = summary.get("study") or {}, summary.get("data") or {}
     if not study:
         return "No run with linear-probe accuracies: no study table.\n"
+    from experiments.verdicts import verdicts
+
     out = []
     for setting, s in study.items():
         out += [f"**{setting}** — data: {describe_data(data.get(setting))}.", ""]
+        out += [f"- {line}" for line in verdicts(s)] + [""]
         for head, rows in study_rows(s):
             out += _markdown_table(head, rows) + [""]
         out += [LEGEND + (" " + DIFF_LEGEND if any("vs_joint" in r for r in s["methods"]) or s["phenomenon"] else "")
@@ -183,7 +205,12 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def short_lines(summary: dict[str, Any]) -> list[str]:
-    """A plain table for the terminal: fused and probe accuracy per modality per method."""
+    """A plain table for the terminal: fused and probe accuracy per modality per method
+    (mean [95 % CI]; the mean alone with fewer than ``MIN_RUNS`` runs, as the title says)."""
+    def pct(stat: dict[str, Any] | None) -> str:
+        text = _pct_full(stat)
+        return text.split(" (n = ")[0]
+
     lines = []
     for setting, s in (summary.get("study") or {}).items():
         mods = s["modalities"] or list(s["controls"])
@@ -194,7 +221,8 @@ def short_lines(summary: dict[str, Any]) -> list[str]:
         rows += [[r["method"], pct(r["fused"]), *[pct(r["probe"].get(m)) for m in mods]] for r in s["methods"]]
         head = ["method", "fused %", *[f"{m} probe %" for m in mods]]
         widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
-        lines.append(f"{setting} (mean ± 95 % CI over runs):")
+        few = any(_few(r["fused"]) for r in [*s["controls"].values(), *s["methods"]] if r.get("fused"))
+        lines.append(f"{setting} (mean [95 % CI] over runs{'; fewer than 3 runs: the mean only' if few else ''}):")
         for row in [head, *rows]:
             lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return lines

@@ -103,3 +103,33 @@ def test_a_control_without_logits_leaves_the_study_without_an_ensemble(tmp_path)
     study = setting_study(runs)
     assert "ensemble" not in study and all("vs_ensemble" not in r for r in study["methods"])
     assert "ensemble" not in tables.markdown({"study": {"study": study}, "data": {}})
+
+
+def test_verdicts_cite_each_finding_with_its_interval(tmp_path):
+    """Planted numbers: the verdict names the under-trained encoder, the cost against the
+    ensemble, and says nothing is significant with two runs."""
+    from experiments.verdicts import verdicts
+
+    runs = []
+    for seed in (0, 1, 2):
+        extra = [f"x{i}" for i in range(seed)]
+        labels = np.concatenate([LABELS, np.zeros(seed, int)])
+        wrong = np.log(np.tile([[0.1, 0.8, 0.1]], (seed, 1)))
+        ids = IDS + extra
+        runs.append(_run(tmp_path, "audio_only", ["audio"], seed, 0.5, {"audio": 0.5}, (ids, labels, np.concatenate([AUDIO, wrong]))))
+        runs.append(_run(tmp_path, "visual_only", ["visual"], seed, 0.25, {"visual": 0.40 + 0.01 * seed},
+                         (ids, labels, np.concatenate([VISUAL, wrong]))))
+        runs.append(_run(tmp_path, "joint", ["audio", "visual"], seed, [0.70, 0.49, 0.37][seed],
+                         {"audio": 0.5, "visual": 0.20 + 0.012 * seed}))
+        runs.append(_run(tmp_path, "mlb", ["audio", "visual"], seed, [0.71, 0.50, 0.36][seed],
+                         {"audio": 0.5, "visual": 0.35 + 0.01 * seed}))
+    lines = verdicts(setting_study(runs))
+    text = " ".join(lines)
+    assert "Joint training under-trains the visual encoder" in text and "(n = 3)" in text
+    assert "Imbalance costs fused accuracy: joint training differs from the unimodal ensemble" in text
+    assert "No method changes the fused accuracy against joint beyond its CI (1 compared)" in text
+    assert "Methods that change only the encoders" in text and "mlb (visual probe +14.8 points [" in text, lines
+    assert "Below the unimodal ensemble beyond the CI: mlb" in text
+    assert all(line.endswith(".") for line in lines)
+    few = setting_study([r for r in runs if r.seed < 2])
+    assert verdicts(few) == ["With 2 run(s) per method, no difference can be significant: the tables show means only."]

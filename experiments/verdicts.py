@@ -1,0 +1,101 @@
+"""The study's answer in sentences, generated from a setting's numbers (``study.setting_study``
+in a report's summary.json), one finding per sentence, each citing its interval: what the
+report page and the README open with, so no sentence about a result is written by hand.
+
+Findings, in order: whether joint training under-trains a modality (its probe against the
+unimodal control's); what imbalance costs in fused accuracy (joint against the unimodal
+ensemble); which methods change the fused accuracy against joint beyond their CI, and which
+change only the encoders (a probe beyond its CI, the fused accuracy not); which methods beat
+or fall below the ensemble. A difference counts only with at least ``MIN_RUNS`` pairs and a
+95 % CI clear of 0; with fewer runs the verdict says that nothing can be significant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from experiments.tables import MIN_RUNS
+
+
+def _pts(stat: dict[str, Any]) -> str:
+    """'+3.1 points [−0.5, +6.7] (n = 5)'."""
+    text = f"{100 * stat['mean']:+.1f} points"
+    if stat.get("ci"):
+        text += f" [{100 * stat['ci'][0]:+.1f}, {100 * stat['ci'][1]:+.1f}]"
+    return f"{text} (n = {stat['n']})"
+
+
+def _clear(stat: dict[str, Any] | None) -> int:
+    """+1 above 0, -1 below 0 beyond the CI (with enough pairs), 0 otherwise."""
+    if not stat or stat.get("mean") is None or int(stat.get("n") or 0) < MIN_RUNS or not stat.get("ci"):
+        return 0
+    return 1 if stat["ci"][0] > 0 else -1 if stat["ci"][1] < 0 else 0
+
+
+def _list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def verdicts(s: dict[str, Any]) -> list[str]:
+    """One sentence per finding for one setting of a summary's ``study``."""
+    runs = [int(r.get("n") or 0) for r in s.get("methods", [])] + [int(c.get("n") or 0) for c in s.get("controls", {}).values()]
+    if runs and max(runs) < MIN_RUNS:
+        return [f"With {max(runs)} run(s) per method, no difference can be significant: the tables show means only."]
+    out = []
+    for m, p in (s.get("phenomenon") or {}).items():
+        control = s["controls"][m]["method"]
+        sign = _clear(p)
+        if sign < 0:
+            out.append(f"Joint training under-trains the {m} encoder: its linear probe differs from {control}'s by {_pts(p)}.")
+        elif sign > 0:
+            out.append(f"Joint training's {m} encoder probes better than {control}'s, by {_pts(p)}.")
+        else:
+            out.append(f"No under-training of the {m} encoder shows: joint − {control} probe {_pts(p)} (the CI holds 0).")
+    methods = {r["method"]: r for r in s.get("methods", [])}
+    joint = methods.get("joint")
+    ens = s.get("ensemble")
+    if ens and joint and joint.get("vs_ensemble"):
+        gap = joint["vs_ensemble"]["fused"]
+        sign = _clear(gap)
+        members = " + ".join(ens["members"])
+        if sign < 0:
+            out.append(f"Imbalance costs fused accuracy: joint training differs from the unimodal ensemble ({members}) by "
+                       f"{_pts(gap)}.")
+        elif sign > 0:
+            out.append(f"Joint training beats the unimodal ensemble ({members}), by {_pts(gap)}.")
+        else:
+            out.append(f"Joint training and the unimodal ensemble ({members}) do not differ beyond the CI: {_pts(gap)}.")
+        oracle = ens.get("oracle") or {}
+        if oracle.get("mean") is not None:
+            out.append(f"At least one unimodal control is right on {100 * oracle['mean']:.1f} % of test clips "
+                       f"(n = {oracle['n']}): the most a fusion of what the controls learnt could reach.")
+    compared = [r for r in s.get("methods", []) if r.get("vs_joint")]
+    if compared:
+        better = [f"{r['method']} ({_pts(r['vs_joint']['fused'])})" for r in compared if _clear(r["vs_joint"]["fused"]) > 0]
+        worse = [f"{r['method']} ({_pts(r['vs_joint']['fused'])})" for r in compared if _clear(r["vs_joint"]["fused"]) < 0]
+        if better:
+            out.append(f"Fused accuracy above joint beyond the CI: {_list(better)}.")
+        if worse:
+            out.append(f"Fused accuracy below joint beyond the CI: {_list(worse)}.")
+        if not better and not worse:
+            out.append(f"No method changes the fused accuracy against joint beyond its CI ({len(compared)} compared).")
+        encoders_only = []
+        for r in compared:
+            if _clear(r["vs_joint"]["fused"]) != 0:
+                continue
+            lifted = [f"{m} probe {_pts(p)}" for m, p in r["vs_joint"]["probe"].items() if _clear(p) > 0]
+            if lifted:
+                encoders_only.append(f"{r['method']} ({'; '.join(lifted)})")
+        if encoders_only:
+            out.append(f"Methods that change only the encoders (a probe above joint's beyond the CI, the fused accuracy "
+                       f"not): {_list(encoders_only)}.")
+    if ens:
+        above = [f"{r['method']} ({_pts(r['vs_ensemble']['fused'])})" for r in s.get("methods", [])
+                 if r.get("vs_ensemble") and r["method"] != "joint" and _clear(r["vs_ensemble"]["fused"]) > 0]
+        below = [f"{r['method']} ({_pts(r['vs_ensemble']['fused'])})" for r in s.get("methods", [])
+                 if r.get("vs_ensemble") and r["method"] != "joint" and _clear(r["vs_ensemble"]["fused"]) < 0]
+        if above:
+            out.append(f"Above the unimodal ensemble beyond the CI: {_list(above)}.")
+        if below:
+            out.append(f"Below the unimodal ensemble beyond the CI: {_list(below)}.")
+    return out
