@@ -46,7 +46,7 @@ demo: install
 		--shards '$(DEMO_DIR)/pre/shards/{split}' --jobs 2
 	$(PY) cli.py report --runs $(DEMO_DIR)/runs --out $(DEMO_DIR)/report
 
-# Controlled-imbalance study (README "Controlled-imbalance study"): the calibrated synthetic
+# Controlled-imbalance study (docs/study.md; its result in the README): the calibrated synthetic
 # corpus (the voice shows the emotion on 85 % of clips, the face on 60 % and more faintly, each
 # clip's clarity drawn independently per modality), one actor-disjoint fold; the unimodal
 # controls, joint training and the balancing methods x 5 seeds (experiments/sweeps/study.yaml);

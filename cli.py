@@ -271,7 +271,7 @@ def add_preprocess_options(p: argparse.ArgumentParser, default_split: str, defau
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device for MTCNN and EfficientNet (default cpu)")
     p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
                    help="inference backend of the face networks (MTCNN, EfficientNet-B2): torch, or onnx (ONNX Runtime, "
-                        "CPU only; exported from the same weights once and cached, README 'Face backends'); auto: onnx "
+                        "CPU only; exported from the same weights once and cached, docs/preprocessing.md 'Face backends'); auto: onnx "
                         "on CPU when onnxruntime is installed, else torch (default auto)")
     p.add_argument("--batch-size", type=arg(int, Allowed(lo=1)), default=32, help="face frames per MTCNN/EfficientNet batch (default 32)")
     p.add_argument("--face-fps", type=arg(float, Allowed(lo=0, lo_open=True)), default=None, help="face frames per second, > 0 (default: every frame)")

@@ -279,7 +279,7 @@ def render_html(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
         "epochs: epochs validated; best epoch counts from 1, as the progress lines do (metrics.jsonl and "
         "summary.json count from 0). Train part, eval mode: the tested checkpoint on its own train part in evaluation "
         "mode; training mode: its training batches' accuracy in that epoch. A large gap means evaluation does not use "
-        "what training learnt (see train.precise_bn in the README).</p>",
+        "what training learnt (see train.precise_bn in docs/training.md).</p>",
         runs_table_html(summary),
         "</body></html>",
     ])

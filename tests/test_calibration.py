@@ -1,4 +1,4 @@
-"""The calibrated synthetic corpus (README "Controlled-imbalance study"): each modality alone is
+"""The calibrated synthetic corpus (docs/study.md): each modality alone is
 learnable across actors by the study's model, so the study can tell methods apart.
 
 The study's corpus (the Makefile's synth settings) and its model settings
