@@ -186,9 +186,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(cfg, args.shards, args.out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         if metrics.get("already_finished"):
-            print(f"train: {args.out} already finished (epoch {cfg['train']['epochs']} or early stop reached; test "
-                  f"accuracy {metrics['accuracy']:.3f} in eval_{cfg['data']['test_part']}.json); nothing to do, nothing "
-                  f"written. To train on, resume with a larger --set train.epochs=N")
+            patience = cfg["train"]["patience"]
+            how = (f"early stopping ended it (train.patience={patience}); to train on, resume with a larger "
+                   f"--set train.patience=N (0: off) and, if needed, train.epochs=N" if metrics.get("stopped_early")
+                   else f"all {cfg['train']['epochs']} epochs done; to train on, resume with a larger --set train.epochs=N")
+            print(f"train: {args.out} already finished (test accuracy {metrics['accuracy']:.3f} in "
+                  f"eval_{cfg['data']['test_part']}.json): nothing to do, nothing written; {how}")
             return 0
         uni = ", ".join(f"{m} {a:.3f}" for m, a in metrics["unimodal_accuracy"].items())
         print(f"train: test accuracy {metrics['accuracy']:.3f} (macro-F1 {metrics['macro_f1']:.3f}; heads: {uni}; "

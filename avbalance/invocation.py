@@ -10,6 +10,7 @@ sweep runs and Ray workers inherit it.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 
@@ -30,8 +31,8 @@ def detect(argv0: str | None = None) -> str:
         return "avbalance"
     on_path = shutil.which("python")
     same = on_path is not None and os.path.realpath(on_path) == os.path.realpath(sys.executable)
-    python = "python" if same else _short(sys.executable)
-    return f"{python} {_short(CLI)}"
+    python = "python" if same else shlex.quote(_short(sys.executable))
+    return f"{python} {shlex.quote(_short(CLI))}"
 
 
 def prog() -> str:

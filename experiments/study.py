@@ -107,7 +107,12 @@ def ensemble_of(controls: dict[str, list[Run]]) -> dict[str, Any] | None:
     for key in keys:
         members = [_predictions(by_key[m][key]) for m in controls]
         if all(p is not None for p in members):
-            scores[key] = ensemble_scores(members)
+            try:
+                found = ensemble_scores(members)
+            except ValueError:  # the controls' logits are not of the same clips: no ensemble for this key
+                continue
+            if found["n"]:
+                scores[key] = found
     if not scores:
         return None
     return {"members": sorted(r.method for g in controls.values() for r in g[:1]),

@@ -43,6 +43,8 @@ def verdicts(s: dict[str, Any]) -> list[str]:
         return [f"With {max(runs)} run(s) per method, no difference can be significant: the tables show means only."]
     out = []
     for m, p in (s.get("phenomenon") or {}).items():
+        if p.get("mean") is None:
+            continue  # joint and the control share no (split, seed): nothing to pair
         control = s["controls"][m]["method"]
         sign = _clear(p)
         if sign < 0:
@@ -50,11 +52,12 @@ def verdicts(s: dict[str, Any]) -> list[str]:
         elif sign > 0:
             out.append(f"Joint training's {m} encoder probes better than {control}'s, by {_pts(p)}.")
         else:
-            out.append(f"No under-training of the {m} encoder shows: joint − {control} probe {_pts(p)} (the CI holds 0).")
+            out.append(f"No under-training of the {m} encoder shows: joint − {control} probe {_pts(p)} (the CI holds 0"
+                       f"{'' if int(p.get('n') or 0) >= MIN_RUNS else ', or too few pairs'}).")
     methods = {r["method"]: r for r in s.get("methods", [])}
     joint = methods.get("joint")
     ens = s.get("ensemble")
-    if ens and joint and joint.get("vs_ensemble"):
+    if ens and joint and joint.get("vs_ensemble") and joint["vs_ensemble"]["fused"].get("mean") is not None:
         gap = joint["vs_ensemble"]["fused"]
         sign = _clear(gap)
         members = " + ".join(ens["members"])
@@ -69,7 +72,7 @@ def verdicts(s: dict[str, Any]) -> list[str]:
         if oracle.get("mean") is not None:
             out.append(f"At least one unimodal control is right on {100 * oracle['mean']:.1f} % of test clips "
                        f"(n = {oracle['n']}): the most a fusion of what the controls learnt could reach.")
-    compared = [r for r in s.get("methods", []) if r.get("vs_joint")]
+    compared = [r for r in s.get("methods", []) if r.get("vs_joint") and r["vs_joint"]["fused"].get("mean") is not None]
     if compared:
         better = [f"{r['method']} ({_pts(r['vs_joint']['fused'])})" for r in compared if _clear(r["vs_joint"]["fused"]) > 0]
         worse = [f"{r['method']} ({_pts(r['vs_joint']['fused'])})" for r in compared if _clear(r["vs_joint"]["fused"]) < 0]

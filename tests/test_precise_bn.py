@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -23,7 +24,8 @@ class BNNet(nn.Module):
 def batches(n: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     # Batches of different scale and offset, so an EMA and a plain average differ clearly.
-    return [{"inputs": {"a": {"x": torch.randn(8, 3, generator=g) * (1 + i) + 3 * i}}} for i in range(n)]
+    return [{"inputs": {"a": {"x": torch.randn(8, 3, generator=g) * (1 + i) + 3 * i}}, "label": torch.zeros(8)}
+            for i in range(n)]
 
 
 def test_statistics_are_the_plain_average_of_the_batches_statistics():
@@ -83,9 +85,31 @@ def test_evaluation_after_recompute_matches_training_mode_on_the_same_data():
     with torch.no_grad():
         net.train()
         in_training_mode = net({"a": {"x": x}})
-    recompute_bn_stats(net, [{"inputs": {"a": {"x": x}}}])
+    recompute_bn_stats(net, [{"inputs": {"a": {"x": x}}, "label": torch.zeros(64)}])
     net.eval()
     with torch.no_grad():
         in_eval_mode = net({"a": {"x": x}})
     # running_var is unbiased (n / (n - 1)), the batch's is biased: equal up to that factor
     assert torch.allclose(in_eval_mode * (64 / 63) ** 0.5, in_training_mode, atol=1e-4)
+
+
+def test_a_one_sample_batch_is_skipped_and_an_error_restores_the_statistics():
+    net = BNNet()
+    data = batches(3)
+    lone = {"inputs": {"a": {"x": torch.randn(1, 3)}}, "label": torch.zeros(1)}
+    for b in data:
+        b["label"] = torch.zeros(8)
+    assert recompute_bn_stats(net, [data[0], lone, data[1]]) == 2
+    expect = BNNet()
+    expect.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("bn.running")}, strict=False)
+    recompute_bn_stats(expect, [data[0], data[1]])
+    assert torch.allclose(net.bn.running_mean, expect.bn.running_mean)
+    before = net.bn.running_mean.clone()
+
+    def broken():
+        yield data[2]
+        raise RuntimeError("a damaged batch")
+
+    with pytest.raises(RuntimeError):
+        recompute_bn_stats(net, broken())
+    assert torch.equal(net.bn.running_mean, before) and net.bn.momentum == 0.1

@@ -39,6 +39,11 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    """The number of processes (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """The mean over ranks (the tensor itself when not distributed)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -36,7 +36,8 @@ def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkp
     SKIPPED.records.clear()
     metrics = evaluate(model, loader, torch.device("cpu"), cfg["model"]["n_classes"], nullcontext, features=features,
                        predictions=predictions)
-    save_predictions(os.path.join(run, f"logits_{part}.npz"), **predictions)
+    if shards == cfg["data"].get("shards"):  # another shard set's logits must not pose as the run's own
+        save_predictions(os.path.join(run, f"logits_{part}.npz"), **predictions)
     metrics["skipped_corrupt"] = SKIPPED.count  # damaged samples of ``part`` skipped (data.on_corrupt=skip)
     # The probes learn from the run's own train part, even when --shards evaluates on another set.
     train_metrics: dict = {}

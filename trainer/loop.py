@@ -351,7 +351,7 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
             with open(tested, encoding="utf-8") as fh:
                 finished = json.load(fh)
             distributed.cleanup()
-            return {**finished, "already_finished": True}
+            return {**finished, "already_finished": True, "stopped_early": state["epoch"] < cfg["train"]["epochs"]}
 
     # Every check passed: now the run folder may change.
     if dist_info.main:
@@ -431,7 +431,7 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
         # Validate, let the method react, keep the best, stop early when it stops improving.
         train_batch_acc = float(distributed.all_reduce_mean(correct)) * dist_info.world_size / max(1, seen)
         if bn_loader is not None:
-            recompute_bn_stats(model, bn_loader, cfg["train"].get("precise_bn_batches"))
+            recompute_bn_stats(model, bn_loader, cfg["train"].get("precise_bn_batches"), autocast)
         val = evaluate(model, val_loader, device, n_classes, autocast)
         balancer.on_epoch_end(model, epoch, val)
         log.write({"kind": "val", "epoch": epoch, "step": state["step"], "part": val_part, "accuracy": val["accuracy"],

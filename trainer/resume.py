@@ -19,14 +19,15 @@ from trainer.config import DEFAULTS, deep_update, load_config
 
 # Keys a resumed run may change: they decide how long it continues, not what it learnt.
 RESUMABLE = frozenset({"train.epochs", "train.patience", "train.log_every", "data.workers", "data.prefetch",
-                       "data.persistent_workers", "data.pin_memory",
-                       # how the run is evaluated, not what it learnt: batch-norm statistics before each evaluation
-                       "train.precise_bn", "train.precise_bn_batches"})
+                       "data.persistent_workers", "data.pin_memory"})
 # Keys whose default changed when they were added: a run written before carries on as it was.
 ADDED_WITH_ANOTHER_DEFAULT = {("train", "precise_bn"): False, ("model", "head_init"): "torch"}
-# Filled in by train itself, not chosen by the user; or used only when a run starts (a resumed
-# run loads its weights): kept as the run recorded them, never compared.
-RECORDED = frozenset({"data.shards", "model.head_init"})
+# Filled in by train itself, not chosen by the user; used only when a run starts (a resumed run
+# loads its weights); or fixed for a run's whole life: kept as the run recorded them, never compared.
+RECORDED = frozenset({"data.shards", "model.head_init",
+                      # batch-norm statistics before each evaluation: they also reach methods whose training
+                      # runs eval-mode forwards (AGM, PMR, relearning), so a run keeps its own setting
+                      "train.precise_bn", "train.precise_bn_batches"})
 
 
 def saved_config(out: str) -> dict:
