@@ -400,4 +400,9 @@ def _public_config(cfg: PreprocessConfig) -> dict:
     for k in ("out", "workers", "device", "backend", "overwrite", "chunk", "engine", "ray_address"):
         out.pop(k, None)
     out["faces"] = cfg.faces.recorded()  # options at their defaults as earlier versions wrote them
+    # A stage that did not run has no settings to record: say so instead of listing its defaults
+    # (e.g. face weights "random-init" for a set made without the face stages).
+    for stage in ("faces", "face_features", "flow"):
+        if stage not in cfg.stages and stage in out:
+            out[stage] = f"not run (stages: {','.join(cfg.stages)})"
     return out

@@ -205,6 +205,9 @@ def test_stage_subset_packs_only_those_keys(small_corpus, tmp_path):
     index = json.load(open(os.path.join(out, "shards", "ogm", "shards.json")))
     assert index["keys"] == ["cls", "frames.jpg", "json", "spec.npy", "wav.npy"]
     assert index["face_weights"] is None
+    for stage in ("faces", "face_features", "flow"):  # no settings (no "random-init" weights) for a stage not run
+        assert index["config"][stage] == "not run (stages: frames,audio,pack)"
+    assert isinstance(index["config"]["audio"], dict)
     assert not os.path.exists(os.path.join(out, "cache", "faces"))
 
 

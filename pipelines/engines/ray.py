@@ -197,12 +197,14 @@ class RayEngine(Engine):
 
 def describe_cluster(ray, address: str | None) -> str:
     """One line: which Ray the run uses, its nodes and CPUs (and GPUs)."""
+    where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         total = ray.cluster_resources()
+        if address:
+            where += f" ({ray.get_runtime_context().gcs_address})"
     except Exception:  # noqa: BLE001 -- the line is information; the run does not depend on it
         nodes, total = [], {}
-    where = f"the Ray cluster at {address} ({ray.get_runtime_context().gcs_address})" if address else "a local Ray runtime"
     gpus = f", {int(total['GPU'])} GPUs" if total.get("GPU") else ""
     return f"ray: running on {where}: {len(nodes)} node(s), {int(total.get('CPU', 0))} CPUs{gpus}"
 
