@@ -16,6 +16,7 @@ from manifests.io import read_jsonl
 from pipelines.recipes import get_recipe, recipe_names
 from pipelines.synth.layouts import write_ave_corpus, write_folder_corpus
 from tests.conftest import run_cli
+from tests.test_refusals_change_nothing import tree as _tree
 
 AVE_CLASSES = ["Church bell", "Male speech, man speaking", "Bark"]
 TRAIN = ["--set", "model.encoders.audio.width=4", "model.encoders.visual.width=4", "data.image_size=32",
@@ -150,17 +151,6 @@ def test_folder_preprocess_records_bad_files_and_resumes(folder_run):
     assert "failed clip(s) with their reasons: " + os.path.join(out, "status.jsonl") in proc.stdout
     again = run_cli(*folder_run["args"])
     assert "(0 computed this run" in again.stdout
-
-
-def _tree(folder: str) -> dict[str, tuple[bytes, int]]:
-    """Every file under ``folder``: its bytes and mtime (a rewrite with the same bytes shows too)."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, folder)] = (fh.read(), os.stat(path).st_mtime_ns)
-    return out
 
 
 def test_folder_refusals_leave_the_output_as_it_was(folder_run, tmp_path):
