@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 DEMO_DIR ?= demo
 
-.PHONY: install test test-all demo study readme-tables bench clean
+.PHONY: install test test-all demo study readme-tables bench gpu-check clean
 
 install: $(STAMP)
 
@@ -75,6 +75,15 @@ bench: install
 	$(PY) bench/preprocess.py --json bench/preprocess.json
 	$(PY) bench/train.py --json bench/train.json
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 bench/ddp_step.py --json bench/ddp_step.json
+
+# Every CUDA path measured in one command, on the first GPU a task is lent (<= 8 minutes, its own
+# small synthetic corpus included): throughput with and without the loader, bf16 vs fp32,
+# train.compile, nvJPEG, the face stages on CUDA, a 1-process NCCL torchrun. Writes bench/gpu.json
+# and renders it into docs/benchmarks.md ("GPU check"). Smoke mode on a CPU (the fast suite runs
+# it): `python bench/gpu_check.py --device cpu --tiny --out /tmp/gpu.json`.
+gpu-check: install
+	$(PY) bench/gpu_check.py --device cuda --out bench/gpu.json
+	$(PY) bench/tables.py docs/benchmarks.md
 
 clean:
 	rm -rf $(DEMO_DIR) $(STUDY_DIR) .pytest_cache

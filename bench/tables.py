@@ -18,7 +18,7 @@ import json
 import os
 import re
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as `python bench/tables.py`: the renderers import bench.*
@@ -198,13 +198,76 @@ def ray_engine_table(data: dict) -> str:
     return render(data.get("engine_ray", data)) + "\n"
 
 
+# Blocks whose JSON may not exist yet: their renderer is called with None and says so.
+OPTIONAL = {"gpu_check"}
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        value = f"{value:.3g}" if abs(value) < 10 else f"{value:,.1f}"
+    return f"{value}{unit}"
+
+
+def _gpu_row(name: str, r: dict) -> str:
+    """One item of bench/gpu_check.py: what it measured, in a line."""
+    if r["status"] != "ok":
+        error_lines = (r.get("error") or "").strip().splitlines()
+        why = r.get("reason") or (error_lines[-1] if error_lines else "")
+        return f"| {name} | {r['status']} | {why.replace('|', '/')} |"
+    if name.startswith("resnet") or name == "conformer_w2v":
+        parts = [f"{_fmt(r['samples_per_s'])} samples/s", f"GPU busy {_fmt(r.get('gpu_busy_pct'), ' %')}"]
+        if "peak_memory_gib" in r:
+            parts.append(f"peak {_fmt(r['peak_memory_gib'], ' GiB')}")
+    elif name in ("bf16_vs_fp32", "compile"):
+        parts = [f"{r['steps']} steps, {' vs '.join(r['pair'])}: moving averages within {_fmt(r['max_moving_average_gap'])} "
+                 f"(tolerance {r['tolerance']}): agree {_fmt(r['agree'])}",
+                 f"speed-up {_fmt(r.get('bf16_speedup', r.get('speedup')))}x"]
+        if name == "compile":
+            parts.append(f"first step {r['first_step_seconds'][1]} s ({r['backend']})")
+    elif name == "jpeg_decode":
+        parts = [f"cpu {_fmt(r['samples_per_s_cpu'])} vs cuda {_fmt(r['samples_per_s_cuda'])} samples/s",
+                 f"mean diff {_fmt(r['mean_abs_levels'])} levels: equal {_fmt(r['equal_within_tolerance'])}"]
+    elif name == "faces":
+        parts = [f"{_fmt(r['clips_per_s_candidate'])} clips/s, {_fmt(r['frames_per_s_candidate'])} frames/s "
+                 f"({r['args_candidate']}) vs {_fmt(r['frames_per_s_reference'])} frames/s ({r['args_reference']})",
+                 f"features within {_fmt(r['max_feature_gap'])}, boxes within {_fmt(r['max_box_gap_px'])} px: "
+                 f"equal {_fmt(r['equal_within_tolerance'])}"]
+    elif name == "ddp":
+        parts = [f"one epoch in {_fmt(r['seconds'])} s, backend {r['backend']}"]
+    else:
+        parts = [f"{_fmt(r.get('clips'))} clips" if "clips" in r else ""]
+    return f"| {name} | ok | {'; '.join(p for p in parts if p)} |"
+
+
+@renderer("gpu_check")
+def gpu_check_table(data: dict | None) -> str:
+    """bench/gpu_check.py (`make gpu-check`): one line per item, with the device it ran on."""
+    if data is None:
+        return ("Unmeasured: no GPU machine has been lent to a task yet. `make gpu-check` measures every item "
+                "below on the first one and fills this table from `bench/gpu.json`.\n")
+    head = f"Device: {data.get('device_name')} (torch {data.get('torch')}, CUDA {data.get('cuda', 'none')}), " \
+           f"{data.get('mode')} mode, {data.get('started')}, {data.get('total_seconds')} s in all."
+    if data.get("device_type") != "cuda" or data.get("mode") != "full":
+        head += " **Not GPU figures**: this JSON comes from a CPU or smoke run."
+    rows = ["| item | status | result |", "|---|---|---|"]
+    rows += [_gpu_row(name, r) for name, r in data.get("items", {}).items()]
+    return head + "\n\n" + "\n".join(rows) + "\n"
+
+
 def blocks(text: str) -> list[tuple[str, str, str]]:
     """(json path, renderer name, current body) of each block in ``text``."""
     return [(m["path"], m["name"], m["body"]) for m in BLOCK.finditer(text)]
 
 
 def render(path: str, name: str) -> str:
-    with open(os.path.join(REPO, path), encoding="utf-8") as fh:
+    full = os.path.join(REPO, path)
+    if name in OPTIONAL and not os.path.exists(full):
+        return RENDERERS[name](None)
+    with open(full, encoding="utf-8") as fh:
         return RENDERERS[name](json.load(fh))
 
 

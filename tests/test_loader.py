@@ -212,6 +212,26 @@ def test_flow_batches_equal_the_float32_path(train, sampling):
         assert flips.any() and not flips.all()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_the_sync_free_fills_give_the_host_checked_floats(seed):
+    """On CUDA the zeros of empty clips and the flipped flow's signs are applied on the device
+    without asking the host first (no device sync per batch); on the CPU the host checks
+    whether any clip needs it. Both give the same floats, bit for bit (signed zeros included)."""
+    from trainer.transforms import flip_flow_x, zero_empty_clips
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 3, 4, 5, 5, generator=g)
+    x[x.abs() < 0.3] = 0.0
+    mask = torch.rand(6, 3, generator=g) > 0.5
+    mask[0], mask[1] = False, True  # one empty clip, one full one
+    flipped = torch.rand(6, generator=g) > 0.5
+    flipped[0], flipped[1] = True, False
+    for fill, flags in ((zero_empty_clips, mask), (flip_flow_x, flipped), (zero_empty_clips, torch.ones_like(mask)),
+                        (flip_flow_x, torch.zeros_like(flipped))):
+        host, device = fill(x.clone(), flags, host_check=True), fill(x.clone(), flags, host_check=False)
+        assert torch.equal(host.view(torch.int32), device.view(torch.int32)), fill.__name__
+
+
 def test_set_epoch_replays_what_a_fresh_loader_gives(shards):
     from trainer.data import DataConfig, make_loader
 

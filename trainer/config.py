@@ -77,6 +77,9 @@ DEFAULTS: dict[str, Any] = {
         # Recompute batch-norm statistics on the train part before each evaluation (trainer/precise_bn.py).
         "precise_bn": True,
         "precise_bn_batches": None,  # at most this many train-part batches; None: the whole part
+        # torch.compile each encoder (trainer/model.py compile_encoders): faster steps on a GPU after
+        # a compile of a minute or more; off by default (bench/gpu_check.py measures it)
+        "compile": False,
     },
 }
 # What each numeric or named setting allows; checked where the config is read, so a bad

@@ -32,7 +32,8 @@ from trainer.corpus import apply_shard_set, shard_classes
 from trainer.data import SKIPPED, DataConfig, make_loader, preflight, read_index
 from trainer.resume import resume_config
 from trainer.metrics import summarize
-from trainer.model import MultimodalModel, build_model
+from trainer.model import MultimodalModel, build_model, compile_encoders
+from trainer.balancing.base import to_floats
 from trainer.precise_bn import batch_norms, recompute_bn_stats
 from trainer.predictions import ID_BYTES, ids_to_tensor, save_predictions, tensor_to_ids
 from trainer.probe import run_probes
@@ -272,7 +273,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS repeats its results only with a fixed workspace (else, with warn_only, it warns)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+    # cuDNN's autotuner picks the fastest convolution for each input shape, but by timing it, so
+    # two runs may pick different algorithms (and round differently): only when a run need not
+    # repeat exactly (train.deterministic=false).
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def _load_resume_state(cfg: dict, last_path: str, model, optimizer, schedule, balancer) -> dict:
@@ -371,11 +378,15 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     # bf16 autocast on CUDA; plain fp32 on CPU.
     use_bf16 = device.type == "cuda" and cfg["train"]["bf16"]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    if cfg["train"].get("compile"):
+        compile_encoders(model)  # the encoders, in place: checkpoints and DDP see the same parameters
     step_fn = LossStep(model, balancer)
-    # DDP wraps forward + loss (LossStep): it finds the parameters a method leaves without a
-    # gradient (joint: the unimodal heads) from the loss itself.
+    # DDP wraps forward + loss (LossStep). Where a method leaves parameters without a gradient
+    # (joint: the unimodal heads) or the model may skip some (Wav2Vec2's LayerDrop), DDP finds
+    # them from the loss each step; the other methods skip that search (tests/test_ddp_unused.py).
     if dist_info.world_size > 1:
-        step_fn = DDP(step_fn, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        step_fn = DDP(step_fn, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=balancer.unused_parameters or model.may_skip_parameters())
 
     log = MetricsLog(out, dist_info.main)
     n_classes = cfg["model"]["n_classes"]
@@ -417,7 +428,7 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
                 record = {"kind": "train", "epoch": epoch, "step": state["step"], "loss": float(distributed.all_reduce_mean(loss.detach())),
                           "accuracy": float(distributed.all_reduce_mean(acc)), "lr": schedule.get_last_lr()[0],
                           "samples_per_s": seen / (time.perf_counter() - tick)}
-                record.update({k: float(v) for k, v in parts.items()})
+                record.update(to_floats(parts))  # the loss's parts, read in one device sync
                 record.update({k: float(v) for k, v in balancer.log().items()})
                 log.write(record)
                 shown_loss = record["loss"]

@@ -96,6 +96,12 @@ class MultimodalModel(nn.Module):
         """The fusion's parameters (shared by all modalities)."""
         return [p for p in self.fusion.parameters() if p.requires_grad or not trainable_only]
 
+    def may_skip_parameters(self) -> bool:
+        """Whether a training forward may leave some trainable parameter of an encoder out of the
+        graph, whatever the loss (Wav2Vec2's LayerDrop skips whole layers at random): DDP then
+        needs ``find_unused_parameters`` (the loop's wrap, with the method's ``unused_parameters``)."""
+        return any(bool(getattr(e, "may_skip_parameters", lambda: False)()) for e in self.encoders.values())
+
 
 def _build(registry: Any, kind: str, spec: Mapping[str, Any], *args: Any) -> nn.Module:
     """``registry.get(spec["name"])(*args, **rest of spec)``, with option errors as UserError."""
@@ -171,3 +177,17 @@ def build_model(cfg: Mapping[str, Any]) -> MultimodalModel:
     model = MultimodalModel(encoders, fusion, n_classes)
     init_heads(model, cfg.get("head_init", "torch"))
     return model
+
+
+def compile_encoders(model: MultimodalModel, backend: str = "inductor") -> None:
+    """``train.compile``: ``torch.compile`` each encoder in place (``nn.Module.compile``).
+
+    The encoders hold nearly all of a step's work; the heads, the fusion and a method's loss
+    are a few small ops. Compiling per encoder rather than the whole model keeps each graph
+    whole: the model's loop over modalities, and a frame gather whose size depends on the mask
+    (``resnet18_visual``), would split one graph into many. In place, so parameter names, the
+    state dict, checkpoints and DDP are unchanged. Training, evaluation and the no-grad
+    batch-norm pass each compile once (a new batch size recompiles once, with dynamic shapes).
+    """
+    for encoder in model.encoders.values():
+        encoder.compile(backend=backend)

@@ -134,32 +134,68 @@ def cut_frames(frames: torch.Tensor | list[torch.Tensor], cut: Cut, n_out: int, 
     return torch.stack(out), mask
 
 
+_IMAGENET_ON: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std on ``device``, copied there once (a blocking copy per batch
+    would make the host wait for the device's stream)."""
+    if device not in _IMAGENET_ON:
+        _IMAGENET_ON[device] = (IMAGENET_MEAN.to(device), IMAGENET_STD.to(device))
+    return _IMAGENET_ON[device]
+
+
+def _per_clip(flags: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Per-clip values (B,) viewed to broadcast over ``out`` (B, ...)."""
+    return flags.view(*flags.shape, *([1] * (out.dim() - flags.dim())))
+
+
+def zero_empty_clips(out: torch.Tensor, mask: torch.Tensor, host_check: bool | None = None) -> torch.Tensor:
+    """Zero, in place, the clips of ``out`` (B, T, ...) whose ``mask`` (B, T) has no frame.
+
+    ``host_check`` (default: on the CPU) asks first whether any clip is empty and skips the
+    pass when none is (the usual case): free on the CPU, but on CUDA a device sync per batch,
+    so there the fill runs on the device unconditionally (the same values either way)."""
+    empty = ~mask.any(-1)
+    if out.device.type == "cpu" if host_check is None else host_check:
+        if empty.any():
+            out[empty] = 0
+        return out
+    return out.masked_fill_(_per_clip(empty, out), 0)
+
+
 def normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """uint8 frames (..., T, 3, S, S) -> float32 ImageNet-normalised, on x's device, batched.
 
     Clips with no frame at all (mask all False) stay zeros, as the float32 path gave them.
+    No device sync (``zero_empty_clips``).
     """
-    mean, std = IMAGENET_MEAN.to(x.device), IMAGENET_STD.to(x.device)
+    mean, std = _imagenet_stats(x.device)
     # The float32 path's operations in its order (same rounding), in place: one allocation
     # instead of four, which on CPU costs more than the arithmetic.
     out = x.float().div_(255).sub_(mean).div_(std)
-    empty = ~mask.any(-1)
-    if empty.any():
-        out[empty] = 0
+    return zero_empty_clips(out, mask)
+
+
+def flip_flow_x(out: torch.Tensor, flipped: torch.Tensor, host_check: bool | None = None) -> torch.Tensor:
+    """Negate, in place, the x channels (even) of the flow slots (B, T, 2k, S, S) of the clips
+    ``flipped`` (B,). ``host_check`` as in ``zero_empty_clips``: on CUDA a sign per clip is
+    multiplied in on the device instead of indexing with the mask (a sync); -v and v * -1.0
+    are the same floats."""
+    if out.device.type == "cpu" if host_check is None else host_check:
+        if flipped.any():
+            out[flipped, :, 0::2] = -out[flipped, :, 0::2]
+        return out
+    sign = torch.where(flipped.bool(), -1.0, 1.0).to(device=out.device, dtype=out.dtype)
+    out[:, :, 0::2].mul_(_per_clip(sign, out))
     return out
 
 
 def normalize_flow(x: torch.Tensor, mask: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
     """uint8 flow slots (B, T, 2k, S, S) -> float32 in [-1, 1] around zero motion, batched
     (``flow_input.flow_values``' arithmetic); the x channels (even) of clips whose crop was
-    flipped change sign. Clips with no frame stay zeros."""
-    out = flow_values(x)
-    if flipped.any():
-        out[flipped, :, 0::2] = -out[flipped, :, 0::2]
-    empty = ~mask.any(-1)
-    if empty.any():
-        out[empty] = 0
-    return out
+    flipped change sign. Clips with no frame stay zeros. No device sync on CUDA."""
+    return zero_empty_clips(flip_flow_x(flow_values(x), flipped), mask)
 
 
 def decode_and_cut(jpegs: list[torch.Tensor], cuts: torch.Tensor, frames: int, size: int,

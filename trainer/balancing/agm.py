@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avbalance.errors import UserError
-from trainer.balancing.base import Balancer, register, to_floats
+from trainer.balancing.base import Balancer, log_parts, register
 from trainer.balancing.window import EpochWindow, PaperWindow
 from trainer.distributed import all_reduce_mean
 
@@ -147,22 +147,23 @@ class AGM(EpochWindow, Balancer):
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.init_window("agm", modulation_starts, modulation_ends)
         self.modalities: list[str] = []
-        self.running: torch.Tensor | None = None   # (M,) float32, CPU: mean score over all steps
+        # (M,) float32 on the scores' device (a checkpoint holds it on the CPU): mean score over all steps
+        self.running: torch.Tensor | None = None
         self.steps = 0
         self.epoch = 0
-        self._last: dict[str, list[float]] = {}
+        self._last: dict[str, torch.Tensor | list[float]] = {}  # the last step's k and scores
 
     def on_epoch_start(self, model: nn.Module, epoch: int, loader: Any = None, val_loader: Any = None) -> None:
         self.epoch = int(epoch)
 
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         label = batch["label"]
         bare = getattr(model, "module", model)
         if not bare.training:
             loss = F.cross_entropy(out.fused, label)
-            return loss, to_floats({"ce_fused": loss})
+            return loss, log_parts({"ce_fused": loss})
 
         modalities = list(bare.modalities)
         with eval_mode(bare):  # with gradients: the fusion and encoders learn through them too
@@ -173,36 +174,42 @@ class AGM(EpochWindow, Balancer):
                 phi[m].float().softmax(dim=-1).gather(1, label.view(-1, 1)).clamp_min(1e-8).log().mean()
                 for m in modalities
             ])
-            scores = all_reduce_mean(scores).cpu()
+            # k, the running means and the hooks' factors stay on the device: no sync per step
+            scores = all_reduce_mean(scores)
 
         if self.running is None or self.modalities != modalities:
-            self.modalities, self.running, self.steps = modalities, torch.zeros(len(modalities)), 0
-        k = agm_coefficients(scores, self.running, self.alpha, self.max_diff)
+            self.modalities, self.running, self.steps = modalities, torch.zeros(len(modalities), device=scores.device), 0
+        running = self.running.to(scores.device)  # a resumed state arrives on the CPU
+        k = agm_coefficients(scores, running, self.alpha, self.max_diff)
         if not self.in_window(self.epoch):
             k = torch.ones_like(k)
         self.steps += 1
-        self.running = self.running * (self.steps - 1) / self.steps + scores / self.steps
+        self.running = running * (self.steps - 1) / self.steps + scores / self.steps
 
         for i, m in enumerate(modalities):
             if phi[m].requires_grad:
-                phi[m].register_hook(lambda g, k_m=float(k[i]): g * k_m)
+                phi[m].register_hook(lambda g, k_m=k[i]: g * k_m)
         loss = F.cross_entropy(torch.stack([phi[m] for m in modalities]).sum(dim=0), label)
-        self._last = {"k": k.tolist(), "score": scores.tolist()}
-        return loss, to_floats({"ce_fused": loss})
+        self._last = {"k": k, "score": scores}
+        return loss, log_parts({"ce_fused": loss})
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module, out: Any, batch: Mapping[str, Any]) -> None:
         if self.clip_norm is None or not model.training:
             return
         grads = [p.grad for p in model.fusion.parameters() if p.grad is not None]
-        if grads and max(float(g.abs().max()) for g in grads) > 1.0:
+        # whether any fusion gradient leaves [-1, 1]: one device sync for all of them
+        if grads and bool(torch.stack([g.abs().max().float() for g in grads]).gt(1.0).any()):
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], self.clip_norm)
+
+    def _last_lists(self) -> dict[str, list[float]]:
+        return {key: v.tolist() if isinstance(v, torch.Tensor) else list(v) for key, v in self._last.items()}
 
     def log(self) -> dict[str, float]:
         if not self._last:
             return {}
         out = {}
-        for key, values in self._last.items():
+        for key, values in self._last_lists().items():
             out.update({f"{key}/{m}": float(v) for m, v in zip(self.modalities, values)})
         if self.running is not None:
             out.update({f"mean/{m}": float(v) for m, v in zip(self.modalities, self.running.tolist())})
@@ -211,8 +218,8 @@ class AGM(EpochWindow, Balancer):
     def state_dict(self) -> dict[str, Any]:
         if self.running is None:
             return {"epoch": self.epoch}
-        return {"modalities": list(self.modalities), "running": self.running.clone(), "steps": self.steps,
-                "epoch": self.epoch, "last": {key: list(v) for key, v in self._last.items()}}
+        return {"modalities": list(self.modalities), "running": self.running.detach().cpu().clone(), "steps": self.steps,
+                "epoch": self.epoch, "last": self._last_lists()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.epoch = int(state.get("epoch", 0))

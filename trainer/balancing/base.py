@@ -16,6 +16,11 @@ after that; on resume the model's weights load after ``configure``, then ``load_
 Each epoch: ``on_epoch_start(model, epoch, loader, val_loader)`` ... steps ... validation ...
 ``on_epoch_end(model, epoch, val_metrics)`` (the evaluation dict, e.g. ``accuracy`` and
 ``unimodal_accuracy: {m: acc}``). ``log()`` after a step gives the coefficients.
+``compute_loss``'s parts and ``log()``'s values may be device tensors: the loop reads them
+only at its logging steps. On CUDA every ``float(t)``, ``t.item()``, ``t.tolist()``, ``if t``
+or boolean-mask index in a hook makes the host wait for the device, every step: a hook
+keeps its logging values as tensors and reads a value on the host only where its formula
+needs one there, once per step if it can (docs/training.md, "The CUDA path").
 Every hook gets the bare model. Under DDP the loop wraps forward and ``compute_loss``
 together (``trainer.loop.LossStep``), so extra, masked or hooked forwards inside
 ``compute_loss`` are part of the one DDP forward, and DDP learns which parameters get no
@@ -137,6 +142,21 @@ def to_floats(parts: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(parts.keys(), values))
 
 
+def read_floats(values: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
+    """Python floats of a mix of floats and 0-d tensors, with one device sync for all the tensors
+    (a method's ``log()``: its per-step values stay on the device until the loop logs them)."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    read = to_floats(tensors)
+    return {k: float(read[k]) if k in read else float(v) for k, v in values.items()}
+
+
+def log_parts(parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A loss's named parts for logging, as detached tensors still on the device: reading them
+    (``float(v)``) waits for the device, so the loop does it only at its logging steps
+    (``train.log_every``), not at every step."""
+    return {k: v.detach() for k, v in parts.items()}
+
+
 def modality_param_groups(
     model: Any, base_lr: float, scale: Mapping[str, float] | None = None
 ) -> list[dict[str, Any]]:
@@ -165,6 +185,13 @@ class Balancer:
 
     name: ClassVar[str] = "balancer"
     requires: ClassVar[frozenset[str]] = frozenset()
+    # Whether a training step's loss can leave a trainable parameter of the model without a
+    # gradient: CE(fused) alone leaves the unimodal heads out. The loop passes it to DDP as
+    # ``find_unused_parameters`` (with ``MultimodalModel.may_skip_parameters()``, the
+    # encoders' own case): False spares DDP a walk of the autograd graph after every forward
+    # and a reduction of the used-parameter map in every backward, but a parameter without a
+    # gradient then breaks the next step. tests/test_ddp_unused.py checks every method.
+    unused_parameters: bool = True  # an instance may narrow it in ``configure`` (MSLR)
     # Balancing weighs modalities against each other: every method but ``joint`` needs two.
     min_modalities: ClassVar[int] = 2
 
@@ -205,10 +232,11 @@ class Balancer:
     # -- every step --------------------------------------------------------------------
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss and its named parts (floats, for logging). Default: CE(fused)."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its named parts, for logging: detached 0-d tensors (``log_parts``),
+        which the loop reads (``float``) only at its logging steps. Default: CE(fused)."""
         loss, parts = cross_entropy_parts(out, batch["label"], unimodal=False)
-        return loss, to_floats(parts)
+        return loss, log_parts(parts)
 
     def after_backward(self, model: nn.Module, out: Any, batch: Mapping[str, Any]) -> None:
         """Edit the (unscaled) gradients in place, before clipping and the optimizer step."""

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avbalance.errors import UserError
-from trainer.balancing.base import Balancer, register, to_floats
+from trainer.balancing.base import Balancer, log_parts, read_floats, register
 from trainer.distributed import all_reduce_mean
 
 EPS = 1e-8
@@ -95,6 +95,8 @@ class CGGM(Balancer):
     """
 
     requires = frozenset({"multimodal"})
+    # CE(fused) reaches the encoders and the fusion, each probe CE its head (on detached features)
+    unused_parameters = False
 
     def __init__(
         self, rho: float = 1.3, lam: float = 0.2, eps: float = EPS, max_coeff: float | None = 10.0,
@@ -119,7 +121,7 @@ class CGGM(Balancer):
         self.prev_acc: dict[str, float] = {}
         self.step = 0
         self._pending: dict[str, float] = {}
-        self._last: dict[str, float] = {}
+        self._last: dict[str, float | torch.Tensor] = {}  # l_gm and cos/<m> stay tensors until ``log()``
 
     def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
         """The heads at ``cls_lr`` without weight decay (the reference's ``cls_optimizer``); the rest."""
@@ -133,7 +135,7 @@ class CGGM(Balancer):
 
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         base = getattr(model, "module", model)
         modalities = list(base.modalities)
         label = batch["label"]
@@ -144,9 +146,10 @@ class CGGM(Balancer):
         if not training:
             for m in modalities:
                 parts[f"ce_{m}"] = F.cross_entropy(base.heads[m](detached[m]), label)
-            return torch.stack(list(parts.values())).sum(), to_floats(parts)
+            return torch.stack(list(parts.values())).sum(), log_parts(parts)
 
-        # magnitude coefficients from the heads' accuracy change (before this step's update)
+        # magnitude coefficients from the heads' accuracy change (before this step's update),
+        # in float64 on the host as the reference: the step's one device sync
         with torch.no_grad():
             acc = torch.stack(
                 [(out.unimodal[m].detach().argmax(dim=-1) == label).float().mean() for m in modalities]
@@ -178,12 +181,11 @@ class CGGM(Balancer):
         self.prev_acc = {m: float(a) for m, a in zip(modalities, acc)}
         self.step += 1
         self._pending = {m: self.rho * c for m, c in zip(modalities, coeff)}
-        floats = to_floats(parts)
-        cos_values = torch.stack(cosines).detach().tolist()
-        self._last = {"l_gm": floats["l_gm"]}
-        for m, a, c, cs in zip(modalities, acc, coeff, cos_values):
-            self._last.update({f"acc/{m}": float(a), f"B/{m}": float(c), f"k/{m}": self.rho * c, f"cos/{m}": cs})
-        return loss, floats
+        parts = log_parts(parts)
+        self._last = {"l_gm": parts["l_gm"]}
+        for m, a, c, cs in zip(modalities, acc, coeff, cosines):
+            self._last.update({f"acc/{m}": float(a), f"B/{m}": float(c), f"k/{m}": self.rho * c, f"cos/{m}": cs.detach()})
+        return loss, parts
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module, out: Any, batch: Mapping[str, Any]) -> None:
@@ -194,10 +196,10 @@ class CGGM(Balancer):
                     p.grad.mul_(k)
 
     def log(self) -> dict[str, float]:
-        return dict(self._last)
+        return read_floats(self._last)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prev_acc": dict(self.prev_acc), "step": self.step, "last": dict(self._last)}
+        return {"prev_acc": dict(self.prev_acc), "step": self.step, "last": self.log()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.prev_acc = {str(k): float(v) for k, v in dict(state.get("prev_acc", {})).items()}

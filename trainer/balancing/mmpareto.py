@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from avbalance.errors import UserError
-from trainer.balancing.base import Balancer, cross_entropy_parts, register, to_floats
+from trainer.balancing.base import Balancer, cross_entropy_parts, log_parts, register
 from trainer.distributed import all_reduce_mean
 
 
@@ -90,6 +90,7 @@ class MMPareto(Balancer):
     """
 
     requires = frozenset({"multimodal"})
+    unused_parameters = False  # the multi-loss objective: every head has its CE term
 
     def __init__(self, gamma: float = 1.0, rescale: bool = True) -> None:
         super().__init__()
@@ -103,17 +104,17 @@ class MMPareto(Balancer):
 
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, parts = cross_entropy_parts(out, batch["label"], unimodal=True)
         self._pending = {}
         base = getattr(model, "module", model)
         if not (base.training and torch.is_grad_enabled() and loss.requires_grad):
-            return loss, to_floats(parts)
+            return loss, log_parts(parts)
         enc = {m: [p for p in base.encoders[m].parameters() if p.requires_grad] for m in base.modalities}
         flat = [p for m in base.modalities for p in enc[m]]
         self.extra_backwards = 0
         if not flat:
-            return loss, to_floats(parts)
+            return loss, log_parts(parts)
 
         def grads(target: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
             self.extra_backwards += 1
@@ -131,7 +132,7 @@ class MMPareto(Balancer):
                 g_uni = grads(parts[f"ce_{m}"], enc[m])
                 self._pending[m] = (enc[m], g_mm, g_uni)
             i += n
-        return loss, to_floats(parts)
+        return loss, log_parts(parts)
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module, out: Any, batch: Mapping[str, Any]) -> None:
@@ -158,12 +159,11 @@ class MMPareto(Balancer):
                     continue
                 new = (2 * alpha * a[offset:offset + k] + 2 * (1 - alpha) * b[offset:offset + k]).view_as(p)
                 offset += k
-                if self.rescale:
+                if self.rescale:  # scaled up to the unmodulated norm when that is larger
+                    # (selected on the device: no host sync per parameter)
                     new_norm = new.norm()
-                    if new_norm > 0:
-                        ratio = p.grad.float().norm() / new_norm
-                        if ratio > 1:
-                            new = new * ratio
+                    ratio = p.grad.float().norm() / new_norm
+                    new = torch.where((new_norm > 0) & (ratio > 1), new * ratio, new)
                 p.grad.copy_(new * self.gamma)
         self._last = last
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from avbalance.errors import UserError
-from trainer.balancing.base import cross_entropy_parts, register, to_floats
+from trainer.balancing.base import cross_entropy_parts, log_parts, read_floats, register
 from trainer.balancing.multiloss import MultiLoss
 
 
@@ -81,37 +81,40 @@ class MNL(MultiLoss):
         if not lam >= 0:
             raise UserError(f"mnl: lam must be >= 0, got {lam}")
         self.lam = float(lam)
-        self._last: dict[str, float] = {}
+        self._last: dict[str, torch.Tensor | float] = {}  # tensors until ``log()`` reads them
 
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         bare = getattr(model, "module", model)
         label = batch["label"]
         loss, parts = cross_entropy_parts(out, label, unimodal=True)
         if not bare.training:  # the reference's validation loss has no guidance term
-            return loss, to_floats(parts)
+            return loss, log_parts(parts)
         modalities = list(bare.modalities)
         dom, guided = guidance(out.fused, out.unimodal, label, modalities)
-        last: dict[str, float] = {}
+        pairs = [(i, j) for i in range(len(modalities)) for j in range(len(modalities)) if j != i]
+        masks = {(i, j): guided[i] & (dom == j) for i, j in pairs}
+        # which (weak, guide) pairs have a guided sample: one device sync for all of them
+        present = dict(zip(pairs, torch.stack([masks[p].any() for p in pairs]).tolist())) if pairs else {}
+        last: dict[str, torch.Tensor] = {}
         for i, m in enumerate(modalities):
             term = loss.new_zeros(())
             for j, d in enumerate(modalities):
-                mask = guided[i] & (dom == j)
-                if j != i and bool(mask.any()):
-                    term = term + guided_term(out.unimodal[m], out.unimodal[d], label, mask, self.lam)
+                if j != i and present[(i, j)]:
+                    term = term + guided_term(out.unimodal[m], out.unimodal[d], label, masks[(i, j)], self.lam)
             loss = loss + term
             parts[f"nl_{m}"] = term
-            last[f"weak/{m}"] = float(guided[i].float().mean())
-        floats = to_floats(parts)
-        self._last = {**last, **{f"nl/{m}": floats[f"nl_{m}"] for m in modalities}}
-        return loss, floats
+            last[f"weak/{m}"] = guided[i].float().mean()
+        parts = log_parts(parts)
+        self._last = {**last, **{f"nl/{m}": parts[f"nl_{m}"] for m in modalities}}
+        return loss, parts
 
     def log(self) -> dict[str, float]:
-        return dict(self._last)
+        return read_floats(self._last)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last": {k: float(v) for k, v in self._last.items()}} if self._last else {}
+        return {"last": self.log()} if self._last else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         last = state.get("last")

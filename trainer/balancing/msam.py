@@ -49,6 +49,7 @@ released when this was written, so these are choices:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -58,7 +59,7 @@ from torch.distributed import is_initialized as dist_ready
 
 from avbalance.errors import UserError
 from trainer.balancing.agm import coalition_values, eval_mode, shapley_logits
-from trainer.balancing.base import Balancer, register, to_floats
+from trainer.balancing.base import Balancer, log_parts, read_floats, register
 from trainer.distributed import all_reduce_mean
 
 
@@ -111,23 +112,25 @@ class MSAM(Balancer):
         self.modalities: list[str] = []
         self._pending: tuple[float, float] | None = None   # (w_d, w_s) for after_backward
         self._autocast: tuple[str, torch.dtype] | None = None
-        self._loss = 0.0
+        self._loss: torch.Tensor | float = 0.0
         self._last: dict[str, float] = {}
+        self._perturbed: torch.Tensor | None = None  # l(theta + eps) of the last step, read by ``log()``
 
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         label = batch["label"]
         loss = F.cross_entropy(out.fused, label)
         parts = {"ce_fused": loss}
         bare = getattr(model, "module", model)
         self._pending = None
         if not bare.training:
-            return loss, to_floats(parts)
+            return loss, log_parts(parts)
 
         self.modalities = list(bare.modalities)
         with torch.no_grad(), eval_mode(bare):
             values = coalition_values(model, batch["inputs"], self.modalities, None)
+            # the step's first device sync: the dominant modality and the weights are Python scalars
             shapley = shapley_accuracy(values, label, self.modalities).cpu()
         weights = split_weights(shapley, self.normalize)
         d = int(torch.argmax(shapley))
@@ -137,11 +140,11 @@ class MSAM(Balancer):
         device_type = label.device.type
         self._autocast = ((device_type, torch.get_autocast_dtype(device_type))
                           if torch.is_autocast_enabled(device_type) else None)
-        self._loss = float(loss.detach())
+        self._loss, self._perturbed = loss.detach(), None  # read at logging steps only
         self._last = {**{f"shapley/{m}": float(v) for m, v in zip(self.modalities, shapley)},
                       **{f"weight/{m}": float(w) for m, w in zip(self.modalities, weights)},
                       **{f"dominant/{m}": float(i == d) for i, m in enumerate(self.modalities)}}
-        return loss, to_floats(parts)
+        return loss, log_parts(parts)
 
     def after_backward(self, model: nn.Module, out: Any, batch: Mapping[str, Any]) -> None:
         if self._pending is None:
@@ -154,14 +157,16 @@ class MSAM(Balancer):
         with torch.no_grad():
             g0 = [p.grad.detach().clone() for p in params]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g0]))
-            if self.rho == 0 or not torch.isfinite(norm) or norm == 0:
+            # the step's second device sync: the norm, read once (a Python scalar for ``add_``)
+            norm_value = float(norm) if self.rho != 0 else 0.0
+            if self.rho == 0 or not math.isfinite(norm_value) or norm_value == 0:
                 for p, g in zip(params, g0):
                     p.grad = (w_d + w_s) * g
                 return
             saved = [p.detach().clone() for p in params]   # restored exactly (x + e - e != x in floats)
             for p, g in zip(params, g0):
                 # eps follows grad L_d = w_d * g: its sign flips only for a negative raw w_d
-                p.add_(g, alpha=(self.rho if w_d >= 0 else -self.rho) / float(norm))
+                p.add_(g, alpha=(self.rho if w_d >= 0 else -self.rho) / norm_value)
 
         # The dominant share's gradient at the perturbed weights. autograd.grad leaves .grad
         # alone and does not fire DDP's reduction hooks; ranks are averaged by hand below.
@@ -178,14 +183,18 @@ class MSAM(Balancer):
                 if dist_ready() and torch.distributed.get_world_size() > 1:
                     g1 = all_reduce_mean(g1)
                 p.grad = w_d * g1 + w_s * g
-        self._last["sharpness"] = float(perturbed.detach()) - self._loss
+        self._perturbed = perturbed.detach()
 
     def log(self) -> dict[str, float]:
+        if self._perturbed is not None:  # sharpness = l(theta + eps) - l(theta), in float64 as before
+            read = read_floats({"perturbed": self._perturbed, "loss": self._loss})
+            self._last["sharpness"] = read["perturbed"] - read["loss"]
+            self._perturbed = None
         return dict(self._last)
 
     def state_dict(self) -> dict[str, Any]:
         """Only the last step's coefficients (for logging continuity): M-SAM decides per batch."""
-        return {"last": dict(self._last)} if self._last else {}
+        return {"last": self.log()} if self._last else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._last = {k: float(v) for k, v in state.get("last", {}).items()}

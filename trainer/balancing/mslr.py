@@ -94,6 +94,7 @@ class MSLR(PerModalityLR):
                 raise UserError(f"mslr: scales for unknown modalities {sorted(unknown)}; have {modalities}")
             start = self.given
         self.decomposable = bool(getattr(model.fusion, "decomposable", False))
+        self.unused_parameters = self.decomposable  # CE(fused) alone leaves the unimodal heads without a gradient
         for m in model.modalities:
             self.initial[m] = float(start.get(m, 1.0))
             self.scale.setdefault(m, self.initial[m])
@@ -101,7 +102,7 @@ class MSLR(PerModalityLR):
 
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.decomposable:  # CE of the summed late-fusion logits only, as the reference
             return Balancer.compute_loss(self, model, batch, out)
         return super().compute_loss(model, batch, out)

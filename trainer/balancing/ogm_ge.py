@@ -134,14 +134,17 @@ class OGMGE(EpochWindow, Balancer):
         scores = all_reduce_mean(scores)
         ratios = ogm_ratios(scores)
         k = ogm_coefficients(ratios, self.alpha, self.shifted)
-        k_values = k.tolist()
+        # k and every gradient's std (of the unmodulated gradient) go to the host as Python
+        # scalars, as ``mul_`` and ``add_(alpha=...)`` take them: all in one device sync.
+        grads = {m: [p.grad for p in model.encoders[m].parameters() if p.grad is not None] for m in modalities}
+        stds = [g.float().std() for m in modalities for g in grads[m] if g.numel() > 1]
+        host = torch.cat([k.float(), ratios.float(), *(s.reshape(1) for s in stds)]).tolist()
+        n = len(modalities)
+        k_values, r_values, std_values = host[:n], host[n:2 * n], iter(host[2 * n:])
         generators: dict[torch.device, torch.Generator] = {}
         for m, k_m in zip(modalities, k_values):
-            for p in model.encoders[m].parameters():
-                if p.grad is None:
-                    continue
-                g = p.grad
-                std = g.float().std().item() if g.numel() > 1 else 0.0
+            for g in grads[m]:
+                std = next(std_values) if g.numel() > 1 else 0.0
                 if k_m != 1.0:
                     g.mul_(k_m)
                 if self.modulation == "OGM_GE":
@@ -154,7 +157,7 @@ class OGMGE(EpochWindow, Balancer):
                     g.add_(noise, alpha=std + 1e-8)
         self.step += 1
         self._last = {}
-        for m, r_m, k_m in zip(modalities, ratios.tolist(), k_values):
+        for m, r_m, k_m in zip(modalities, r_values, k_values):
             self._last[f"ratio/{m}"] = float(r_m)
             self._last[f"k/{m}"] = float(k_m)
 

@@ -55,7 +55,7 @@ from torch import nn
 
 from avbalance.errors import UserError
 from trainer.balancing.agm import eval_mode
-from trainer.balancing.base import Balancer, register, to_floats
+from trainer.balancing.base import Balancer, log_parts, register
 from trainer.balancing.window import EpochWindow, PaperWindow
 from trainer.distributed import all_reduce_mean
 
@@ -110,7 +110,9 @@ class PMR(EpochWindow, Balancer):
         self.epoch = 0
         self.prototypes: dict[str, torch.Tensor] = {}     # m -> (C, D_m) float32, CPU
         self._device_protos: dict[str, torch.Tensor] = {}
-        self._last: dict[str, dict[str, float]] = {}
+        # the last training step's rho, coef, conf, pce: device tensors (M,) until ``log()``
+        self._last: dict[str, dict[str, float] | torch.Tensor] = {}
+        self._last_modalities: list[str] = []
 
     # -- prototypes ------------------------------------------------------------------------
     def on_epoch_start(self, model: nn.Module, epoch: int, loader: Any = None, val_loader: Any = None) -> None:
@@ -160,13 +162,13 @@ class PMR(EpochWindow, Balancer):
     # -- loss ------------------------------------------------------------------------------
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         label = batch["label"]
         loss = F.cross_entropy(out.fused, label)
         parts = {"ce_fused": loss}
         modalities = [m for m in out.features if m in self.prototypes]
         if len(modalities) < 2 or len(modalities) != len(out.features) or not self.in_window(self.epoch):
-            return loss, to_floats(parts)
+            return loss, log_parts(parts)
 
         pce, conf = {}, []
         for m in modalities:
@@ -178,27 +180,36 @@ class PMR(EpochWindow, Balancer):
         rho = ((conf_t.sum() - conf_t) / (n - 1)) / conf_t
         coef = torch.where(rho > 1, torch.full_like(rho, self.alpha), torch.zeros_like(rho))
 
+        active = (coef > 0).tolist()  # which prototype terms enter the loss: the step's one device sync
         for i, m in enumerate(modalities):
             parts[f"pce_{m}"] = pce[m]
-            if coef[i] > 0:
+            if active[i]:
                 loss = loss + coef[i].to(pce[m].dtype) * pce[m]
 
         bare = getattr(model, "module", model)
         if bare.training:
-            rows = {"rho": rho, "coef": coef, "conf": conf_t,
-                    "pce": torch.stack([pce[m].detach() for m in modalities])}
-            self._last = {key: dict(zip(modalities, v.tolist())) for key, v in rows.items()}
-        return loss, to_floats(parts)
+            self._last = {"rho": rho, "coef": coef, "conf": conf_t,
+                          "pce": torch.stack([pce[m].detach() for m in modalities])}
+            self._last_modalities = list(modalities)
+        return loss, log_parts(parts)
 
     # -- checkpoints and logging -----------------------------------------------------------
+    def _rows(self) -> dict[str, dict[str, float]]:
+        """``_last`` as floats per modality, read from the device in one sync."""
+        tensors = {k: v for k, v in self._last.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            values = torch.stack([v.float() for v in tensors.values()]).tolist()
+            self._last.update({k: dict(zip(self._last_modalities, row)) for k, row in zip(tensors, values)})
+        return self._last
+
     def log(self) -> dict[str, float]:
-        return {f"{key}/{m}": float(v) for key, row in self._last.items() for m, v in row.items()}
+        return {f"{key}/{m}": float(v) for key, row in self._rows().items() for m, v in row.items()}
 
     def state_dict(self) -> dict[str, Any]:
         if not self.prototypes and not self._last:
             return {}
         return {"prototypes": {m: p.clone() for m, p in self.prototypes.items()}, "epoch": self.epoch,
-                "last": {key: dict(row) for key, row in self._last.items()}}
+                "last": {key: dict(row) for key, row in self._rows().items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.prototypes = {m: torch.as_tensor(p, dtype=torch.float32).clone()

@@ -180,6 +180,16 @@ class Wav2Vec2Conformer(nn.Module):
         self.w2v.encoder.layers = nn.ModuleList(list(layers)[:keep_layers])
         self.w2v.config.num_hidden_layers = keep_layers
 
+    def may_skip_parameters(self) -> bool:
+        """Training steps may leave trainable parameters without a gradient: LayerDrop
+        (``layerdrop`` > 0, the Hugging Face default 0.1) skips whole Transformer layers at
+        random, and the SpecAugment mask embedding goes unused without time masking."""
+        cfg = self.w2v.config
+        spec_embed = getattr(self.w2v, "masked_spec_embed", None)
+        unused_embed = (spec_embed is not None and spec_embed.requires_grad
+                        and not (getattr(cfg, "apply_spec_augment", True) and cfg.mask_time_prob > 0))
+        return float(getattr(cfg, "layerdrop", 0.0)) > 0 or unused_embed
+
     def frame_mask(self, mask: torch.Tensor, n_frames: int) -> torch.Tensor:
         """(B, N) sample mask -> (B, n_frames) frame mask: the frames of the real samples."""
         cfg = self.w2v.config
