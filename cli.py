@@ -6,7 +6,7 @@
     python cli.py preprocess cremad --root DIR --out DIR
     python cli.py train --config FILE --shards DIR|URL --out RUN_DIR [--shard-cache DIR]
     python cli.py evaluate --run RUN_DIR [--split test]
-    python cli.py sweep --config FILE
+    python cli.py sweep --config FILE [--engine local|ray|slurm]
     python cli.py report --runs DIR --out DIR [--markdown]
     python cli.py report --summary FILE --markdown
     python cli.py export h5 --shards DIR --out FILE.h5
@@ -215,23 +215,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from experiments.sweep import load_sweep, plan_lines, run_sweep
+    from experiments.engines import SWEEP_ENGINES, EngineOptions, make_engine
+    from experiments.sweep import final_lines, load_sweep, plan_lines, plan_tasks, run_sweep
 
+    devices = tuple(d.strip() for d in args.devices.split(",") if d.strip()) if args.devices else ()
+    options = EngineOptions(jobs=args.jobs, devices=devices, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+                            ray_address=args.ray_address, slurm_partition=args.slurm_partition, slurm_time=args.slurm_time)
+    SWEEP_ENGINES.get(args.engine).check_options(options)  # the flags first: no file read for a mistyped one
     sweep = load_sweep(args.config, out=args.out, shards=args.shards)
+    engine = make_engine(args.engine, options, sweep)  # refuses what the engine cannot do, before anything is written
     if args.dry_run:
         lines, warnings = plan_lines(sweep, only=args.only)
         print("\n".join(lines))
+        for line in engine.plan(plan_tasks(sweep, engine, only=args.only)):
+            print(line)
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
         shown = f"{len(lines) - len(sweep.unsupported)} of {len(sweep.runs)} runs (--only {args.only})" if args.only else f"{len(sweep.runs)} runs"
         print(f"sweep: {shown}, {len(sweep.unsupported)} unsupported combinations; runs in {sweep.out}")
         return 0
-    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else []
-    records = run_sweep(sweep, jobs=args.jobs, devices=devices, only=args.only)
+    records = run_sweep(sweep, only=args.only, engine=engine)
     failed = [r for r in records.values() if r.get("status") == "failed"]
     done = sum(r.get("status") == "done" for r in records.values())
-    print(f"sweep: {done}/{len(sweep.runs)} runs of the sweep finished, {len(failed)} failed; status in "
+    elsewhere = sum(r.get("status") == "running" and "elsewhere" in r for r in records.values())
+    held = f", {elsewhere} running elsewhere (not started here)" if elsewhere else ""
+    print(f"sweep: {done}/{len(sweep.runs)} runs of the sweep finished, {len(failed)} failed{held}; status in "
           f"{os.path.join(sweep.out, 'sweep.json')}; report: {command('report')} --runs {sweep.out} --out REPORT_DIR")
+    for line in final_lines(records):
+        print(line)
     return 1 if failed else 0
 
 
@@ -412,10 +423,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the runs (default: the file's `out`)")
     p.add_argument("--shards", metavar="TEMPLATE", help="shard folder per split, with {split}, e.g. demo/pre/shards/{split} "
                    "(default: the file's `shards`; a block's own `shards` still wins)")
-    p.add_argument("--jobs", type=arg(int, Allowed(lo=1)), default=1, help="runs at a time (default 1); threads are split between them")
-    p.add_argument("--devices", help="comma-separated GPU ids, one per parallel run in turn, e.g. 0,1,2,3 (default: none)")
+    p.add_argument("--engine", choices=("local", "ray", "slurm"), default="local",
+                   help="where each run's train process runs: local (subprocesses of this machine), ray (a Ray task per "
+                        "run) or slurm (a Slurm job per run, through submitit) (default local)")
+    p.add_argument("--jobs", type=arg(int, Allowed(lo=1)), help="runs at a time (default 1); threads are split between them; "
+                   "with --engine ray, a local Ray runtime of jobs x --cpus-per-run CPUs (default: every CPU)")
+    p.add_argument("--devices", help="--engine local: comma-separated GPU ids, one per parallel run in turn, e.g. 0,1,2,3 "
+                   "(default: none)")
+    p.add_argument("--cpus-per-run", type=arg(int, Allowed(lo=1)), metavar="N",
+                   help="--engine ray or slurm: CPUs each run holds, and its threads (default 1)")
+    p.add_argument("--gpus-per-run", type=arg(int, Allowed(lo=0)), metavar="N",
+                   help="--engine ray or slurm: GPUs each run holds; above 0 the runs train with train.device=cuda, at 0 "
+                        "with train.device=cpu (default 0)")
+    p.add_argument("--ray-address", metavar="auto|HOST:PORT", help="--engine ray: a running cluster, whose nodes all see "
+                   "the absolute --out (default: a local runtime started and stopped by the sweep)")
+    p.add_argument("--slurm-partition", metavar="NAME", help="--engine slurm: the partition of the jobs (default: the "
+                   "cluster's default partition)")
+    p.add_argument("--slurm-time", type=arg(int, Allowed(lo=1)), metavar="MINUTES",
+                   help="--engine slurm: each job's time limit; a job that reaches it is requeued and resumes from its "
+                        "last.pt (default: the partition's limit)")
     p.add_argument("--only", metavar="GLOB", help="run only the runs whose id matches, e.g. 'resnet_ogm/mlb-*' (default: all)")
-    p.add_argument("--dry-run", action="store_true", help="list every run and its state (new, resume, done) and stop")
+    p.add_argument("--dry-run", action="store_true", help="list every run and its state (new, resume, done, or running: "
+                   "held by another live process), and with --engine ray or slurm what would be started or submitted "
+                   "(resources, each run's command), and stop")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="draw the comparison report (report.html and PNGs) from a folder of runs")

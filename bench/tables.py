@@ -258,6 +258,24 @@ def gpu_check_table(data: dict | None) -> str:
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
+@renderer("sweep_engines")
+def sweep_engines_table(data: dict) -> str:
+    """bench/sweep_engines.py: the Ray sweep engine's fixed and per-run cost against local."""
+    run_s, local, ray = data["run_s"], data["local"], data["ray"]
+    rows = ["| | local | ray |", "|---|--:|--:|",
+            f"| whole sweep of {data['runs']} runs, one at a time (s) | {local['sweep_s']:.1f} | {ray['sweep_s']:.1f} |",
+            f"| fixed cost: start + shutdown (s) | – | {ray['start_s']:.2f} + {ray['shutdown_s']:.2f} = {ray['fixed_s']:.2f} "
+            f"({ray['fixed_ratio']:.2f} × a run) |",
+            f"| overhead per run (s) | {local['per_run_overhead_s']:.3f} ({100 * local['per_run_overhead_ratio']:.2f} %) | "
+            f"{ray['per_run_overhead_s']:.3f} ({100 * ray['per_run_overhead_ratio']:.2f} %) |"]
+    verdict = "met" if data["meets_target"] else "not met"
+    return ("\n".join(rows) + f"\n\nA run takes {run_s:.2f} s (median); Ray's per-run overhead is "
+            f"{100 * ray['per_run_overhead_ratio']:.2f} % of it (target ≤ {100 * data['target_per_run_ratio']:.0f} %: "
+            f"{verdict}); the runs' test accuracies are {'the same' if data['same_accuracies'] else 'NOT the same'} "
+            f"on both engines. {data['rounds']} rounds, medians; load average {data['machine']['load_1min']} "
+            f"on {data['machine']['cpus']} CPUs.\n")
+
+
 def blocks(text: str) -> list[tuple[str, str, str]]:
     """(json path, renderer name, current body) of each block in ``text``."""
     return [(m["path"], m["name"], m["body"]) for m in BLOCK.finditer(text)]

@@ -27,6 +27,14 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_command_spelling(monkeypatch):
+    """``cli.main`` records how it was started in AVBALANCE_PROG for its child processes; a test
+    that calls it in-process must not hand its spelling to the next test's subprocesses."""
+    monkeypatch.setenv("AVBALANCE_PROG", "")  # records the value before (or its absence) ...
+    monkeypatch.delenv("AVBALANCE_PROG")  # ... and the test starts without one; undone after it
+
+
 @pytest.fixture(scope="session", autouse=True)
 def onnx_cache(request, tmp_path_factory) -> str:
     """Exported face networks (inherited by CLI subprocesses) go to pytest's own cache folder,

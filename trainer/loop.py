@@ -14,7 +14,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,6 +37,7 @@ from trainer.balancing.base import to_floats
 from trainer.precise_bn import batch_norms, recompute_bn_stats
 from trainer.predictions import ID_BYTES, ids_to_tensor, save_predictions, tensor_to_ids
 from trainer.probe import run_probes
+from trainer.run_lock import describe as describe_holder, hold_run_folder, holder
 
 if TYPE_CHECKING:
     from trainer.balancing import Balancer
@@ -313,8 +314,17 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     """Fit, validate every epoch, keep the best checkpoint, test it. Returns the test metrics.
 
     Everything is checked (config, shards, checkpoint) before anything is written to ``out``:
-    a command that fails leaves the run folder as it was.
+    a command that fails leaves the run folder as it was. One process at a time trains a run
+    folder: the main rank holds its lock (trainer/run_lock.py) from the first write to the end.
     """
+    with ExitStack() as locks:
+        return _train(cfg, shards, out, resume, locks)
+
+
+def _train(cfg: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> dict:
+    found = holder(out)  # another process trains this folder now: say so before anything else
+    if found is not None:
+        raise UserError(f"{describe_holder(out, found)}; wait for it to finish, or stop it")
     dist_info = distributed.setup(cfg["train"]["device"])
     device = dist_info.device
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
@@ -360,8 +370,9 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
             distributed.cleanup()
             return {**finished, "already_finished": True, "stopped_early": state["epoch"] < cfg["train"]["epochs"]}
 
-    # Every check passed: now the run folder may change.
+    # Every check passed: now the run folder may change, by this process alone.
     if dist_info.main:
+        locks.enter_context(hold_run_folder(out))
         os.makedirs(out, exist_ok=True)
         save_config(cfg, os.path.join(out, "config.yaml"))
         sources = weight_sources(model)  # pretrained weights: the id or path given and the file's sha256

@@ -19,7 +19,9 @@ from trainer.config import DEFAULTS, deep_update, load_config
 
 # Keys a resumed run may change: they decide how long it continues, not what it learnt.
 RESUMABLE = frozenset({"train.epochs", "train.patience", "train.log_every", "data.workers", "data.prefetch",
-                       "data.persistent_workers", "data.pin_memory", "train.compile"})
+                       "data.persistent_workers", "data.pin_memory", "train.compile",
+                       # where it runs: a sweep engine may resume a run on another machine (CPU or GPU)
+                       "train.device"})
 # Keys whose default changed when they were added: a run written before carries on as it was.
 ADDED_WITH_ANOTHER_DEFAULT = {("train", "precise_bn"): False, ("model", "head_init"): "torch"}
 # Filled in by train itself, not chosen by the user; used only when a run starts (a resumed run
