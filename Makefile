@@ -76,7 +76,7 @@ bench: install
 	$(PY) bench/train.py --json bench/train.json
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc_per_node 2 bench/ddp_step.py --json bench/ddp_step.json
 
-# Every CUDA path measured in one command, on the first GPU a task is lent (<= 8 minutes, its own
+# Every CUDA path measured in one command, on the first GPU a task is lent (sized for <= 8 minutes, unmeasured; its own
 # small synthetic corpus included): throughput with and without the loader, bf16 vs fp32,
 # train.compile, nvJPEG, the face stages on CUDA, a 1-process NCCL torchrun. Writes bench/gpu.json
 # and renders it into docs/benchmarks.md ("GPU check"). Smoke mode on a CPU (the fast suite runs
