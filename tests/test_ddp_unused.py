@@ -94,3 +94,25 @@ def test_layerdrop_is_the_models_own_case():
     assert model.may_skip_parameters() and any(".w2v.encoder.layers." in n for n in missing[0])
     _, model, _ = gradless_after_steps("multiloss", "resnet", steps=1)
     assert not model.may_skip_parameters()
+
+
+def test_a_batch_without_frames_leaves_no_trunk_parameter_without_gradient_under_ddp(tmp_path):
+    """With no real frame in a batch the visual trunk does not run; under an initialised process
+    group it is touched with a zero, so a method with ``unused_parameters`` False keeps every
+    gradient (outside DDP nothing changes: the gradients stay missing, as before)."""
+    import torch.distributed as dist
+
+    from trainer.encoders.resnet_encoders import ResNet18Visual
+
+    encoder = ResNet18Visual(width=4)
+    x, mask = torch.randn(2, 2, 3, 32, 32), torch.zeros(2, 2, dtype=torch.bool)
+    assert not encoder(x, mask).requires_grad  # outside DDP: the trunk is not touched at all
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        out = encoder(x, mask)
+        out.sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = [p.grad for p in encoder.trunk.parameters()]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)

@@ -66,6 +66,11 @@ class ResNet18Visual(nn.Module):
             per_frame = pooled.new_zeros(b * t, self.out_dim).masked_scatter(flat_mask[:, None], pooled)
         else:
             per_frame = torch.zeros(b * t, self.out_dim, dtype=frames.dtype, device=x.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # Under DDP a method may tell the reducer that every parameter gets a gradient
+                # (find_unused_parameters=False, trainer/loop.py): a batch without one real
+                # frame touches the trunk with a zero, so its gradient is zero, not missing.
+                per_frame = per_frame + 0.0 * sum(p.sum() for p in self.trunk.parameters())
         return masked_mean(per_frame.view(b, t, self.out_dim), mask)
 
 
