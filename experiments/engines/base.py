@@ -54,6 +54,16 @@ class SweepEngine:
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
 
+    @property
+    def cpus(self) -> int:
+        """CPUs each run holds (``--cpus-per-run``, default 1)."""
+        return self.options.cpus_per_run or 1
+
+    @property
+    def gpus(self) -> int:
+        """GPUs each run holds (``--gpus-per-run``, default 0)."""
+        return self.options.gpus_per_run or 0
+
     def __enter__(self) -> "SweepEngine":
         return self
 

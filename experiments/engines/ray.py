@@ -13,18 +13,14 @@ node (a shared file system): a relative output folder is refused.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import tempfile
 from typing import Any
 
 from avbalance.errors import UserError
-from avbalance.progress import quiet
 from experiments.engines.base import SWEEP_ENGINES, Ended, EngineOptions, Started, SweepEngine, commands, notice_started
-from experiments.sweep import REPO, RunEnd, RunTask, Sweep, start_run
-from pipelines.engines.ray import (LOCAL_START_ATTEMPTS, OBJECT_STORE_BYTES, PASSED_ENV, _check_reachable, _environ,
-                                   describe_cluster)
+from experiments.sweep import RunEnd, RunTask, Sweep, start_run
+from pipelines.engines.ray import _check_reachable, describe_cluster, start_ray
 
 RETRIES = 3  # a task whose worker or node died is started again this many times
 POLL_S = 1.0  # how often the driver looks for runs that started (their folder's lock)
@@ -54,14 +50,6 @@ class RayEngine(SweepEngine):
         self._ray: Any = None
         self._temp_dir: str | None = None
         self._cluster = ""
-
-    @property
-    def cpus(self) -> int:
-        return self.options.cpus_per_run or 1
-
-    @property
-    def gpus(self) -> int:
-        return self.options.gpus_per_run or 0
 
     @classmethod
     def check_options(cls, options: EngineOptions) -> None:
@@ -99,44 +87,13 @@ class RayEngine(SweepEngine):
         """Start a local runtime or connect to the cluster; refuse runs no node can hold."""
         if self._ray is not None:
             return
-        import ray
-
-        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-        # Workers import this checkout's code, whatever the cluster's working directory.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-        common = dict(logging_level=logging.WARNING, log_to_driver=not quiet())
         address = self.options.ray_address
-        failure: Exception | None = None
-        for _ in range(1 if address else LOCAL_START_ATTEMPTS):
-            try:
-                if address:  # a cluster's workers get the environment through the job's runtime_env
-                    ray.init(address=address, runtime_env={"env_vars": env}, **common)
-                else:  # a local runtime's workers inherit it from the raylet started here
-                    self._temp_dir = tempfile.mkdtemp(prefix="avb-ray-")
-                    num_cpus = self.options.jobs * self.cpus if self.options.jobs else None
-                    # Ray starts its workers at niceness 15 (its worker_niceness), and a run's train
-                    # process inherits it: on a machine shared with other work the runs would get
-                    # what is left of the CPUs (measured: 10x slower beside two nice-5 jobs). A
-                    # cluster's own setting is its operator's.
-                    with _environ({**env, "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}):
-                        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                                 object_store_memory=OBJECT_STORE_BYTES, _temp_dir=self._temp_dir, **common)
-                failure = None
-                break
-            except Exception as err:  # Ray raises bare Exceptions too (a node that timed out starting)
-                ray.shutdown()
-                self._cleanup_temp()
-                failure = err
-        if failure is not None:
-            where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
-            if address and "AuthToken" in str(failure) and os.environ.get("RAY_AUTH_MODE") != "token":
-                raise UserError(f"--engine ray: the Ray cluster at {address} refused this driver's credentials "
-                                f"({type(failure).__name__}: {failure}); it uses token authentication: run with "
-                                "RAY_AUTH_MODE=token in the environment (the token is read from ~/.ray/auth_token, or "
-                                "RAY_AUTH_TOKEN) and try again")
-            raise UserError(f"--engine ray could not start or reach {where} ({type(failure).__name__}: {failure}); "
-                            "start a cluster with `ray start --head` and pass --ray-address HOST:PORT (or auto), "
-                            "or omit --ray-address for a local runtime (on an overloaded machine, try again)")
+        num_cpus = self.options.jobs * self.cpus if self.options.jobs else None
+        # Ray starts its workers at niceness 15 (its worker_niceness), and a run's train process
+        # inherits it: on a machine shared with other work the runs would get what is left of the
+        # CPUs (measured: 10x slower beside two nice-5 jobs). A cluster's own setting is its operator's.
+        niceness = {"RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
+        ray, self._temp_dir = start_ray(address, num_cpus, local_env=niceness)
         self._ray = ray
         try:
             self._check_resources(ray, address)

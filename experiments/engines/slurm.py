@@ -59,14 +59,6 @@ class SlurmEngine(SweepEngine):
         super().__init__(options)
         self.cluster = cluster()
 
-    @property
-    def cpus(self) -> int:
-        return self.options.cpus_per_run or 1
-
-    @property
-    def gpus(self) -> int:
-        return self.options.gpus_per_run or 0
-
     def parameters(self) -> dict[str, Any]:
         """The submitit parameters of every job (submitit's names; ``slurm_*`` go to sbatch as they are)."""
         params: dict[str, Any] = {"nodes": 1, "tasks_per_node": 1, "cpus_per_task": self.cpus}

@@ -73,46 +73,8 @@ class RayEngine(Engine):
         """Connect on first use (a re-run with nothing to do starts no runtime)."""
         if self._ray is not None:
             return self._ray
-        import ray
-
-        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-        # Workers import this checkout's code, whatever the cluster's working directory.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-        common = dict(logging_level=logging.WARNING,
-                      log_to_driver=not quiet())  # worker warnings reach the user, not tests' output
         address = self.cfg.ray_address
-        failure: Exception | None = None
-        for _ in range(1 if address else LOCAL_START_ATTEMPTS):
-            try:
-                if address:  # a cluster's workers get the environment through the job's runtime_env
-                    ray.init(address=address, runtime_env={"env_vars": env}, **common)
-                else:
-                    # A local runtime's workers inherit it from the raylet, started here: with a
-                    # runtime_env, Ray could not use the workers it prestarts and started new ones
-                    # after the first task (seconds of imports on 2 cores).
-                    # address="local": a RAY_ADDRESS in the environment must not redirect the run.
-                    self._temp_dir = tempfile.mkdtemp(prefix="avb-ray-")
-                    with _environ(env):
-                        ray.init(address="local", num_cpus=self.cfg.workers, include_dashboard=False,
-                                 object_store_memory=OBJECT_STORE_BYTES, _temp_dir=self._temp_dir, **common)
-                failure = None
-                break
-            except Exception as err:  # Ray raises bare Exceptions too (a node that timed out starting)
-                ray.shutdown()  # stop whatever part of a local runtime did start
-                self._cleanup_temp()
-                failure = err
-        if failure is not None:
-            where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
-            if address and "AuthToken" in str(failure) and os.environ.get("RAY_AUTH_MODE") != "token":
-                # Ray 2.60's `ray start --head` turns token authentication on; a driver sends the
-                # token (~/.ray/auth_token) only in token mode.
-                raise UserError(f"--engine ray: the Ray cluster at {address} refused this driver's credentials "
-                                f"({type(failure).__name__}: {failure}); it uses token authentication: run with "
-                                "RAY_AUTH_MODE=token in the environment (the token is read from ~/.ray/auth_token, or "
-                                "RAY_AUTH_TOKEN) and try again")
-            raise UserError(f"--engine ray could not start or reach {where} ({type(failure).__name__}: {failure}); "
-                            "start a cluster with `ray start --head` and pass --ray-address HOST:PORT (or auto), "
-                            "or omit --ray-address for a local runtime (on an overloaded machine, try again)")
+        ray, self._temp_dir = start_ray(address, num_cpus=self.cfg.workers)
         self._ray = ray
         print(describe_cluster(ray, address), file=sys.stderr, flush=True)  # say where the work runs
         return ray
@@ -233,6 +195,53 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise UserError(f"--ray-address {address}: no Ray cluster answers there ({err}); start the head node with "
                         f"`ray start --head --port {port}`, or omit --ray-address for a local runtime") from None
 
+
+def start_ray(address: str | None, num_cpus: int | None, local_env: dict[str, str] | None = None) -> tuple[Any, str | None]:
+    """Connect to the Ray cluster at ``address``, or start a local runtime of ``num_cpus`` CPUs
+    (retried: a node may time out starting on a loaded machine), with this checkout's code and
+    environment in every worker; ``local_env`` is added to a local runtime's environment only.
+    Returns the ``ray`` module and the local runtime's temp folder (None on a cluster), which
+    the caller removes after ``ray.shutdown()``. A failure is one ``UserError`` saying what to do."""
+    import ray
+
+    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    # Workers import this checkout's code, whatever the cluster's working directory.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    common = dict(logging_level=logging.WARNING,
+                  log_to_driver=not quiet())  # worker warnings reach the user, not tests' output
+    failure: Exception | None = None
+    temp_dir: str | None = None
+    for _ in range(1 if address else LOCAL_START_ATTEMPTS):
+        try:
+            if address:  # a cluster's workers get the environment through the job's runtime_env
+                ray.init(address=address, runtime_env={"env_vars": env}, **common)
+            else:
+                # A local runtime's workers inherit it from the raylet, started here: with a
+                # runtime_env, Ray could not use the workers it prestarts and started new ones
+                # after the first task (seconds of imports on 2 cores).
+                # address="local": a RAY_ADDRESS in the environment must not redirect the run.
+                temp_dir = tempfile.mkdtemp(prefix="avb-ray-")
+                with _environ({**env, **(local_env or {})}):
+                    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                             object_store_memory=OBJECT_STORE_BYTES, _temp_dir=temp_dir, **common)
+            return ray, temp_dir
+        except Exception as err:  # Ray raises bare Exceptions too (a node that timed out starting)
+            ray.shutdown()  # stop whatever part of a local runtime did start
+            if temp_dir is not None:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                temp_dir = None
+            failure = err
+    where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
+    if address and "AuthToken" in str(failure) and os.environ.get("RAY_AUTH_MODE") != "token":
+        # Ray 2.60's `ray start --head` turns token authentication on; a driver sends the
+        # token (~/.ray/auth_token) only in token mode.
+        raise UserError(f"--engine ray: the Ray cluster at {address} refused this driver's credentials "
+                        f"({type(failure).__name__}: {failure}); it uses token authentication: run with "
+                        "RAY_AUTH_MODE=token in the environment (the token is read from ~/.ray/auth_token, or "
+                        "RAY_AUTH_TOKEN) and try again")
+    raise UserError(f"--engine ray could not start or reach {where} ({type(failure).__name__}: {failure}); "
+                    "start a cluster with `ray start --head` and pass --ray-address HOST:PORT (or auto), "
+                    "or omit --ray-address for a local runtime (on an overloaded machine, try again)")
 
 @contextmanager
 def _environ(env: dict[str, str]) -> Iterator[None]:
