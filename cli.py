@@ -421,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a grid of training runs (methods x fusions x presets x splits x seeds) from one YAML file")
     p.add_argument("--config", required=True, help="sweep file, e.g. experiments/sweeps/cremad_paper.yaml")
     p.add_argument("--out", help="folder for the runs (default: the file's `out`)")
-    p.add_argument("--shards", metavar="TEMPLATE", help="shard folder per split, with {split}, e.g. demo/pre/shards/{split} "
-                   "(default: the file's `shards`; a block's own `shards` still wins)")
+    p.add_argument("--shards", metavar="TEMPLATE", help="shard folder per split, with {split} and optionally {block} (the "
+                   "block's name), e.g. demo/pre/shards/{split} (default: the file's `shards`; a block's own `shards` still wins)")
     p.add_argument("--engine", choices=("local", "ray", "slurm"), default="local",
                    help="where each run's train process runs: local (subprocesses of this machine), ray (a Ray task per "
                         "run) or slurm (a Slurm job per run, through submitit) (default local)")
@@ -442,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-time", type=arg(int, Allowed(lo=1)), metavar="MINUTES",
                    help="--engine slurm: each job's time limit; a job that reaches it is requeued and resumes from its "
                         "last.pt (default: the partition's limit)")
-    p.add_argument("--only", metavar="GLOB", help="run only the runs whose id matches, e.g. 'resnet_ogm/mlb-*' (default: all)")
+    p.add_argument("--only", metavar="GLOB", help="run only the runs whose id matches, e.g. 'resnet_ogm/mlb-*'; several globs "
+                   "separated by commas keep a run matching any (default: all)")
     p.add_argument("--dry-run", action="store_true", help="list every run and its state (new, resume, done, or running: "
                    "held by another live process), and with --engine ray or slurm what would be started or submitted "
                    "(resources, each run's command), and stop")

@@ -3,7 +3,7 @@
 A sweep file::
 
     out: runs/paper                       # where the run folders go (``--out`` overrides)
-    shards: data/cremad/shards/{split}    # a shard set per split; {split} is filled in
+    shards: data/cremad/shards/{split}    # a shard set per split; {split} (and {block}) filled in
     set: [train.bf16=true]                # overrides for every run (optional)
     blocks:
       - name: resnet_ogm                  # a block is one sub-grid
@@ -184,6 +184,11 @@ def load_sweep(path: str, out: str | None = None, shards: str | None = None) -> 
     def shards_template(value: Any, where: str) -> str:
         if not isinstance(value, str) or "{split}" not in value:
             raise UserError(f"{where}: `shards` must be a path template containing {{split}}, e.g. data/shards/{{split}}")
+        try:
+            value.format(split="s", block="b")
+        except (KeyError, IndexError, ValueError) as err:
+            raise UserError(f"{where}: `shards` {value!r} may hold only {{split}} and {{block}} (the block's name) "
+                            f"in braces, not {err}") from None
         return value
 
     if shards is not None:
@@ -226,7 +231,7 @@ def load_sweep(path: str, out: str | None = None, shards: str | None = None) -> 
                         if reason:
                             sweep.unsupported.append({"id": run_id, "reason": reason})
                             continue
-                        shards = os.path.abspath(shards_tpl.format(split=split))
+                        shards = os.path.abspath(shards_tpl.format(split=split, block=name))
                         overrides = (f"model.fusion.name={fusion}", f"seed={int(seed)}",
                                      *for_modalities([*common, *extra], preset_balancing(config)[1]))
                         sweep.runs.append(RunSpec(run_id, name, preset, str(method), str(fusion), str(split), int(seed),
@@ -614,8 +619,9 @@ def final_lines(records: dict[str, dict]) -> list[str]:
 
 
 def selected(sweep: Sweep, only: str | None) -> list[RunSpec]:
-    """The runs ``--only GLOB`` keeps (all without it)."""
-    specs = [s for s in sweep.runs if only is None or fnmatch.fnmatch(s.id, only)]
+    """The runs ``--only GLOB[,GLOB...]`` keeps: those whose id matches any of the globs (all without it)."""
+    globs = [g.strip() for g in only.split(",") if g.strip()] if only is not None else []
+    specs = [s for s in sweep.runs if only is None or any(fnmatch.fnmatch(s.id, g) for g in globs)]
     if only is not None and not specs:
         raise UserError(f"--only {only!r} matches none of the {len(sweep.runs)} runs")
     return specs

@@ -181,3 +181,24 @@ def test_only_counts_the_selected_runs_and_a_failure_keeps_the_whole_message(tmp
     # The whole error paragraph, not the last line of a wrapped message.
     assert record["reason"].startswith("error: no shards.json in ") and re.search(r"run `\S*(python \S*cli.py|avbalance) preprocess` first", record["reason"])
     assert any(record["reason"] in m for m in messages if "FAILED" in m)
+
+
+def test_only_takes_several_globs_and_shards_may_name_the_block(tmp_path):
+    doc = grid(tmp_path, splits=["kfold1"], seeds=[0, 1], fusions=["late_linear"], methods=["joint", "mlb", "ogm_ge"])
+    doc["blocks"].append({**doc["blocks"][0], "name": "c"})
+    doc["shards"] = str(tmp_path / "{block}" / "shards" / "{split}")
+    sweep = load_sweep(write(tmp_path, doc))
+    by_id = {r.id: r for r in sweep.runs}
+    # Each block reads the shards of its own name.
+    assert by_id["b/mlb-late_linear/kfold1-s1"].shards == str(tmp_path / "b" / "shards" / "kfold1")
+    assert by_id["c/mlb-late_linear/kfold1-s1"].shards == str(tmp_path / "c" / "shards" / "kfold1")
+    from experiments.sweep import selected
+
+    kept = {s.id for s in selected(sweep, "*/joint-*, b/mlb-*")}
+    assert kept == {f"{b}/joint-late_linear/kfold1-s{s}" for b in "bc" for s in (0, 1)} | \
+        {f"b/mlb-late_linear/kfold1-s{s}" for s in (0, 1)}
+    with pytest.raises(UserError, match="matches none"):
+        selected(sweep, "x/*,y/*")
+    doc["shards"] = str(tmp_path / "{corpus}" / "{split}")
+    with pytest.raises(UserError, match=r"only \{split\} and \{block\}"):
+        load_sweep(write(tmp_path, doc))
