@@ -151,12 +151,19 @@ def val_curves(runs: list[Run]) -> dict[str, dict[str, list]]:
     return out
 
 
+# The per-modality values a method logs that scale or weight a modality's learning (the
+# balancing coefficients), as opposed to its diagnostics (scores, cosines, accuracies): MLB's
+# ratio r and multiplier k, OGM-GE's, AGM's and CGGM's k, PMR's ratio, MILES' and MSLR's
+# learning-rate scale, MMPareto's weight alpha, the re-learning weight.
+COEFFICIENTS = ("r", "k", "ratio", "lr_scale", "alpha", "weight")
+
+
 def coefficient_traces(runs: list[Run]) -> dict[str, dict[str, dict[str, list]]]:
-    """Per coefficient name (``k`` of ``k/audio``) and modality: the value per training step,
-    mean, min and max over the runs that logged that step."""
+    """Per coefficient name (``k`` of ``k/audio``, one of ``COEFFICIENTS``) and modality: the
+    value per training step, mean, min and max over the runs that logged that step."""
     per_run = [_last_by(r.kind("train"), "step") for r in runs]
     keys = sorted({k for recs in per_run for rec in recs.values() for k, v in rec.items()
-                   if "/" in k and isinstance(v, (int, float))})
+                   if "/" in k and k.split("/", 1)[0] in COEFFICIENTS and isinstance(v, (int, float))})
     out: dict[str, dict[str, dict[str, list]]] = {}
     for key in keys:
         name, modality = key.split("/", 1)

@@ -160,12 +160,15 @@ def _mlb_panel(ax: plt.Axes, groups: list[dict[str, Any]], colours: dict[str, An
 
 
 def coefficients_figure(runs: list[Run], out: str) -> str | None:
-    """Per method and coefficient: the per-modality value over training steps (mean over runs,
-    min–max band), plus MLB's rule k(r) with the observed pairs."""
+    """Per setting, method and coefficient: the per-modality value over training steps (mean
+    over runs, min–max band), plus MLB's rule k(r) with the observed pairs."""
     panels = []
-    for method, (fusion, group) in agg.by_method(runs).items():
-        for name, traces in agg.coefficient_traces(group).items():
-            panels.append((f"{method} ({fusion}, {_runs(len(group))}): {name}", name, traces))
+    settings = agg.settings(agg.finished(runs))
+    for setting in settings:
+        where = f"{setting}: " if len(settings) > 1 else ""
+        for method, (fusion, group) in agg.by_method([r for r in runs if r.setting == setting]).items():
+            for name, traces in agg.coefficient_traces(group).items():
+                panels.append((f"{where}{method} ({fusion}, {_runs(len(group))}): {name}", name, traces))
     mlb = [g for g in agg.mlb_settings(agg.finished(runs)) if g["r"]]
     if not panels and not mlb:
         return None

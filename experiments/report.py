@@ -32,9 +32,10 @@ CAPTIONS = {
                      "the finished runs of each setting (folds and seeds aggregated), error bars ± std. A small number "
                      "above a bar is its run count when below 5; the dotted line is chance."),
     "coefficients.png": ("Balancing coefficients",
-                         "Per-step traces of each method's per-modality coefficients (every logged key of the form "
-                         "name/modality; for MLB s: score, r: ratio, k: gradient multiplier), mean over the method's "
-                         "runs of one fusion (late_linear when run) with the min–max band. The last panel draws MLB's "
+                         "Per-step traces of each method's per-modality balancing coefficients (r, k, ratio, lr_scale, "
+                         "alpha, weight: experiments/aggregate.py COEFFICIENTS; for MLB r: ratio, k: gradient "
+                         "multiplier), per setting, mean over the method's runs of one fusion (late_linear when run) "
+                         "with the min–max band. The last panel draws MLB's "
                          "rule k(r) = 1 + (β−1)·tanh(α(r−1)), β = β_max if r > 1 else 2, for each (α, β_max) used, "
                          "with the observed (r, k) pairs on top (x axis cut at the 99th percentile of r)."),
     "agreement.png": ("Agreement of the unimodal heads",
@@ -107,8 +108,6 @@ def build_summary(runs: list[Run], runs_dir: str, out: str, figures: dict[str, s
         "heads_vs_human": agg.head_comparison(runs),
         "agreement": {m: {"fusion": f, "runs": [r.id for r in g], **(agg.agreement(g) or {})} for m, (f, g) in methods.items()},
         "reliability": {m: {"fusion": f, **(agg.reliability(g) or {})} for m, (f, g) in methods.items()},
-        "coefficients": {m: {"fusion": f, "runs": [r.id for r in g], "traces": agg.coefficient_traces(g)}
-                         for m, (f, g) in methods.items()},
         "mlb_rule": [{k: g[k] for k in ("alpha", "beta_max", "runs")} for g in agg.mlb_settings(agg.finished(runs))],
         "val_curves": curves,
         "figures": {name: (os.path.basename(p) if p else None) for name, p in figures.items()},

@@ -16,7 +16,10 @@ Per setting (see ``Run.setting``), the unimodal controls are the finished one-mo
   (split, seed) — the mean of their softmax outputs — and ``oracle``, the share of test clips
   at least one control gets right; every multimodal method's ``vs_ensemble`` is its fused
   accuracy minus the ensemble's, paired. A method that cannot beat the ensemble gains nothing
-  from training the modalities together.
+  from training the modalities together. ``ensemble.vs_control[m]``: the ensemble minus control
+  m's fused accuracy, paired (how much the modalities complement each other);
+- ``coefficients``: per multimodal method, the per-step traces of its balancing coefficients
+  (``aggregate.coefficient_traces``), for the coefficient table and figure of the setting.
 """
 
 from __future__ import annotations
@@ -165,6 +168,13 @@ def setting_study(runs: list[Run]) -> dict[str, Any] | None:
     out = {"modalities": modalities, "controls": controls, "methods": rows, "phenomenon": phenomenon}
     if ensemble is not None:
         out["ensemble"] = {k: v for k, v in ensemble.items() if k != "per_key"}
+        # How complementary the controls are: the ensemble against each control alone, paired.
+        out["ensemble"]["vs_control"] = {m: paired_difference(ensemble["per_key"], _per_key(group, _fused))
+                                         for m, group in control_runs.items()}
+    traces = {method: {"fusion": fusion, "runs": [r.id for r in group], "traces": found}
+              for method, (fusion, group) in multi.items() if (found := agg.coefficient_traces(group))}
+    if traces:
+        out["coefficients"] = traces
     return out
 
 

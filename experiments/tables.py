@@ -39,7 +39,11 @@ ENSEMBLE_LEGEND = ("ensemble: the unimodal controls of the same split and seed c
 
 COEFFICIENT_LEGEND = ("Balancing coefficients over training: the mean over runs at each logged step, averaged over the "
                       "first, middle and last third of the steps, and the largest such mean. MLB: r_m > 1 means modality m "
-                      "scores below the others, and k_m multiplies its encoder's and head's gradients.")
+                      "scores below the others, and k_m multiplies its encoder's and head's gradients; OGM-GE, AGM, "
+                      "CGGM: k_m scales modality m's gradients; PMR: ratio_m, its prototype-score ratio; MILES, MSLR: "
+                      "lr_scale_m scales its learning rate; MMPareto: alpha_m weighs its loss's gradient; "
+                      "re-learning: alpha_m is the strength of its encoder's soft re-initialisation "
+                      "(docs/methods.md).")
 
 
 def load_summary(path: str) -> dict[str, Any]:
@@ -165,13 +169,16 @@ def _phase_means(steps: list[int], values: list[float]) -> list[float]:
     return [sum(t) / len(t) if t else float("nan") for t in thirds]
 
 
-def coefficient_rows(summary: dict[str, Any]) -> list[list[str]]:
-    """MLB-style coefficients (r, k) per method and modality: the mean over runs of each logged
-    step, averaged over the first, middle and last third of training, and the largest value."""
+def coefficient_rows(entries: dict[str, Any]) -> list[list[str]]:
+    """Balancing coefficients per method and modality (``entries``: a setting's
+    ``coefficients``, method -> {"runs", "traces"}): the mean over runs of each logged step,
+    averaged over the first, middle and last third of training, and the largest value."""
+    from experiments.aggregate import COEFFICIENTS
+
     rows = []
-    for method, entry in (summary.get("coefficients") or {}).items():
+    for method, entry in (entries or {}).items():
         traces = entry.get("traces") or {}
-        for name in ("r", "k"):
+        for name in COEFFICIENTS:
             for modality, trace in sorted((traces.get(name) or {}).items()):
                 steps, mean = trace.get("steps") or [], trace.get("mean") or []
                 if not steps:
@@ -196,11 +203,12 @@ def markdown(summary: dict[str, Any]) -> str:
             out += _markdown_table(head, rows) + [""]
         out += [LEGEND + (" " + DIFF_LEGEND if any("vs_joint" in r for r in s["methods"]) or s["phenomenon"] else "")
                 + (" " + ENSEMBLE_LEGEND if s.get("ensemble") else ""), ""]
-    coefficients = coefficient_rows(summary)
-    if coefficients:
-        out += _markdown_table(["method", "coefficient", "first third", "middle third", "last third", "max", "runs"],
-                               coefficients)
-        out += ["", COEFFICIENT_LEGEND, ""]
+        # A summary from before coefficients were kept per setting has them once, for every setting.
+        coefficients = coefficient_rows(s["coefficients"] if "coefficients" in s else summary.get("coefficients"))
+        if coefficients:
+            out += _markdown_table(["method", "coefficient", "first third", "middle third", "last third", "max", "runs"],
+                                   coefficients)
+            out += ["", COEFFICIENT_LEGEND, ""]
     return "\n".join(out)
 
 

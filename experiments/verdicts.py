@@ -4,7 +4,9 @@ report page and the README open with, so no sentence about a result is written b
 
 Findings, in order: whether joint training under-trains a modality (its probe against the
 unimodal control's); what imbalance costs in fused accuracy (joint against the unimodal
-ensemble); which methods change the fused accuracy against joint beyond their CI, and which
+ensemble), how complementary the modalities are (the ensemble against the better control) and
+the oracle; which methods change the fused accuracy against joint beyond their CI, and, when
+joint falls short of the ensemble, which of them close that gap and which only narrow it; which
 change only the encoders (a probe beyond its CI, the fused accuracy not); which methods beat
 or fall below the ensemble. A difference counts only with at least ``MIN_RUNS`` pairs and a
 95 % CI clear of 0; with fewer runs the verdict says that nothing can be significant.
@@ -68,6 +70,22 @@ def verdicts(s: dict[str, Any]) -> list[str]:
             out.append(f"Joint training beats the unimodal ensemble ({members}), by {_pts(gap)}.")
         else:
             out.append(f"Joint training and the unimodal ensemble ({members}) do not differ beyond the CI: {_pts(gap)}.")
+        versus = ens.get("vs_control") or {}
+        controls = s.get("controls") or {}
+        best = max((m for m in versus if m in controls and controls[m]["fused"].get("mean") is not None),
+                   key=lambda m: controls[m]["fused"]["mean"], default=None)
+        if best is not None and versus[best].get("mean") is not None:
+            name, diff = controls[best]["method"], versus[best]
+            sign = _clear(diff)
+            if sign > 0:
+                out.append(f"The modalities complement each other: the unimodal ensemble beats the better control "
+                           f"({name}) by {_pts(diff)}.")
+            elif sign < 0:
+                out.append(f"The unimodal ensemble falls below the better control ({name}), by {_pts(diff)}: "
+                           f"averaging in the weaker control costs more than it adds.")
+            else:
+                out.append(f"The unimodal ensemble and the better control ({name}) do not differ beyond the CI: "
+                           f"{_pts(diff)}.")
         oracle = ens.get("oracle") or {}
         if oracle.get("mean") is not None:
             out.append(f"At least one unimodal control is right on {100 * oracle['mean']:.1f} % of test clips "
@@ -82,6 +100,21 @@ def verdicts(s: dict[str, Any]) -> list[str]:
             out.append(f"Fused accuracy below joint beyond the CI: {_list(worse)}.")
         if not better and not worse:
             out.append(f"No method changes the fused accuracy against joint beyond its CI ({len(compared)} compared).")
+        gap = (joint or {}).get("vs_ensemble", {}).get("fused")
+        if ens and _clear(gap) < 0:
+            # Joint falls short of the ensemble: which methods close that gap, which only narrow it.
+            up = [r for r in compared if _clear(r["vs_joint"]["fused"]) > 0 and r.get("vs_ensemble")]
+            closed = [f"{r['method']} ({_pts(r['vs_ensemble']['fused'])} against the ensemble)" for r in up
+                      if _clear(r["vs_ensemble"]["fused"]) >= 0]
+            narrowed = [f"{r['method']} ({_pts(r['vs_ensemble']['fused'])})" for r in up
+                        if _clear(r["vs_ensemble"]["fused"]) < 0]
+            if closed:
+                out.append(f"Close the gap to the ensemble (above joint beyond the CI, not below the ensemble beyond "
+                           f"it): {_list(closed)}.")
+            if narrowed:
+                out.append(f"Narrow the gap but stay below the ensemble beyond the CI: {_list(narrowed)}.")
+            if not up:
+                out.append("No method closes the gap between joint training and the ensemble beyond its CI.")
         encoders_only = []
         for r in compared:
             if _clear(r["vs_joint"]["fused"]) != 0:

@@ -91,6 +91,10 @@ def test_study_has_the_ensemble_row_and_paired_differences_to_it(tmp_path):
     gap = joint["vs_ensemble"]["fused"]
     assert gap["mean"] == pytest.approx(np.mean([joint_fused[s] - e for s, e in zip((0, 1, 2), expect)]))
     assert gap["n"] == 3 and gap["hurts"]  # joint is clearly below the ensemble on every seed
+    # Complementarity: the ensemble minus each control alone, paired over seeds.
+    versus = ens["vs_control"]
+    assert versus["audio"]["mean"] == pytest.approx(np.mean([e - 0.5 for e in expect]))
+    assert versus["visual"]["mean"] == pytest.approx(np.mean([e - 0.25 for e in expect])) and versus["visual"]["helps"]
     text = tables.markdown({"study": {"study": study}, "data": {}})
     assert "| ensemble (audio_only + visual_only) | 3 |" in text and "Δ fused vs ensemble" in text
     assert f"**{100 * gap['mean']:+.1f} [" in text  # the bold (CI excludes 0) difference in the joint row
@@ -116,7 +120,8 @@ def test_verdicts_cite_each_finding_with_its_interval(tmp_path):
         labels = np.concatenate([LABELS, np.zeros(seed, int)])
         wrong = np.log(np.tile([[0.1, 0.8, 0.1]], (seed, 1)))
         ids = IDS + extra
-        runs.append(_run(tmp_path, "audio_only", ["audio"], seed, 0.5, {"audio": 0.5}, (ids, labels, np.concatenate([AUDIO, wrong]))))
+        runs.append(_run(tmp_path, "audio_only", ["audio"], seed, [0.5, 0.45, 0.4][seed], {"audio": 0.5},
+                         (ids, labels, np.concatenate([AUDIO, wrong]))))
         runs.append(_run(tmp_path, "visual_only", ["visual"], seed, 0.25, {"visual": 0.40 + 0.01 * seed},
                          (ids, labels, np.concatenate([VISUAL, wrong]))))
         runs.append(_run(tmp_path, "joint", ["audio", "visual"], seed, [0.70, 0.49, 0.37][seed],
@@ -125,6 +130,17 @@ def test_verdicts_cite_each_finding_with_its_interval(tmp_path):
                          {"audio": 0.5, "visual": 0.35 + 0.01 * seed}))
     lines = verdicts(setting_study(runs))
     text = " ".join(lines)
+    assert "The modalities complement each other: the unimodal ensemble beats the better control (audio_only) by" in text
+    assert "No method closes the gap between joint training and the ensemble beyond its CI." in text
+    # A method as good as the ensemble on every seed closes joint's gap; one a little above joint only narrows it.
+    ensemble = [4 / 4, 4 / 5, 4 / 6]
+    closing = [_run(tmp_path, "mmpareto", ["audio", "visual"], seed, ensemble[seed], {"audio": 0.5, "visual": 0.3})
+               for seed in (0, 1, 2)]
+    narrowing = [_run(tmp_path, "agm", ["audio", "visual"], seed, [0.75, 0.53, 0.43][seed], {"audio": 0.5, "visual": 0.2})
+                 for seed in (0, 1, 2)]
+    more = " ".join(verdicts(setting_study(runs + closing + narrowing)))
+    assert "Close the gap to the ensemble (above joint beyond the CI, not below the ensemble beyond it): mmpareto (" in more
+    assert "Narrow the gap but stay below the ensemble beyond the CI: agm (" in more
     assert "Joint training under-trains the visual encoder" in text and "(n = 3)" in text
     assert "Imbalance costs fused accuracy: joint training differs from the unimodal ensemble" in text
     assert "No method changes the fused accuracy against joint beyond its CI (1 compared)" in text
