@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 DEMO_DIR ?= demo
+comma := ,
+space := $(subst ,, )
 
-.PHONY: install test test-all demo study readme-tables bench gpu-check clean
+.PHONY: install test test-all demo study study-data study-full study-check readme-tables bench gpu-check clean
 
 install: $(STAMP)
 
@@ -46,22 +48,47 @@ demo: install
 		--shards '$(DEMO_DIR)/pre/shards/{split}' --jobs 2
 	$(PY) cli.py report --runs $(DEMO_DIR)/runs --out $(DEMO_DIR)/report
 
-# Controlled-imbalance study (docs/study.md; its result in the README): the calibrated synthetic
-# corpus (the voice shows the emotion on 85 % of clips, the face on 60 % and more faintly, each
-# clip's clarity drawn independently per modality), one actor-disjoint fold; the unimodal
-# controls, joint training and the balancing methods x 5 seeds (experiments/sweeps/study.yaml);
-# the report with the imbalance figure. `make readme-tables` then copies its tables into the
-# README from the summary committed under docs/results/study/.
+# Controlled-imbalance study (docs/study.md; its result in the README): two calibrated synthetic
+# settings (docs/calibration.md), each its own corpus and shards of one actor-disjoint fold:
+# - imbalanced: the voice shows the emotion on 85 % of clips, the face on 60 % and more faintly;
+# - complementary: each on 60 %, the face more faintly (cue 1.0 against the voice's 1.3); either
+#   modality alone misses many clips the other gets.
+# Each clip's clarity is drawn independently per modality. experiments/sweeps/study.yaml trains the
+# unimodal controls, joint training and every balancing method x 5 seeds on both; `make study`
+# runs the subset STUDY_METHODS x STUDY_SEEDS (under 30 minutes on 2 cores), `make study-full` all
+# of it (the runs `make study` finished are kept). Then the report with the imbalance figure; `make
+# readme-tables` copies its summary to docs/results/study/ and regenerates the README's tables.
 STUDY_DIR ?= study
-STUDY_SYNTH := --actors 18 --sentences 8 --audio-signal 1.0 --audio-clear 0.85 --video-signal 0.5 --video-clear 0.6
-study: install
-	$(PY) cli.py synth cremad --out $(STUDY_DIR)/corpus $(STUDY_SYNTH)
-	$(PY) cli.py manifest cremad --root $(STUDY_DIR)/corpus --out $(STUDY_DIR)/manifest
-	$(PY) cli.py preprocess cremad --root $(STUDY_DIR)/corpus --out $(STUDY_DIR)/pre --split kfold1 \
+STUDY_SYNTH_imbalanced := --actors 18 --sentences 8 --audio-signal 1.0 --audio-clear 0.85 --video-signal 0.5 --video-clear 0.6
+STUDY_SYNTH_complementary := --actors 18 --sentences 8 --audio-signal 1.3 --audio-clear 0.6 --video-signal 1.0 --video-clear 0.6
+STUDY_METHODS := audio_only visual_only joint mlb mmpareto ogm_ge
+STUDY_SEEDS := 0 1 2
+STUDY_SWEEP = $(PY) cli.py sweep --config experiments/sweeps/study.yaml --shards '$(STUDY_DIR)/{block}/pre/shards/{split}'
+# One setting's corpus, manifest and shards (kfold1): `make study-data-imbalanced`.
+study-data-%: install
+	@test -n "$(STUDY_SYNTH_$*)" || { echo "error: no study setting '$*' (imbalanced, complementary)" >&2; exit 2; }
+	$(PY) cli.py synth cremad --out $(STUDY_DIR)/$*/corpus $(STUDY_SYNTH_$*)
+	$(PY) cli.py manifest cremad --root $(STUDY_DIR)/$*/corpus --out $(STUDY_DIR)/$*/manifest
+	$(PY) cli.py preprocess cremad --root $(STUDY_DIR)/$*/corpus --out $(STUDY_DIR)/$*/pre --split kfold1 \
 		--stages frames,audio,pack --workers 2
-	$(PY) cli.py sweep --config experiments/sweeps/study.yaml --out $(STUDY_DIR)/runs \
-		--shards '$(STUDY_DIR)/pre/shards/{split}' --jobs 2
+study-data: study-data-imbalanced study-data-complementary
+study: study-data
+	$(STUDY_SWEEP) --out $(STUDY_DIR)/runs --jobs 2 \
+		--only '$(subst $(space),$(comma),$(foreach m,$(STUDY_METHODS),*/$(m)-*/*-s[$(subst $(space),,$(STUDY_SEEDS))]))'
 	$(PY) cli.py report --runs $(STUDY_DIR)/runs --out $(STUDY_DIR)/report
+study-full: study-data
+	$(STUDY_SWEEP) --out $(STUDY_DIR)/runs --jobs 2
+	$(PY) cli.py report --runs $(STUDY_DIR)/runs --out $(STUDY_DIR)/report
+
+# Reproducibility of the committed summary: one run of it (STUDY_CHECK_RUN, a run id of
+# docs/results/study/summary.json) re-run from scratch in $(STUDY_DIR)/check with the study's
+# command and one thread (as the study's runs, two at a time on two cores), then every number
+# of it compared with the summary's (`report --check`; exit 2 when one differs).
+STUDY_CHECK_RUN ?= imbalanced/mlb-late_linear/kfold1-s0
+study-check: study-data-$(firstword $(subst /, ,$(STUDY_CHECK_RUN)))
+	rm -rf $(STUDY_DIR)/check
+	OMP_NUM_THREADS=1 $(STUDY_SWEEP) --out $(STUDY_DIR)/check --only '$(STUDY_CHECK_RUN)'
+	$(PY) cli.py report --summary docs/results/study/summary.json --check $(STUDY_DIR)/check
 
 # The README's result tables are generated: copy a finished study's summary into docs/results/
 # and rewrite every marked README block from the committed summaries.

@@ -250,6 +250,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     from experiments import tables
     from experiments.report import write_report
 
+    if args.check:  # do re-run runs repeat a saved summary's numbers?
+        from experiments.reproduce import compare
+
+        if not args.summary or args.runs or args.out or args.markdown:
+            raise UserError("--check RUNS compares re-run runs with a saved summary: use it with --summary FILE alone")
+        lines, problems = compare(tables.load_summary(args.summary), args.check, args.tolerance)
+        print("\n".join(lines))
+        if problems:
+            raise UserError(f"{len(problems)} number(s) differ from {args.summary}" if lines else problems[0])
+        print(f"check: every number of the {len(lines)} run(s) under {args.check} is as in {args.summary}")
+        return 0
     if args.summary:  # tables from a saved summary, no runs needed
         if args.runs or args.out or not args.markdown:
             raise UserError("--summary FILE prints the study tables of a saved summary.json: use it with --markdown "
@@ -455,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder: report.html, the PNGs and summary.json (no default: needed with --runs)")
     p.add_argument("--markdown", action="store_true", help="print the study tables as GitHub markdown")
     p.add_argument("--summary", metavar="FILE", help="with --markdown: print the tables of a saved summary.json, no runs needed (default: none)")
+    p.add_argument("--check", metavar="RUNS", help="with --summary: compare the finished runs under RUNS that the summary "
+                   "lists (same id) with its numbers, exit 2 when one differs (e.g. one seed re-run with `make "
+                   "study-check`) (default: none)")
+    p.add_argument("--tolerance", type=arg(float, Allowed(lo=0.0)), default=0.0, metavar="X",
+                   help="with --check: the largest difference allowed, as a fraction (0.01 = 1 point) (default 0: exact)")
     p.set_defaults(func=cmd_report)
     return parser
 

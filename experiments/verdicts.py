@@ -59,6 +59,22 @@ def verdicts(s: dict[str, Any]) -> list[str]:
     methods = {r["method"]: r for r in s.get("methods", [])}
     joint = methods.get("joint")
     ens = s.get("ensemble")
+    versus = (ens or {}).get("vs_control") or {}
+    controls = s.get("controls") or {}
+    best = max((m for m in versus if m in controls and controls[m]["fused"].get("mean") is not None),
+               key=lambda m: controls[m]["fused"]["mean"], default=None)
+    if best is not None and versus[best].get("mean") is not None:
+        name, diff = controls[best]["method"], versus[best]
+        sign = _clear(diff)
+        if sign > 0:
+            out.append(f"The modalities complement each other: the unimodal ensemble beats the better control "
+                       f"({name}) by {_pts(diff)}.")
+        elif sign < 0:
+            out.append(f"The unimodal ensemble falls below the better control ({name}), by {_pts(diff)}: "
+                       f"averaging in the weaker control costs more than it adds.")
+        else:
+            out.append(f"The unimodal ensemble and the better control ({name}) do not differ beyond the CI: "
+                       f"{_pts(diff)}.")
     if ens and joint and joint.get("vs_ensemble") and joint["vs_ensemble"]["fused"].get("mean") is not None:
         gap = joint["vs_ensemble"]["fused"]
         sign = _clear(gap)
@@ -70,22 +86,6 @@ def verdicts(s: dict[str, Any]) -> list[str]:
             out.append(f"Joint training beats the unimodal ensemble ({members}), by {_pts(gap)}.")
         else:
             out.append(f"Joint training and the unimodal ensemble ({members}) do not differ beyond the CI: {_pts(gap)}.")
-        versus = ens.get("vs_control") or {}
-        controls = s.get("controls") or {}
-        best = max((m for m in versus if m in controls and controls[m]["fused"].get("mean") is not None),
-                   key=lambda m: controls[m]["fused"]["mean"], default=None)
-        if best is not None and versus[best].get("mean") is not None:
-            name, diff = controls[best]["method"], versus[best]
-            sign = _clear(diff)
-            if sign > 0:
-                out.append(f"The modalities complement each other: the unimodal ensemble beats the better control "
-                           f"({name}) by {_pts(diff)}.")
-            elif sign < 0:
-                out.append(f"The unimodal ensemble falls below the better control ({name}), by {_pts(diff)}: "
-                           f"averaging in the weaker control costs more than it adds.")
-            else:
-                out.append(f"The unimodal ensemble and the better control ({name}) do not differ beyond the CI: "
-                           f"{_pts(diff)}.")
         oracle = ens.get("oracle") or {}
         if oracle.get("mean") is not None:
             out.append(f"At least one unimodal control is right on {100 * oracle['mean']:.1f} % of test clips "
