@@ -17,9 +17,16 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        """A decorator: ``obj`` under ``name``. A registered class gets ``name`` as its ``name``
+        attribute, so the name is written once, in the decorator."""
         def add(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
+            if isinstance(obj, type):
+                own = obj.__dict__.get("name")
+                if own is not None and own != name:
+                    raise ValueError(f"{self.kind} {name!r}: class {obj.__name__} names itself {own!r}")
+                setattr(obj, "name", name)
             self._items[name] = obj
             return obj
 

@@ -42,7 +42,6 @@ from pipelines.storage import Storage
 from pipelines.worker import ClipJob
 
 CLIP_STAGES = ("frames", "flow", "faces", "face_features", "audio")
-UPSTREAM = {"face_features": "faces"}
 
 
 def source_key(root: str, rel: str) -> str:

@@ -56,7 +56,6 @@ SOURCES = {"spec": "spec.npy", "wav": "wav.npy", "frames": "frames.jpg", "face_f
 # sources that need more than their SOURCES member
 COMPANIONS = {"face_feats": ("face_mask.npy",), "flow": ("flow_y.jpg",)}
 MIN_WAV_SECONDS = 1.0  # shorter waveforms are tiled to this length at load time
-ON_CORRUPT = ("error", "skip")
 SHARED_MIN_ELEMENTS = 1 << 16  # smaller batch tensors are stacked as usual (a segment each costs more than the copy)
 
 

@@ -25,7 +25,6 @@ def slot_env(jobs: int, slot: int, devices: tuple[str, ...] | list[str]) -> dict
 
 @SWEEP_ENGINES.register("local")
 class LocalEngine(SweepEngine):
-    name = "local"
 
     @property
     def jobs(self) -> int:

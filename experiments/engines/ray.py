@@ -43,7 +43,6 @@ def threads_env(cpus: int) -> dict[str, str]:
 
 @SWEEP_ENGINES.register("ray")
 class RayEngine(SweepEngine):
-    name = "ray"
 
     def __init__(self, options: EngineOptions) -> None:
         super().__init__(options)

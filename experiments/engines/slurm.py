@@ -53,7 +53,6 @@ def cluster() -> str:
 
 @SWEEP_ENGINES.register("slurm")
 class SlurmEngine(SweepEngine):
-    name = "slurm"
 
     def __init__(self, options: EngineOptions) -> None:
         super().__init__(options)

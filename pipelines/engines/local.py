@@ -12,7 +12,6 @@ from pipelines.worker import ClipJob, ClipOutcome, init_worker, process_chunk, w
 
 @ENGINES.register("local")
 class LocalEngine(Engine):
-    name = "local"
 
     def run_chunks(self, chunks: list[list[ClipJob]], on_done: Callable[[list[ClipOutcome]], None]) -> list[str]:
         cfg = self.cfg

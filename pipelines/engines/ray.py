@@ -62,7 +62,6 @@ def _call(fn: Callable[[Any], Any], item: Any) -> Any:
 
 @ENGINES.register("ray")
 class RayEngine(Engine):
-    name = "ray"
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

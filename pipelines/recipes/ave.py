@@ -52,7 +52,6 @@ def read_events(path: str) -> list[dict]:
 
 @RECIPES.register("ave")
 class Ave(Recipe):
-    name = "ave"
     description = "AVE (ECCV 2018): AVE/*.mp4 + Annotations.txt, trainSet/valSet/testSet.txt; 28 classes, 10 s clips; split official"
     root_help = "the AVE_Dataset folder (holds AVE/ and Annotations.txt, trainSet.txt, valSet.txt, testSet.txt)"
     default_split = SPLIT

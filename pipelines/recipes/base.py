@@ -4,9 +4,8 @@ A recipe turns a corpus as distributed into a manifest in the generic schema
 (``manifests/record.py``); everything after that — decode, stages, pack, the trainer — reads
 the manifest only, never the corpus' layout. docs/recipes.md explains how to add one.
 
-    @RECIPES.register("mycorpus")
+    @RECIPES.register("mycorpus")      # also sets MyCorpus.name
     class MyCorpus(Recipe):
-        name = "mycorpus"
         ...
         def prepare(self, root, out): ...  # writes clips.jsonl, skipped.jsonl, summary.json
 
@@ -20,6 +19,19 @@ import argparse
 from typing import Any, ClassVar
 
 from avbalance.registry import Registry
+
+
+class _DestRecorder(argparse.ArgumentParser):
+    """A parser that records the ``dest`` of every option added to it (``from_args``)."""
+
+    def __init__(self) -> None:
+        super().__init__(add_help=False)
+        self.dests: list[str] = []
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
+        action = super().add_argument(*args, **kwargs)
+        self.dests.append(action.dest)
+        return action
 
 
 class Recipe:
@@ -47,9 +59,9 @@ class Recipe:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Recipe":
         """Build from parsed arguments: every option ``add_arguments`` added, by its dest."""
-        probe = argparse.ArgumentParser(add_help=False)
+        probe = _DestRecorder()
         cls.add_arguments(probe)
-        return cls(**{a.dest: getattr(args, a.dest) for a in probe._actions if hasattr(args, a.dest)})
+        return cls(**{dest: getattr(args, dest) for dest in probe.dests if hasattr(args, dest)})
 
     def prepare(self, root: str, out: str) -> dict:
         """Scan ``root``, write the manifest to ``out`` (``manifests.io.write_manifest``) and

@@ -82,7 +82,6 @@ def _count_reasons(skipped: list[dict]) -> dict[str, int]:
 class Cremad(Recipe):
     """CREMA-D as cloned from CheyneyComputerScience/CREMA-D (VideoFlash/, AudioWAV/)."""
 
-    name = "cremad"
     description = "CREMA-D: VideoFlash/*.flv + AudioWAV/*.wav, 6 emotions; splits ogm, vavl1..5, kfold1..K"
     root_help = "corpus folder (holds VideoFlash/, AudioWAV/, AudioMP3/)"
     default_split = "ogm"

@@ -33,7 +33,6 @@ SPLIT = "main"
 class Folder(Recipe):
     """Any labelled folder of videos (the example in docs/recipes.md)."""
 
-    name = "folder"
     description = "any folder of videos (mp4, mkv, webm, flv, avi) with a path,label[,split][,start,end] CSV"
     root_help = "folder the CSV's paths are relative to"
     default_split = SPLIT

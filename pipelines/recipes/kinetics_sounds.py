@@ -67,7 +67,6 @@ def find_csv(folder: str, names: tuple[str, ...]) -> str | None:
 
 @RECIPES.register("kinetics-sounds")
 class KineticsSounds(Recipe):
-    name = "kinetics-sounds"
     description = "Kinetics-Sounds: downloaded Kinetics-400 clips of 32 audible classes (split ks: K400 train / val as test)"
     root_help = "folder holding the downloaded clips (any depth), e.g. <ytid>_<start:06d>_<end:06d>.mp4"
     default_split = "ks"

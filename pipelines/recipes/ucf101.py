@@ -81,7 +81,6 @@ def val_groups(train_groups: set[int], k: int, seed: int, split_number: int) -> 
 
 @RECIPES.register("ucf101")
 class UCF101(Recipe):
-    name = "ucf101"
     description = "UCF-101: UCF-101/<Class>/*.avi + ucfTrainTestlist/, 101 classes, RGB + optical flow; splits ucf1..ucf3"
     root_help = "corpus folder (holds UCF-101/<Class>/*.avi, or the class folders, and ucfTrainTestlist/)"
     default_split = "ucf1"

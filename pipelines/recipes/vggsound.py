@@ -40,7 +40,6 @@ def read_vggsound_csv(path: str) -> list[ListedClip]:
 
 @RECIPES.register("vggsound")
 class VGGSound(Recipe):
-    name = "vggsound"
     description = "VGGSound: downloaded 10 s YouTube clips + vggsound.csv (309 classes; split vggsound = its train/test)"
     root_help = "folder holding the downloaded clips (any depth), e.g. <ytid>_<start:06d>.mp4"
     default_split = "vggsound"

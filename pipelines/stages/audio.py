@@ -98,7 +98,6 @@ def spectrogram(wave16k: np.ndarray, cfg: AudioConfig) -> np.ndarray:
 
 @STAGES.register("audio")
 class AudioStage(Stage):
-    name = "audio"
     version = 2  # 2: short and silent clips are kept (flagged at pack), with their peak level
     inputs = ("audio_source",)
 

@@ -158,7 +158,6 @@ def face_features_key(cfg: FaceFeaturesConfig, input_keys: dict[str, str]) -> st
 
 @STAGES.register("face_features")
 class FaceFeaturesStage(Stage):
-    name = "face_features"
     version = 1
     inputs = ("faces",)
 

@@ -105,7 +105,6 @@ class ClipFaces:
 
 @STAGES.register("faces")
 class FacesStage(Stage):
-    name = "faces"
     version = 2  # 2: faceless clips are kept (all-zero mask); video_info as in frames
     inputs = ("video",)
 

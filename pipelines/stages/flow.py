@@ -86,7 +86,6 @@ class FlowStage(Stage):
     ``finish_clip`` returns the strips. Only the frames a slot needs are converted to
     grayscale: at 1 slot a second that is 2 frames in 25."""
 
-    name = "flow"
     version = 1
     inputs = ("video",)
 

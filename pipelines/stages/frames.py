@@ -58,7 +58,6 @@ def unpack_blobs(data: np.ndarray, offsets: np.ndarray) -> list[bytes]:
 
 @STAGES.register("frames")
 class FramesStage(Stage):
-    name = "frames"
     version = 2  # 2: video_info also holds the header's duration; decode_note
     inputs = ("video",)
 

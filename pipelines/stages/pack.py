@@ -69,7 +69,6 @@ def jpeg_strip(jpegs: list[bytes | None], quality: int, size: int) -> tuple[byte
 
 @STAGES.register("pack")
 class PackStage(Stage):
-    name = "pack"
     version = 2  # 2: clips with a missing modality are packed with placeholders and ``quality`` flags
     inputs = ()
 

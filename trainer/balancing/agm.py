@@ -160,14 +160,13 @@ class AGM(EpochWindow, Balancer):
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         label = batch["label"]
-        bare = getattr(model, "module", model)
-        if not bare.training:
+        if not model.training:
             loss = F.cross_entropy(out.fused, label)
             return loss, log_parts({"ce_fused": loss})
 
-        modalities = list(bare.modalities)
-        with eval_mode(bare):  # with gradients: the fusion and encoders learn through them too
-            values = coalition_values(bare, batch["inputs"], modalities, out.fused, detach=False)
+        modalities = list(model.modalities)
+        with eval_mode(model):  # with gradients: the fusion and encoders learn through them too
+            values = coalition_values(model, batch["inputs"], modalities, out.fused, detach=False)
         phi = agm_logits(values, modalities)
         with torch.no_grad():
             scores = torch.stack([

@@ -4,10 +4,9 @@ One training step, as the loop runs it::
 
     out = model(batch["inputs"])                    # ModelOutput: fused, unimodal, features
     loss, parts = balancer.compute_loss(model, batch, out)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)                      # AMP only: gradients at their true scale
+    loss.backward()                                 # bf16 autocast needs no loss scaling
     balancer.after_backward(model, out, batch)      # edit .grad in place
-    clip_grad_norm_(...); scaler.step(optimizer); scaler.update()
+    clip_grad_norm_(...); optimizer.step()
 
 Around it: ``build_balancer`` (construct with the config's keyword arguments, set
 ``total_epochs`` to the run's ``train.epochs``, ``check`` the model, ``configure`` it) runs before the optimizer is built from ``param_groups`` (a module
@@ -24,7 +23,7 @@ needs one there, once per step if it can (docs/training.md, "The CUDA path").
 Every hook gets the bare model. Under DDP the loop wraps forward and ``compute_loss``
 together (``trainer.loop.LossStep``), so extra, masked or hooked forwards inside
 ``compute_loss`` are part of the one DDP forward, and DDP learns which parameters get no
-gradient from the loss itself (``getattr(model, "module", model)`` stays harmless).
+gradient from the loss itself; no hook needs to unwrap the model.
 
 How the methods plug in (none needs a change to a loop that calls every hook above):
 
@@ -60,7 +59,6 @@ How the methods plug in (none needs a change to a loop that calls every hook abo
 from __future__ import annotations
 
 import inspect
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -75,19 +73,14 @@ BALANCERS: Registry = Registry("balancing method")
 
 
 def _fusion_name(fusion: nn.Module) -> str:
-    """The registry name of a fusion (reverse look-up in FUSIONS if loaded), else its class name."""
-    fusions = getattr(sys.modules.get("trainer.fusion"), "FUSIONS", None)
-    if fusions is not None:
-        for name in fusions.names():
-            if fusions.get(name) is type(fusion):
-                return name
-    return type(fusion).__name__
+    """The registry name of a fusion (a registered class carries it), else its class name."""
+    return str(getattr(type(fusion), "name", type(fusion).__name__))
 
 
 def _decomposable_names() -> str:
-    fusions = getattr(sys.modules.get("trainer.fusion"), "FUSIONS", None)
-    names = [n for n in fusions.names() if getattr(fusions.get(n), "decomposable", False)] if fusions else []
-    return ", ".join(names) or "late_linear"
+    from trainer.fusion import FUSIONS  # here, not at the top: the fusions need not load for a balancer
+
+    return ", ".join(n for n in FUSIONS.names() if getattr(FUSIONS.get(n), "decomposable", False))
 
 
 @dataclass(frozen=True)
@@ -114,13 +107,8 @@ REQUIREMENTS: dict[str, Requirement] = {
 
 
 def register(name: str) -> Callable[[type], type]:
-    """Class decorator: set ``cls.name`` and add the class to ``BALANCERS``."""
-
-    def add(cls: type) -> type:
-        cls.name = name
-        return BALANCERS.register(name)(cls)
-
-    return add
+    """Class decorator: add the class to ``BALANCERS`` (which sets ``cls.name``)."""
+    return BALANCERS.register(name)
 
 
 def cross_entropy_parts(

@@ -136,16 +136,15 @@ class CGGM(Balancer):
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        base = getattr(model, "module", model)
-        modalities = list(base.modalities)
+        modalities = list(model.modalities)
         label = batch["label"]
         self._pending = {}
         detached = {m: out.features[m].detach() for m in modalities}
         parts: dict[str, torch.Tensor] = {"ce_fused": F.cross_entropy(out.fused, label)}
-        training = base.training and torch.is_grad_enabled()
+        training = model.training and torch.is_grad_enabled()
         if not training:
             for m in modalities:
-                parts[f"ce_{m}"] = F.cross_entropy(base.heads[m](detached[m]), label)
+                parts[f"ce_{m}"] = F.cross_entropy(model.heads[m](detached[m]), label)
             return torch.stack(list(parts.values())).sum(), log_parts(parts)
 
         # magnitude coefficients from the heads' accuracy change (before this step's update),
@@ -160,14 +159,14 @@ class CGGM(Balancer):
 
         # direction term on detached features: trains heads and fusion only
         z = {m: detached[m].clone().requires_grad_(True) for m in modalities}
-        fused_z = base.fusion(z)
+        fused_z = model.fusion(z)
         g_fusion = torch.autograd.grad(
             F.cross_entropy(fused_z, label), [z[m] for m in modalities], create_graph=True, allow_unused=True
         )
         cosines = []
         for i, m in enumerate(modalities):
             zm = detached[m].clone().requires_grad_(True)
-            ce_m = F.cross_entropy(base.heads[m](zm), label)
+            ce_m = F.cross_entropy(model.heads[m](zm), label)
             parts[f"ce_{m}"] = ce_m
             # no graph: L_gm must not reach the heads (the reference discards that gradient)
             (g_m,) = torch.autograd.grad(ce_m, [zm], retain_graph=True)

@@ -26,8 +26,9 @@ Choices where the paper text leaves room:
 - Scope of k_i: Eq. 2 scales the update of theta_i, the encoder. We also scale the unimodal
   head of modality i (it is part of f_i in Eq. 3 and is owned by that modality); the fusion's
   parameters theta_v are not scaled.
-- k_i scales the gradient after AMP unscaling and before gradient clipping, so a clipping
-  norm can still cap an accelerated step; with plain SGD this equals Eq. 2's lr * k_i.
+- k_i scales the gradient after the backward pass and before gradient clipping, so a
+  clipping norm can still cap an accelerated step; with plain SGD this equals Eq. 2's
+  lr * k_i (bf16 autocast needs no loss scaling, so the gradient is at its true scale).
 - s_i is clamped to ``eps`` (1e-8) so a head that scores 0 gives a large finite r_i.
 - No warm-up or hard stop: balancing runs on every training step.
 """

@@ -107,11 +107,10 @@ class MMPareto(Balancer):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, parts = cross_entropy_parts(out, batch["label"], unimodal=True)
         self._pending = {}
-        base = getattr(model, "module", model)
-        if not (base.training and torch.is_grad_enabled() and loss.requires_grad):
+        if not (model.training and torch.is_grad_enabled() and loss.requires_grad):
             return loss, log_parts(parts)
-        enc = {m: [p for p in base.encoders[m].parameters() if p.requires_grad] for m in base.modalities}
-        flat = [p for m in base.modalities for p in enc[m]]
+        enc = {m: [p for p in model.encoders[m].parameters() if p.requires_grad] for m in model.modalities}
+        flat = [p for m in model.modalities for p in enc[m]]
         self.extra_backwards = 0
         if not flat:
             return loss, log_parts(parts)
@@ -125,7 +124,7 @@ class MMPareto(Balancer):
 
         g_mm_all = grads(parts["ce_fused"], flat)
         i = 0
-        for m in base.modalities:
+        for m in model.modalities:
             n = len(enc[m])
             if n:
                 g_mm = g_mm_all[i:i + n]

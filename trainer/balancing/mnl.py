@@ -86,12 +86,11 @@ class MNL(MultiLoss):
     def compute_loss(
         self, model: nn.Module, batch: Mapping[str, Any], out: Any
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        bare = getattr(model, "module", model)
         label = batch["label"]
         loss, parts = cross_entropy_parts(out, label, unimodal=True)
-        if not bare.training:  # the reference's validation loss has no guidance term
+        if not model.training:  # the reference's validation loss has no guidance term
             return loss, log_parts(parts)
-        modalities = list(bare.modalities)
+        modalities = list(model.modalities)
         dom, guided = guidance(out.fused, out.unimodal, label, modalities)
         pairs = [(i, j) for i in range(len(modalities)) for j in range(len(modalities)) if j != i]
         masks = {(i, j): guided[i] & (dom == j) for i, j in pairs}

@@ -122,13 +122,12 @@ class MSAM(Balancer):
         label = batch["label"]
         loss = F.cross_entropy(out.fused, label)
         parts = {"ce_fused": loss}
-        bare = getattr(model, "module", model)
         self._pending = None
-        if not bare.training:
+        if not model.training:
             return loss, log_parts(parts)
 
-        self.modalities = list(bare.modalities)
-        with torch.no_grad(), eval_mode(bare):
+        self.modalities = list(model.modalities)
+        with torch.no_grad(), eval_mode(model):
             values = coalition_values(model, batch["inputs"], self.modalities, None)
             # the step's first device sync: the dominant modality and the weights are Python scalars
             shapley = shapley_accuracy(values, label, self.modalities).cpu()

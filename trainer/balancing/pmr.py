@@ -186,8 +186,7 @@ class PMR(EpochWindow, Balancer):
             if active[i]:
                 loss = loss + coef[i].to(pce[m].dtype) * pce[m]
 
-        bare = getattr(model, "module", model)
-        if bare.training:
+        if model.training:
             self._last = {"rho": rho, "coef": coef, "conf": conf_t,
                           "pce": torch.stack([pce[m].detach() for m in modalities])}
             self._last_modalities = list(modalities)
