@@ -36,6 +36,11 @@ def is_pipe(location: str) -> bool:
     return location.startswith("pipe:")
 
 
+def is_url(location: str) -> bool:
+    """A URL (``scheme://...``), as opposed to a local path or a ``pipe:`` command."""
+    return bool(_URL.match(location))
+
+
 def is_remote(location: str) -> bool:
     """A URL or a ``pipe:`` command, as opposed to a local path."""
     return bool(_URL.match(location)) or is_pipe(location)

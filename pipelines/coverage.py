@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 
+from avbalance.shard_format import NOT_IN_CORPUS, short_reason
 from manifests.schema import parse_clip_name
 from manifests.splits import VAVL_SPLITS, ogm_split, vavl_split
 
-NOT_IN_CORPUS = "not in the corpus: no file of this clip under --root"
 
 
 def named_clips(split: str, clips: list[dict], skipped: list[dict]) -> dict[str, str]:
@@ -56,26 +56,6 @@ def table_lines(split: str, cov: dict[str, dict]) -> list[str]:
     lines = [f"  {split}: part     named  written  missing"]
     for part, row in cov.items():
         missing = row["named"] - row["written"]
-        why = "; ".join(f"{len(ids)} {_short(reason)}" for reason, ids in sorted(row["missing"].items(), key=lambda kv: -len(kv[1])))
+        why = "; ".join(f"{len(ids)} {short_reason(reason)}" for reason, ids in sorted(row["missing"].items(), key=lambda kv: -len(kv[1])))
         lines.append(f"  {'':{len(split)}}  {part:6s} {row['named']:7d}  {row['written']:7d}  {missing:7d}" + (f"  ({why})" if why else ""))
-    return lines
-
-
-def _short(reason: str) -> str:
-    """A reason in two or three words (``stage: why`` -> failed at stage), so the table stays
-    one line a part; the full reasons are in shards.json and status.jsonl."""
-    if reason == NOT_IN_CORPUS:
-        return "not in the corpus"
-    return f"failed at {reason.split(':')[0]}"
-
-
-def incomplete_parts(index: dict, parts: list[str]) -> list[str]:
-    """A warning line for each of ``parts`` whose shards lack clips its split list names."""
-    lines = []
-    for part in parts:
-        row = (index.get("coverage") or {}).get(part)
-        if row and row["written"] < row["named"]:
-            reasons = ", ".join(f"{len(ids)} {_short(r)}" for r, ids in sorted(row["missing"].items(), key=lambda kv: -len(kv[1])))
-            lines.append(f"part {part!r} holds {row['written']} of the {row['named']} clips the {index.get('split')} list names "
-                         f"({reasons}); results on it are not comparable with the full split (ids and reasons: coverage in shards.json)")
     return lines

@@ -57,6 +57,7 @@ import numpy as np
 
 from avbalance import __version__
 from avbalance.errors import UserError
+from avbalance import shard_format as F
 from avbalance.invocation import prog
 from avbalance.progress import progress_bar
 
@@ -64,8 +65,8 @@ H5_SCHEMA_VERSION = 1
 PARTS = ("train", "val", "test")
 FACE_KEYS = ("face_feats", "face_mask", "face_boxes", "face_times")
 # shard key -> dataset name
-NPY_KEYS = {f"{k}.npy": k for k in (*FACE_KEYS, "wav", "spec")}
-JPEG_KEYS = {"frames.jpg": "frames_jpeg", "faces.jpg": "faces_jpeg", "flow_x.jpg": "flow_x_jpeg", "flow_y.jpg": "flow_y_jpeg"}
+NPY_KEYS = {member: member.removesuffix(".npy") for member in (F.FACE_FEATS, F.FACE_MASK, F.FACE_BOXES, F.FACE_TIMES, F.WAV, F.SPEC)}
+JPEG_KEYS = {member: member.replace(".jpg", "_jpeg") for member in F.JPEG_MEMBERS}
 STRING_COLUMNS = ("clip_id", "meta_json", "emotion", "sentence", "level")
 CHUNK_BYTES = 256 * 1024  # target chunk size of numeric datasets
 OBJECT_CHUNK_ROWS = 256  # chunk rows of vlen (JPEG, string) datasets
@@ -80,9 +81,9 @@ def export_h5(shards: str, out: str, parts: list[str] | None = None, compression
     ``parts``: the parts to export (default: all parts in the index). Returns
     ``{"out": path, "parts": {part: samples}, "bytes": file size}``.
     """
-    index_path = os.path.join(shards, "shards.json")
+    index_path = os.path.join(shards, F.INDEX)
     if not os.path.isfile(index_path):
-        raise UserError(f"{shards} has no shards.json: the shard set is incomplete or was never written; "
+        raise UserError(f"{shards} has no {F.INDEX}: the shard set is incomplete or was never written; "
                         f"run `{prog()} preprocess` to (re)write it, then export again")
     with open(index_path, encoding="utf-8") as fh:
         index_text = fh.read()

@@ -13,21 +13,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from avbalance.shard_format import QUALITY_FLAGS  # noqa: F401  (part of the shard format; re-exported)
+
 if TYPE_CHECKING:  # the stages are imported where used: the trainer reads QUALITY_FLAGS cheaply
     from pipelines.stages.audio import AudioConfig
     from pipelines.stages.faces import FacesConfig
     from pipelines.stages.flow import FlowConfig
 
-# name -> what it means (docs/shards.md lists the same)
-QUALITY_FLAGS = {
-    "no_video": "no video frame decodes: frames are a black placeholder (count 0), faces all-zero",
-    "truncated_video": "the video decodes but ends early (error, or shorter than its header says)",
-    "no_face": "no face found in any face frame: zero features, all-zero mask",
-    "no_audio": "no audio at all (no WAV and no track, or an empty one): empty waveform, silent spectrogram",
-    "audio_from_video": "no WAV file: the audio is the video's own track",
-    "silent": "the audio's peak level is below the silence threshold",
-    "short": "the audio is shorter than the minimum duration (stored as is; loaders tile it)",
-}
 VIDEO_STAGES = ("frames", "flow", "faces", "face_features")
 TRUNCATION_TOLERANCE_S = 0.5  # decoded length this much under the header's: cut short
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from avbalance import __version__
 from avbalance.errors import UserError
 from avbalance.progress import progress_bar
+from avbalance.shard_format import INDEX, SCHEMA_VERSION
 from manifests.io import read_jsonl
 from pipelines.cache import ClipCache
 from pipelines.config import ALL_STAGES, PreprocessConfig
@@ -37,7 +38,7 @@ from pipelines.stages.flow import FlowStage
 from pipelines.stages.onnx_backend import resolve_backend
 from pipelines.stages.frames import FramesStage
 from pipelines.stages.pack import PackStage, sample_bytes, samples_per_shard, shard_order
-from pipelines.shards import MAX_SHARD_BYTES, SCHEMA_VERSION, ShardWriter, read_index, write_index
+from pipelines.shards import MAX_SHARD_BYTES, ShardWriter, read_index, write_index
 from pipelines.storage import Storage
 from pipelines.worker import ClipJob
 
@@ -334,7 +335,7 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
 
     storage.makedirs(directory)
     if index is not None:
-        storage.remove(f"{directory}/shards.json")  # the old set is no longer complete
+        storage.remove(f"{directory}/{INDEX}")  # the old set is no longer complete
     tasks = []
     cache, packer = ClipCache(storage), PackStage(cfg.pack)
     for part in ("train", "val", "test"):

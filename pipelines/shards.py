@@ -7,9 +7,9 @@ import io
 import json
 import tarfile
 
+from avbalance.shard_format import INDEX
 from pipelines.storage import AtomicFile, Storage
 
-SCHEMA_VERSION = 2  # 2: per-sample ``quality`` flags; ``coverage`` and per-part ``quality`` in shards.json
 MAX_SHARD_BYTES = 512 * 1024 * 1024
 
 
@@ -89,13 +89,15 @@ class ShardWriter:
 
 
 def read_index(directory: str, storage: Storage | None = None) -> dict | None:
-    """``shards.json`` of a folder, or of ``directory`` under ``storage``; None when absent."""
-    storage, rel = (storage, f"{directory}/shards.json") if storage is not None else (Storage(directory), "shards.json")
+    """``shards.json`` of a folder, or of ``directory`` under ``storage`` (the writer's view,
+    through the output's fsspec storage); None when absent. Readers use
+    ``avbalance.shard_format.read_index``."""
+    storage, rel = (storage, f"{directory}/{INDEX}") if storage is not None else (Storage(directory), INDEX)
     if not storage.exists(rel):
         return None
     return json.loads(storage.read_bytes(rel))
 
 
 def write_index(directory: str, index: dict, storage: Storage | None = None) -> None:
-    storage, rel = (storage, f"{directory}/shards.json") if storage is not None else (Storage(directory), "shards.json")
+    storage, rel = (storage, f"{directory}/{INDEX}") if storage is not None else (Storage(directory), INDEX)
     storage.write_bytes(rel, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())

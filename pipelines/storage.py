@@ -15,10 +15,7 @@ import shutil
 from typing import IO
 
 from avbalance.errors import UserError
-
-
-def is_url(path: str) -> bool:
-    return "://" in path
+from avbalance.remote import is_url
 
 
 class Storage:

@@ -15,12 +15,13 @@ from avbalance import remote
 from avbalance.errors import UserError
 from avbalance.hashing import sha256_stream
 from avbalance.progress import progress_bar
+from avbalance.shard_format import read_index
 
 
 def _index(directory: str) -> dict:
     if not remote.is_remote(directory) and not os.path.isdir(directory):
         raise UserError(f"{directory} is not a folder; verify-shards takes a shard set folder (OUT/shards/<split>) or its URL")
-    index = remote.read_json(remote.join(directory, "shards.json"))
+    index = read_index(directory)
     if index is None:
         found = [] if remote.is_remote(directory) else sorted(
             os.path.dirname(p) for p in glob.glob(os.path.join(directory, "*", "shards.json"))

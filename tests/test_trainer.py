@@ -145,3 +145,16 @@ def test_loader_batches_are_padded_and_ranks_get_equal_disjoint_work(shards):
     seen = [c for b in evaluation for c in b["clip_id"]]
     index = json.load(open(os.path.join(shards, "shards.json")))
     assert len(seen) == len(set(seen)) == index["parts"]["test"]["samples"]
+
+
+def test_a_retired_key_of_an_older_run_is_read_and_dropped():
+    """An older version wrote ``data.eval_batch_size`` (never read) into every run's
+    config.yaml: such a config still loads (so the run resumes and reports), without it."""
+    from avbalance.errors import UserError
+    from trainer.config import DEFAULTS, merge
+
+    old_run = {"data": {"batch_size": 8, "eval_batch_size": 32}, "train": {"epochs": 2}}
+    cfg = merge(DEFAULTS, old_run)
+    assert cfg["data"]["batch_size"] == 8 and "eval_batch_size" not in cfg["data"]
+    with pytest.raises(UserError, match="unknown config key 'data.eval_batch_sizes'"):
+        merge(DEFAULTS, {"data": {"eval_batch_sizes": 32}})

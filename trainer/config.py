@@ -21,6 +21,7 @@ import yaml
 
 from avbalance.errors import UserError
 from avbalance.ranges import Allowed
+from avbalance.shard_format import QUALITY_FLAGS
 
 DEFAULTS: dict[str, Any] = {
     "name": "run",
@@ -31,7 +32,6 @@ DEFAULTS: dict[str, Any] = {
         "test_part": "test",
         "modalities": {"audio": "spec", "visual": "frames"},
         "batch_size": 16,
-        "eval_batch_size": 32,
         "workers": 2,
         "shuffle_buffer": 256,
         "frames": 3,
@@ -87,7 +87,6 @@ DEFAULTS: dict[str, Any] = {
 RULES: dict[str, Allowed] = {
     "seed": Allowed(lo=0),
     "data.batch_size": Allowed(lo=1),
-    "data.eval_batch_size": Allowed(lo=1),
     "data.workers": Allowed(lo=0),
     "data.shuffle_buffer": Allowed(lo=0),
     "data.frames": Allowed(lo=1),
@@ -97,6 +96,7 @@ RULES: dict[str, Allowed] = {
     "data.samples_per_epoch": Allowed(lo=1, optional=True),
     "data.prefetch": Allowed(lo=1),
     "data.jpeg_decode": Allowed(choices=("cpu", "cuda")),
+    "data.on_corrupt": Allowed(choices=("error", "skip")),
     "model.n_classes": Allowed(lo=2, optional=True),
     "model.head_init": Allowed(choices=("xavier_normal", "torch")),
     "data.frame_sampling": Allowed(choices=("consecutive", "spread"), optional=True),
@@ -114,6 +114,9 @@ RULES: dict[str, Allowed] = {
     "train.precise_bn_batches": Allowed(lo=1, optional=True),
 }
 FREE_FORM = {("model", "encoders"), ("model", "fusion"), ("balancing",), ("data", "modalities")}
+# Keys an older version wrote into run folders' config.yaml that nothing reads any more: read
+# (so those runs still resume and report) and dropped.
+RETIRED = {("data", "eval_batch_size")}
 
 
 def _free(path: tuple[str, ...]) -> bool:
@@ -127,6 +130,8 @@ def merge(base: dict, update: dict, path: tuple[str, ...] = ()) -> dict:
         here = (*path, key)
         if _free(here):
             out[key] = _merge_free(out.get(key), value)
+            continue
+        if here in RETIRED:
             continue
         if key not in out:
             known = ", ".join(sorted(out))
@@ -248,18 +253,13 @@ def validate_config(cfg: dict) -> None:
 
 
 def check_data_quality_keys(cfg: dict) -> None:
-    """``data.exclude_quality`` names known quality flags; ``data.on_corrupt`` is error or skip."""
-    from pipelines.quality import QUALITY_FLAGS
-
+    """``data.exclude_quality`` names known quality flags."""
     data = cfg["data"]
     flags = data["exclude_quality"]
     unknown = [f for f in flags if f not in QUALITY_FLAGS]
     if unknown:
         raise UserError(f"data.exclude_quality: unknown quality flag(s) {', '.join(map(str, unknown))}; "
                         f"allowed: {', '.join(QUALITY_FLAGS)} (or [] to keep every clip)")
-    if data["on_corrupt"] not in ("error", "skip"):
-        raise UserError(f"data.on_corrupt is {data['on_corrupt']!r}; allowed: error (stop at a damaged shard or sample) "
-                        "or skip (skip it, count it in the run's metrics)")
 
 
 def _read_yaml(path: str) -> dict:

@@ -42,19 +42,16 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from avbalance import remote
+from avbalance import remote, shard_format
 from avbalance.errors import UserError
 from avbalance.invocation import prog
+from avbalance.shard_format import COMPANIONS, SOURCES, incomplete_parts
 from trainer import tar_members
 from trainer.batch_pool import SLOTS_KEY, BatchPool, new_pass, pooled_stack, slots_for, worker_pool
 from trainer.device_batch import DeviceLoader, EpochStream, LoaderPlan, plan_for
 from trainer.flow_input import split_flow
 from trainer.transforms import Cut, cut_frames, decode_strip, draw_cut, strip_frames, strip_layout
 
-# modality -> the shard key it reads
-SOURCES = {"spec": "spec.npy", "wav": "wav.npy", "frames": "frames.jpg", "face_feats": "face_feats.npy", "flow": "flow_x.jpg"}
-# sources that need more than their SOURCES member
-COMPANIONS = {"face_feats": ("face_mask.npy",), "flow": ("flow_y.jpg",)}
 MIN_WAV_SECONDS = 1.0  # shorter waveforms are tiled to this length at load time
 SHARED_MIN_ELEMENTS = 1 << 16  # smaller batch tensors are stacked as usual (a segment each costs more than the copy)
 
@@ -89,13 +86,13 @@ def split_folders(folder: str) -> list[str]:
     for parent in (os.path.join(folder, "shards"), folder):
         if os.path.isdir(parent):
             found += [os.path.join(parent, d) for d in sorted(os.listdir(parent))
-                      if os.path.exists(os.path.join(parent, d, "shards.json"))]
+                      if os.path.exists(os.path.join(parent, d, shard_format.INDEX))]
     return found
 
 
 def read_index(shards: str) -> dict:
     """``shards.json`` of the set at ``shards`` (a folder or a URL: avbalance.remote)."""
-    index = remote.read_json(remote.join(shards, "shards.json"))
+    index = shard_format.read_index(shards)
     if index is None:
         splits = [] if remote.is_remote(shards) else split_folders(shards)
         if splits:
@@ -143,8 +140,6 @@ def preflight(shards: str, parts: list[str], cfg: DataConfig) -> list[str]:
     """Checks before training, on every part it will read: shard sizes (errors, or warnings
     with ``on_corrupt="skip"``), parts missing clips their split list names, and what
     ``exclude_quality`` drops. Returns the lines to show the user."""
-    from pipelines.coverage import incomplete_parts
-
     index = read_index(shards)
     lines = []
     for part in dict.fromkeys(parts):
@@ -257,25 +252,25 @@ def to_inputs(cfg: DataConfig, train: bool, seed: int = 0, jpeg_on_device: bool 
         inputs: dict[str, dict[str, torch.Tensor]] = {}
         for modality, source in cfg.modalities.items():
             if source == "spec":
-                inputs[modality] = {"x": torch.from_numpy(_npy(sample["spec.npy"]))[None]}
+                inputs[modality] = {"x": torch.from_numpy(_npy(sample[shard_format.SPEC]))[None]}
             elif source == "wav":
-                wav = tile_short(_npy(sample["wav.npy"]), int(MIN_WAV_SECONDS * 16000))
+                wav = tile_short(_npy(sample[shard_format.WAV]), int(MIN_WAV_SECONDS * 16000))
                 limit = int(cfg.max_wav_seconds * 16000)
                 if len(wav) > limit:
                     start = rng.randrange(len(wav) - limit + 1) if train else 0
                     wav = wav[start:start + limit]
                 inputs[modality] = {"x": torch.from_numpy(np.ascontiguousarray(wav))}
             elif source == "face_feats":
-                feats = _npy(sample["face_feats.npy"])
-                mask = _npy(sample["face_mask.npy"]).astype(bool)
+                feats = _npy(sample[shard_format.FACE_FEATS])
+                mask = _npy(sample[shard_format.FACE_MASK]).astype(bool)
                 if len(feats) > cfg.max_face_frames:
                     start = rng.randrange(len(feats) - cfg.max_face_frames + 1) if train else 0
                     feats, mask = feats[start:start + cfg.max_face_frames], mask[start:start + cfg.max_face_frames]
                 inputs[modality] = {"x": torch.from_numpy(np.ascontiguousarray(feats)), "mask": torch.from_numpy(mask)}
             elif source == "frames":
-                inputs[modality] = frames_input(sample["frames.jpg"], meta, cfg, train, rng, jpeg_on_device)
+                inputs[modality] = frames_input(sample[shard_format.FRAMES], meta, cfg, train, rng, jpeg_on_device)
             elif source == "flow":
-                inputs[modality] = flow_input(sample["flow_x.jpg"], sample["flow_y.jpg"], meta, cfg, train, rng)
+                inputs[modality] = flow_input(sample[shard_format.FLOW_X], sample[shard_format.FLOW_Y], meta, cfg, train, rng)
         return {"inputs": inputs, "label": int(meta["label"]), "clip_id": meta["clip_id"]}
 
     return convert

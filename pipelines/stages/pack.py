@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from avbalance import shard_format as F
 from pipelines.stages.base import STAGES, Stage
 from pipelines.stages.frames import encode_strip, unpack_blobs
 
@@ -85,30 +86,30 @@ class PackStage(Stage):
         sample: dict[str, bytes | str] = {"__key__": clip["clip_id"], "cls": str(clip["label"]).encode()}
         if "frames" in outputs:
             out = outputs["frames"]
-            sample["frames.jpg"] = out["strip"].tobytes()
+            sample[F.FRAMES] = out["strip"].tobytes()
             meta["frames"] = {"count": int(len(out["times"])), "stride": int(out["stride"]), "times": [round(float(t), 3) for t in out["times"]]}
         if "flow" in outputs:
             out = outputs["flow"]
-            sample["flow_x.jpg"], sample["flow_y.jpg"] = out["x_strip"].tobytes(), out["y_strip"].tobytes()
+            sample[F.FLOW_X], sample[F.FLOW_Y] = out["x_strip"].tobytes(), out["y_strip"].tobytes()
             meta["flow"] = {"count": int(len(out["times"])), "stack": int(out["stack"]), "stride": int(out["stride"]),
                             "bound": float(out["bound"]), "times": [round(float(t), 3) for t in out["times"]],
                             "pairs": [int(p) for p in out["pairs"]]}
         if "faces" in outputs:
             out = outputs["faces"]
-            sample["face_mask.npy"] = npy_bytes(out["mask"].astype(np.uint8))
-            sample["face_boxes.npy"] = npy_bytes(out["boxes"].astype(np.float32))
-            sample["face_times.npy"] = npy_bytes(out["times"].astype(np.float32))
+            sample[F.FACE_MASK] = npy_bytes(out["mask"].astype(np.uint8))
+            sample[F.FACE_BOXES] = npy_bytes(out["boxes"].astype(np.float32))
+            sample[F.FACE_TIMES] = npy_bytes(out["times"].astype(np.float32))
             meta["faces"] = {"count": int(len(out["mask"])), "found": int(out["mask"].sum())}
             if "crops_jpeg" in out:
                 found = iter(unpack_blobs(out["crops_jpeg"], out["crops_offsets"]))
                 tiles = [next(found) if m else None for m in out["mask"]]  # black where no face
-                sample["faces.jpg"], meta["faces"]["stride"] = jpeg_strip(tiles, self.config.jpeg_quality, int(out["crop_size"]))
+                sample[F.FACES], meta["faces"]["stride"] = jpeg_strip(tiles, self.config.jpeg_quality, int(out["crop_size"]))
         if "face_features" in outputs:
-            sample["face_feats.npy"] = npy_bytes(outputs["face_features"]["feats"].astype(np.float16))
+            sample[F.FACE_FEATS] = npy_bytes(outputs["face_features"]["feats"].astype(np.float16))
         if "audio" in outputs:
             out = outputs["audio"]
-            sample["wav.npy"] = npy_bytes(out["wav"].astype(np.int16))
-            sample["spec.npy"] = npy_bytes(out["spec"].astype(np.float16))
+            sample[F.WAV] = npy_bytes(out["wav"].astype(np.int16))
+            sample[F.SPEC] = npy_bytes(out["spec"].astype(np.float16))
             meta["audio"] = {"seconds": round(len(out["wav"]) / 16000, 4), "source": clip.get("audio_source", "wav" if "wav" in clip["files"] else "video")}
         for stage in ("frames", "flow", "faces"):
             if stage in outputs and "video_info" in outputs[stage]:
