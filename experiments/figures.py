@@ -295,7 +295,7 @@ def _ci_err(stat: dict[str, Any]) -> list[list[float]] | None:
 def imbalance_figure(runs: list[Run], out: str) -> str | None:
     """Per setting: each method's linear-probe accuracy per modality (bars, 95 % CI) against the
     unimodal controls' (dashed line, CI band, in the modality's colour), next to its fused
-    accuracy (grey bar)."""
+    accuracy (grey bar), with the unimodal ensemble's fused accuracy (dash-dotted line)."""
     found = st.study(runs)
     if not found:
         return None
@@ -326,6 +326,9 @@ def imbalance_figure(runs: list[Run], out: str) -> str | None:
                 ax.axhspan(100 * p["ci"][0], 100 * p["ci"][1], color=colours[m], alpha=0.12, lw=0)
         if chance:
             ax.axhline(chance, color="grey", ls=":", lw=1)
+        ensemble = (s.get("ensemble") or {}).get("fused") or {}
+        if ensemble.get("mean") is not None:  # what fusing the controls after training reaches
+            ax.axhline(100 * ensemble["mean"], color="#444444", ls="-.", lw=1.1)
         _xticks(ax, [r[0] for r in rows])
         ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.set_ylim(0, 100)
@@ -336,6 +339,8 @@ def imbalance_figure(runs: list[Run], out: str) -> str | None:
     handles = [Patch(color=colours[m], label=f"{m}: linear probe") for m in modalities]
     handles += [Line2D([], [], color=colours[m], ls="--", label=f"{m}: unimodal control's probe") for m in modalities]
     handles.append(Patch(color="#8c8c8c", label="fused prediction"))
+    if any((s.get("ensemble") or {}).get("fused") for s in found.values()):
+        handles.append(Line2D([], [], color="#444444", ls="-.", label="unimodal ensemble (fused)"))
     if chance:
         handles.append(Line2D([], [], color="grey", ls=":", label=f"chance ({chance:.1f} %)"))
     _legend(fig, handles)

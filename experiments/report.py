@@ -26,7 +26,9 @@ CAPTIONS = {
                       "frozen encoder (coloured bars) and the fused prediction's accuracy (grey), mean over runs with "
                       "t-based 95 % CIs. Dashed lines and bands: the probe accuracy of the same modality's encoder "
                       "trained alone (the unimodal control, method <m>_only), mean and CI. A multimodal encoder's "
-                      "probe below its control's line is a modality the multimodal training left under-trained."),
+                      "probe below its control's line is a modality the multimodal training left under-trained. "
+                      "Dash-dotted line: the unimodal ensemble's fused accuracy (the two controls' softmax outputs "
+                      "averaged), what fusing separately trained encoders reaches."),
     "accuracy.png": ("Test accuracy by method and fusion",
                      "Test accuracy of the fused prediction for every method (x axis) and fusion (bar colour), mean over "
                      "the finished runs of each setting (folds and seeds aggregated), error bars ± std. A small number "
@@ -261,6 +263,8 @@ def render_html(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
         f"<style>{STYLE}</style></head><body>",
         "<h1>avbalance report: modality balancing methods compared</h1>",
         "<h2>What the runs show</h2>", verdicts_html(summary),
+        # The answer first: the verdicts, the figure they read from, then the tables.
+        *[figure_html(name, path, _missing(name, summary)) for name, path in figures.items() if name == "imbalance.png"],
         f"<p>{html.escape(head)}</p>",
         "<h2>Data</h2>", data_html(summary),
         "<h2>Imbalance study: linear probes, unimodal controls, differences to joint</h2>",
@@ -273,7 +277,7 @@ def render_html(summary: dict[str, Any], figures: dict[str, str | None]) -> str:
         "the mean only, no difference can be significant), per setting (sweep block, preset family "
         "and split kind: kfold1..K and vavl1..5 are aggregated).</p>",
         accuracy_tables_html(summary),
-        *[figure_html(name, path, _missing(name, summary)) for name, path in figures.items()],
+        *[figure_html(name, path, _missing(name, summary)) for name, path in figures.items() if name != "imbalance.png"],
         "<h2>Runs</h2>", "<p>Every run found, by setting, method and fusion; links point to its config.yaml and metrics.jsonl. "
         "epochs: epochs validated; best epoch counts from 1, as the progress lines do (metrics.jsonl and "
         "summary.json count from 0). Train part, eval mode: the tested checkpoint on its own train part in evaluation "

@@ -111,6 +111,8 @@ def test_html_embeds_figures_and_links_runs(report, runs_root):
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     assert text.count('<img src="data:image/png;base64,') == len(DRAWN)
+    # The page leads with the answer: the verdicts, then the imbalance figure, then the tables.
+    assert text.index("What the runs show") < text.index("imbalance.png") < text.index("<h2>Imbalance study")
     assert "left out: the runs are on synthetic data" in text
     assert "<link" not in text and "<script" not in text  # self-contained
     for name in FIGURES:
