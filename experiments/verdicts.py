@@ -92,8 +92,14 @@ def verdicts(s: dict[str, Any]) -> list[str]:
                        f"(n = {oracle['n']}): the most a fusion of what the controls learnt could reach.")
     compared = [r for r in s.get("methods", []) if r.get("vs_joint") and r["vs_joint"]["fused"].get("mean") is not None]
     if compared:
-        better = [f"{r['method']} ({_pts(r['vs_joint']['fused'])})" for r in compared if _clear(r["vs_joint"]["fused"]) > 0]
-        worse = [f"{r['method']} ({_pts(r['vs_joint']['fused'])})" for r in compared if _clear(r["vs_joint"]["fused"]) < 0]
+        def with_probes(r: dict[str, Any]) -> str:
+            """'mlb (+2.7 points [...] (n = 5); visual probe +8.7 points [...] (n = 5))': the fused
+            difference and every probe difference clear of its CI."""
+            probes = [f"{m} probe {_pts(p)}" for m, p in r["vs_joint"].get("probe", {}).items() if _clear(p) != 0]
+            return f"{r['method']} ({'; '.join([_pts(r['vs_joint']['fused']), *probes])})"
+
+        better = [with_probes(r) for r in compared if _clear(r["vs_joint"]["fused"]) > 0]
+        worse = [with_probes(r) for r in compared if _clear(r["vs_joint"]["fused"]) < 0]
         if better:
             out.append(f"Fused accuracy above joint beyond the CI: {_list(better)}.")
         if worse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -141,6 +142,9 @@ def test_verdicts_cite_each_finding_with_its_interval(tmp_path):
     more = " ".join(verdicts(setting_study(runs + closing + narrowing)))
     assert "Close the gap to the ensemble (above joint beyond the CI, not below the ensemble beyond it): mmpareto (" in more
     assert "Narrow the gap but stay below the ensemble beyond the CI: agm (" in more
+    # A method that changes the fused accuracy is named with the probe changes that came with it.
+    assert re.search(r"Fused accuracy above joint beyond the CI: .*mmpareto \(\+[0-9.]+ points \[[^]]*\] \(n = 3\); "
+                     r"visual probe \+[0-9.]+ points", more), more
     assert "Joint training under-trains the visual encoder" in text and "(n = 3)" in text
     assert "Imbalance costs fused accuracy: joint training differs from the unimodal ensemble" in text
     assert "No method changes the fused accuracy against joint beyond its CI (1 compared)" in text
