@@ -43,6 +43,9 @@ def world(train_shards, synth_corpus, tmp_path_factory) -> dict[str, str]:
     with open(root / "sweep.yaml", "w", encoding="utf-8") as fh:
         fh.write(f"out: {root / 'runs'}\nshards: {shards}\nblocks:\n  - name: b\n    preset: resnet\n"
                  "    methods: [no_such_method]\n    seeds: [0]\n")
+    with open(root / "sweep_ok.yaml", "w", encoding="utf-8") as fh:
+        fh.write(f"out: {root / 'runs'}\nshards: {shards}\nblocks:\n  - name: b\n    preset: resnet\n"
+                 "    methods: [joint]\n    seeds: [0]\n")
     return {"root": str(root), "corpus": corpus, "pre": pre, "shards": shards, "run": run}
 
 
@@ -59,6 +62,10 @@ CASES = {
     "evaluate": lambda w: ["evaluate", "--run", w["run"], "--split", "nope"],
     "sweep": lambda w: ["sweep", "--config", os.path.join(w["root"], "sweep.yaml")],
     "report": lambda w: ["report", "--runs", os.path.join(w["root"], "nowhere"), "--out", os.path.join(w["root"], "report")],
+    # Variants: a selection that matches no run; a check against runs that are not there.
+    "sweep --only": lambda w: ["sweep", "--config", os.path.join(w["root"], "sweep_ok.yaml"), "--only", "x/*,y/*"],
+    "report --check": lambda w: ["report", "--summary", os.path.join(w["root"], "report", "summary.json"),
+                                 "--check", os.path.join(w["root"], "nowhere")],
 }
 
 
@@ -75,4 +82,5 @@ def test_every_command_has_a_case():
     from tests.test_cli_usage import subcommands
 
     commands = {name.split()[0] for name in subcommands()}
-    assert commands == set(CASES), commands ^ set(CASES)
+    cased = {name.split()[0] for name in CASES}
+    assert commands == cased, commands ^ cased
