@@ -3,7 +3,7 @@ names, the quality flags, the coverage warnings a reader gives, and reading ``sh
 from a folder or a URL.
 
 The writer (``pipelines/stages/pack.py``, ``pipelines/shards.py``), the trainer's reader
-(``trainer/data.py``) and the HDF5 export (``pipelines/export_h5.py``) all take these from
+(``trainer/shard_index.py``, ``trainer/shard_reader.py``, ``trainer/sample_decode.py``) and the HDF5 export (``pipelines/export_h5.py``) all take these from
 here, so the trainer needs nothing from ``pipelines/``. docs/shards.md describes the same
 format for readers in other projects.
 """

@@ -8,7 +8,7 @@
 
 Two processes on CPU (gloo), one fixed synthetic batch per rank. Default: the methods that
 trained under DDP before the change. ``before``: DDP wraps the model and ``compute_loss`` gets
-the wrapper (the old loop); ``after``: DDP wraps ``trainer.loop.LossStep`` (the loop now),
+the wrapper (the old loop); ``after``: DDP wraps ``trainer.run_model.LossStep`` (the loop now),
 both with ``find_unused_parameters=True``. ``--find-unused both``: DDP wraps ``LossStep`` with
 ``find_unused_parameters`` True, then False, for the methods whose every step gives every
 parameter a gradient (``unused_parameters`` False: the loop now passes False for them). Each
@@ -34,7 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer.balancing import BALANCERS  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.loop import LossStep, build_optimizer, build_run_model, seed_everything  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
+from trainer.run_model import LossStep, build_run_model  # noqa: E402
+from trainer.seeding import seed_everything  # noqa: E402
 
 # The methods that trained under DDP before the change (issue 11 lists the other 7 as crashing).
 WORKED = ("multiloss", "mlb", "mslr", "mmpareto", "cggm", "miles", "mnl")

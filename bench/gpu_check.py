@@ -59,9 +59,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from trainer.config import load_config  # noqa: E402
-from trainer.data import make_loader  # noqa: E402
-from trainer.loop import LossStep, build_optimizer, build_run_model, data_config, seed_everything, to_device  # noqa: E402
+from trainer.loader import make_loader  # noqa: E402
+from trainer.eval_pass import to_device  # noqa: E402
+from trainer.loop import data_config  # noqa: E402
 from trainer.model import compile_encoders  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
+from trainer.run_model import LossStep, build_run_model  # noqa: E402
+from trainer.seeding import seed_everything  # noqa: E402
 
 # Loss curves "agree": their 20-step moving averages never differ by more than this (nats).
 CURVE_WINDOW = 20

@@ -48,7 +48,7 @@ def loader_table(data: dict) -> str:
     wall, cpu = d["samples_per_s"], d["samples_per_cpu_s"]
     rows = [("OGM-style per-sample loader (rebuilt in the bench)", "ogm_style"),
             ("decode floor: strip decode + cut only", "decode_floor"),
-            ("**shards** (`trainer/data.py`), uint8 batches to the device", "shards"),
+            ("**shards** (`trainer/loader.py`), uint8 batches to the device", "shards"),
             ("shards, normalised on the CPU (a CPU-only run)", "shards_normalised_on_cpu")]
     out = ["| loader | samples/s (wall) | samples per CPU-second | vs OGM-style (CPU) | vs floor (CPU) |",
            "|---|--:|--:|--:|--:|"]

@@ -3,7 +3,7 @@
 
     python bench/train.py --clips 144 --workers 2
 
-- loader (224 px, 3 frames, batch 16, equal workers): the shard loader (trainer/data.py)
+- loader (224 px, 3 frames, batch 16, equal workers): the shard loader (trainer/loader.py)
   against an OGM-style per-sample loader rebuilt here (librosa + STFT per sample, a JPEG
   file per frame, torchvision transforms) and against a decode-only floor (strip decode and
   cut, nothing else); per-sample strip decode costs; what handing a batch to the main process
@@ -214,7 +214,8 @@ def loader_rates(shards: str, corpus: str, work: str, workers: int, batch: int, 
     import librosa
     import webdataset as wds
 
-    from trainer.data import DataConfig, make_loader
+    from trainer.data_config import DataConfig
+    from trainer.loader import make_loader
 
     clips = explode(shards, corpus, os.path.join(work, "files"))
     librosa.stft(librosa.load(clips[0]["wav"], sr=22050)[0], n_fft=512, hop_length=353)  # warm, before workers fork

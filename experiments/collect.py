@@ -201,7 +201,7 @@ def human_accuracy(shards: str | None, part: str = "test") -> dict[str, Any] | N
     A clip counts for a presentation when its ``.json`` member has ``votes[presentation].correct``.
     None when the shards cannot be read (moved or deleted). Cached per shard folder and part.
     """
-    from trainer.data import shard_urls
+    from trainer.shard_index import shard_urls
 
     if not shards:
         return None

@@ -45,3 +45,30 @@ def test_member_names_are_written_only_in_the_shard_format_module():
         if hits:
             found[os.path.relpath(path, REPO)] = hits
     assert set(found) == {os.path.join("avbalance", "shard_format.py")}, found
+
+
+# The loader, split by job (shards -> batches); loader.py composes the others.
+DATA_MODULES = ("data_config", "shard_index", "shard_reader", "sample_decode", "batching", "corrupt", "loader")
+TRAINING_SIDE = ("trainer.loop", "trainer.evaluate", "trainer.eval_pass", "trainer.run_model", "trainer.model",
+                 "trainer.balancing", "trainer.encoders", "trainer.fusion")
+
+
+def test_the_data_modules_import_nothing_from_training_and_only_the_loader_composes_them():
+    for name in DATA_MODULES:
+        path = os.path.join(REPO, "trainer", f"{name}.py")
+        imported = imported_modules(path)
+        assert not {m for m in imported if m.startswith(TRAINING_SIDE)}, name
+        if name != "loader":
+            assert "trainer.loader" not in imported, name
+    assert not os.path.exists(os.path.join(REPO, "trainer", "data.py"))  # split by job: no catch-all module
+
+
+def test_no_process_wide_log_of_damaged_samples():
+    """Whoever makes the loaders owns the ``CorruptLog`` they count into; no module keeps one."""
+    for name in DATA_MODULES:
+        path = os.path.join(REPO, "trainer", f"{name}.py")
+        with open(path, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read(), path)
+        made = [node for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "CorruptLog"]
+        assert not made, name

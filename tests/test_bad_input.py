@@ -200,7 +200,8 @@ def test_rerun_is_byte_identical_and_does_no_work(bad_run):
 
 
 def test_loader_tiles_short_audio_and_blanks_missing_video(bad_run):
-    from trainer.data import DataConfig, make_loader
+    from trainer.data_config import DataConfig
+    from trainer.loader import make_loader
 
     _, _, out = bad_run
     shards = os.path.join(out, "shards", "ogm")

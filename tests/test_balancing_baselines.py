@@ -17,7 +17,7 @@ from trainer.balancing.ogm_ge import ogm_coefficients, ogm_ratios
 from trainer.fusion.late import LateLinear
 from trainer.fusion.mlp import MidMLP  # noqa: F401  (registers mid_mlp)
 from trainer.fusion import FUSIONS
-from trainer.loop import build_schedule
+from trainer.optim import build_schedule
 from trainer.model import MultimodalModel
 from tiny_model import TinyEncoder  # the shared Linear + tanh test encoder
 

@@ -14,7 +14,7 @@ from trainer.balancing.miles import miles_imbalance, utilization
 from trainer.balancing.mnl import guidance
 from trainer.fusion import FUSIONS
 from trainer.fusion.late import LateLinear  # noqa: F401  (registers late_linear)
-from trainer.loop import build_schedule
+from trainer.optim import build_schedule
 from trainer.model import MultimodalModel
 from tiny_model import TinyEncoder  # the shared Linear + tanh test encoder
 

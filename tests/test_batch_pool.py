@@ -108,7 +108,7 @@ def shards(train_shards) -> str:
 
 
 def config(**kw):
-    from trainer.data import DataConfig
+    from trainer.data_config import DataConfig
 
     base = dict(modalities={"audio": "spec", "visual": "frames"}, batch_size=4, workers=2, image_size=64, frames=3,
                 samples_per_epoch=32, prefetch=1)
@@ -116,10 +116,10 @@ def config(**kw):
 
 
 def test_batches_are_the_same_with_and_without_the_pool(shards, monkeypatch):
-    from trainer import data
+    from trainer import loader as loader_module
 
     def two_epochs() -> list[dict]:
-        loader, _ = data.make_loader(shards, "train", config(), train=True, seed=3)
+        loader, _ = loader_module.make_loader(shards, "train", config(), train=True, seed=3)
         out = []
         for epoch in range(2):
             loader.set_epoch(epoch)
@@ -130,7 +130,7 @@ def test_batches_are_the_same_with_and_without_the_pool(shards, monkeypatch):
     guarded = loader.source
     assert guarded.pool is not None and guarded.pool.taken() == 0  # every slot handed back
     assert 1 <= len(guarded.mapped) <= 2 * slots_for(1, 2, tensors=2)  # slots were used, and reused
-    monkeypatch.setattr(data, "_pool", lambda cfg, workers: None)
+    monkeypatch.setattr(loader_module, "_pool", lambda cfg, workers: None)
     plain, loader = two_epochs()
     assert loader.source.pool is None
     assert len(pooled) == len(plain) == 16
@@ -141,7 +141,7 @@ def test_batches_are_the_same_with_and_without_the_pool(shards, monkeypatch):
 def test_a_batch_stays_intact_until_the_next_is_asked_for(shards):
     """A slow consumer: the workers run ahead while it holds a batch, and must not write into
     that batch's slot (a slot handed back at receipt instead of at the next request would)."""
-    from trainer.data import make_loader
+    from trainer.loader import make_loader
 
     loader, n = make_loader(shards, "train", config(prefetch=2, samples_per_epoch=48), train=True, seed=5)
     checked = 0
@@ -159,7 +159,7 @@ def test_a_pass_cut_short_leaves_no_slot_taken(shards):
     """PMR and re-learning read part of an epoch; torch drops the batches still queued when the
     next pass starts. The next pass must still get slots and give the batches a fresh loader
     gives."""
-    from trainer.data import make_loader
+    from trainer.loader import make_loader
 
     loader, _ = make_loader(shards, "train", config(), train=True, seed=4)
     part = list(itertools.islice(iter(loader), 2))
@@ -177,7 +177,7 @@ def test_a_pass_cut_short_leaves_no_slot_taken(shards):
 def test_an_input_finish_passes_through_is_copied_off_the_slot():
     """On the CPU, ``finish`` returns a float32 input as it is; the batch handed on must not be
     the worker's tensor, whose slot goes back when the next batch is asked for."""
-    from trainer.data import DataConfig
+    from trainer.data_config import DataConfig
     from trainer.device_batch import LoaderPlan, _detached, finish
 
     cfg = DataConfig(modalities={"audio": "spec"})

@@ -18,7 +18,7 @@ import torch
 from tests.conftest import run_cli
 from tests.test_trainer import TINY_RESNET
 from trainer.config import load_config
-from trainer.loop import LossStep, build_run_model
+from trainer.run_model import LossStep, build_run_model
 from trainer.model import compile_encoders
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

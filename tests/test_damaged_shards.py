@@ -67,7 +67,9 @@ def test_shard_cut_short_is_named_at_train_start(train_shards, tmp_path):
 def test_shard_cut_short_while_read_names_shard_and_sample(train_shards, tmp_path):
     """The reader itself (size check passed: the index was rewritten to the cut size) names
     the shard and the sample where it stopped; skip counts the samples lost."""
-    from trainer.data import SKIPPED, DataConfig, make_loader
+    from trainer.corrupt import CorruptLog
+    from trainer.data_config import DataConfig
+    from trainer.loader import make_loader
     from avbalance.errors import UserError
 
     shards = copy_set(train_shards, tmp_path)
@@ -87,11 +89,11 @@ def test_shard_cut_short_while_read_names_shard_and_sample(train_shards, tmp_pat
         list(loader)
     assert cut in str(err.value) and first_key in str(err.value) and "cut short" in str(err.value)
 
-    SKIPPED.records.clear()
+    skipped = CorruptLog()
     skip = DataConfig(batch_size=8, workers=1, image_size=32, frames=1, on_corrupt="skip")
-    loader, _ = make_loader(shards, "test", skip, train=False)
+    loader, _ = make_loader(shards, "test", skip, train=False, corrupt_log=skipped)
     read = sum(len(b["clip_id"]) for b in loader)
-    assert SKIPPED.count == entry["samples"]  # every sample of the cut shard (5000 bytes hold no whole sample)
+    assert skipped.count == entry["samples"]  # every sample of the cut shard (5000 bytes hold no whole sample)
     assert read == index["parts"]["test"]["samples"] - entry["samples"]
 
 

@@ -17,7 +17,9 @@ import torch
 from tests.test_every_method import FAMILIES, preset
 from trainer.balancing import BALANCERS
 from trainer.config import load_config
-from trainer.loop import LossStep, build_optimizer, build_run_model, seed_everything
+from trainer.optim import build_optimizer
+from trainer.run_model import LossStep, build_run_model
+from trainer.seeding import seed_everything
 
 # The Conformer family without LayerDrop, so that the methods' own flag is what is tested
 # there too (LayerDrop is the model's case: test_layerdrop_is_the_models_own_case).

@@ -146,7 +146,8 @@ def test_joint_under_torchrun_leaves_unused_heads_untouched(train_shards, tmp_pa
     """The fast case: joint (every comparison's baseline) crashed on its second DDP step.
     As in one process, the unimodal heads it gives no loss keep their initial weights."""
     from trainer.config import load_config
-    from trainer.loop import build_run_model, seed_everything
+    from trainer.run_model import build_run_model
+    from trainer.seeding import seed_everything
 
     out = str(tmp_path / "ddp")
     check_ddp_run(train_shards, out, torchrun_train(train_shards, out, "joint", "resnet", 29541))

@@ -124,7 +124,7 @@ def encode_gray(images: list[np.ndarray]) -> bytes:
 
 
 def test_the_flow_encoder_must_read_the_flow_source():
-    from trainer.loop import check_inputs
+    from trainer.run_model import check_inputs
 
     cfg = {"data": {"modalities": {"rgb": "frames", "flow": "frames"}},
            "model": {"encoders": {"rgb": {"name": "resnet18_visual"}, "flow": {"name": "resnet18_flow"}}}}

@@ -150,7 +150,9 @@ MODALITIES = {"audio": "wav", "spec": "spec", "face": "face_feats", "visual": "f
 @pytest.mark.parametrize("jpeg_on_device", [False, True])
 @pytest.mark.parametrize("sampling", ["consecutive", "spread"])
 def test_batches_equal_the_float32_path(shards, train, jpeg_on_device, sampling):
-    from trainer.data import DataConfig, collate, to_inputs
+    from trainer.batching import collate
+    from trainer.data_config import DataConfig
+    from trainer.sample_decode import to_inputs
     from trainer.device_batch import LoaderPlan, finish
 
     # 4 frames: clips of 2-3 s have fewer, so padding and masks are exercised; 3 s of waveform
@@ -193,7 +195,9 @@ def flow_sample(index: int, count: int, width: int = 24, height: int = 16) -> di
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("sampling", ["consecutive", "spread"])
 def test_flow_batches_equal_the_float32_path(train, sampling):
-    from trainer.data import DataConfig, collate, to_inputs
+    from trainer.batching import collate
+    from trainer.data_config import DataConfig
+    from trainer.sample_decode import to_inputs
     from trainer.device_batch import LoaderPlan, finish
 
     cfg = DataConfig(modalities={"motion": "flow"}, frames=3, image_size=12, frame_sampling=sampling)
@@ -233,7 +237,8 @@ def test_the_sync_free_fills_give_the_host_checked_floats(seed):
 
 
 def test_set_epoch_replays_what_a_fresh_loader_gives(shards):
-    from trainer.data import DataConfig, make_loader
+    from trainer.data_config import DataConfig
+    from trainer.loader import make_loader
 
     cfg = DataConfig(modalities={"audio": "spec", "visual": "frames"}, batch_size=4, workers=2, image_size=32,
                      frames=2, samples_per_epoch=24, persistent_workers=True, prefetch=1)
@@ -254,7 +259,7 @@ def test_set_epoch_replays_what_a_fresh_loader_gives(shards):
 
 def test_cuda_options_fall_back_cleanly_without_cuda(monkeypatch, capsys):
     from trainer import device_batch
-    from trainer.data import DataConfig
+    from trainer.data_config import DataConfig
 
     cfg = DataConfig(jpeg_decode="cuda", pin_memory=True)
     monkeypatch.setattr(device_batch, "_WARNED", set())
@@ -284,7 +289,7 @@ def test_loader_settings_are_checked(setting, named):
 def test_npy_members_parse_without_numpys_header_eval(monkeypatch):
     """The loader's .npy reader gives np.load's arrays for every dtype the shards store, without
     calling np.load for plain arrays; object arrays are still refused (no pickle)."""
-    from trainer import data
+    from trainer import sample_decode
 
     arrays = [np.random.rand(128, 188).astype(np.float16), np.arange(-5, 5, dtype=np.int16), np.array([True, False]),
               np.asfortranarray(np.random.rand(3, 4).astype(np.float32)), np.zeros((0, 1408), np.float16), np.float32(2.5)]
@@ -296,24 +301,25 @@ def test_npy_members_parse_without_numpys_header_eval(monkeypatch):
     real_load = np.load
     monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load was used for a plain array"))
     for a, raw in zip(arrays, saved):
-        got = data._npy(raw)
+        got = sample_decode._npy(raw)
         assert got.dtype == a.dtype and got.shape == np.shape(a) and np.array_equal(got, a) and got.flags.writeable
     with pytest.raises(ValueError):
-        data._npy(saved[0][:-10])  # cut short: an error the loader reports as a sample that does not decode
+        sample_decode._npy(saved[0][:-10])  # cut short: an error the loader reports as a sample that does not decode
     monkeypatch.setattr(np, "load", real_load)
     # An object array's .npy, written by hand (its payload would be a pickle; never made here).
     header = b"{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
     header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
     objects = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"not a pickle"
     with pytest.raises(ValueError, match="allow_pickle"):
-        data._npy(objects)
+        sample_decode._npy(objects)
 
 
 def test_a_kept_loader_leaves_the_global_generator_where_fresh_loaders_did(shards):
     """Model-side randomness (dropout, OGM-GE's noise) follows torch's global generator; a
     fresh DataLoader iterator draws from it, so a loader whose workers live on must draw too,
     or every epoch after the first trains with other random numbers than before."""
-    from trainer.data import DataConfig, make_loader
+    from trainer.data_config import DataConfig
+    from trainer.loader import make_loader
 
     cfg = DataConfig(modalities={"audio": "spec"}, batch_size=4, workers=2, samples_per_epoch=8, prefetch=1)
 
@@ -332,7 +338,7 @@ def test_a_kept_loader_leaves_the_global_generator_where_fresh_loaders_did(shard
 
 
 def test_the_shuffle_never_mixes_passes_and_empties_at_each_pass_end():
-    from trainer.data import shuffle_by_pass
+    from trainer.loader import shuffle_by_pass
 
     samples = [{"__pass__": p, "i": i} for p in range(3) for i in range(10)]
     damage = {"__corrupt__": {"shard": "x"}}
@@ -350,7 +356,8 @@ def test_the_shuffle_never_mixes_passes_and_empties_at_each_pass_end():
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_training_epoch_reads_no_sample_twice(shards, workers):
-    from trainer.data import DataConfig, make_loader
+    from trainer.data_config import DataConfig
+    from trainer.loader import make_loader
 
     """An epoch of a small part is a random permutation of it (cut to whole batches), as a
     map-style loader's shuffle=True: no clip twice while others wait for the next epoch."""
@@ -369,7 +376,7 @@ def test_a_training_epoch_reads_no_sample_twice(shards, workers):
 
 
 def test_worker_shares_follow_the_samples_each_worker_holds():
-    from trainer.data import worker_shares
+    from trainer.loader import worker_shares
 
     assert worker_shares(6, [36, 18]) == [4, 2]
     assert worker_shares(22, [180, 180]) == [11, 11]

@@ -58,7 +58,7 @@ def test_share_accuracy_only_for_decomposable_heads():
 def test_drop_records_after_forgets_the_killed_epoch(tmp_path):
     import json
 
-    from trainer.loop import drop_records_after
+    from trainer.run_log import drop_records_after
 
     path = tmp_path / "metrics.jsonl"
     records = [{"kind": "train", "epoch": 0, "step": 1}, {"kind": "val", "epoch": 0, "step": 2},

@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import REPO
 from trainer.balancing import BALANCERS, build_balancer
 from trainer.config import load_config
-from trainer.loop import check_inputs
+from trainer.run_model import check_inputs
 from trainer.model import build_model
 
 PRESETS = sorted(p for p in glob.glob(os.path.join(REPO, "trainer", "configs", "*.yaml")) if not p.endswith("_base.yaml"))

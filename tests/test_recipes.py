@@ -231,7 +231,7 @@ def read_samples(shards: str) -> dict[str, tuple[dict, object, object]]:
 
     import numpy as np
 
-    from trainer.data import split_strip  # the loader's own frame splitter
+    from trainer.sample_decode import split_strip  # the loader's own frame splitter
 
     out = {}
     for name in sorted(os.listdir(shards)):

@@ -13,7 +13,8 @@ import torch
 from pipelines.recipes._youtube import CLIP_NAME, index_clips
 from pipelines.synth.action import UCF_CLASSES, synth_kinetics_sounds, synth_ucf101, synth_vggsound, write_youtube_clip
 from tests.conftest import REPO, run_cli
-from trainer.data import DataConfig, make_loader
+from trainer.data_config import DataConfig
+from trainer.loader import make_loader
 
 
 def read_jsonl(path: str) -> list[dict]:

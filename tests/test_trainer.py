@@ -124,7 +124,8 @@ def test_missing_shards_are_refused_clearly(shards, tmp_path):
 
 
 def test_loader_batches_are_padded_and_ranks_get_equal_disjoint_work(shards):
-    from trainer.data import DataConfig, make_loader
+    from trainer.data_config import DataConfig
+    from trainer.loader import make_loader
 
     cfg = DataConfig(modalities={"audio": "wav", "visual": "face_feats", "frames": "frames"}, batch_size=4, workers=2, image_size=32)
     per_rank = []

@@ -17,7 +17,7 @@ from tests.tiny_model import N_CLASSES, TinyEncoder
 from trainer.balancing import BALANCERS, build_balancer
 from trainer.config import load_config
 from trainer.fusion import FUSIONS
-from trainer.loop import check_inputs
+from trainer.run_model import check_inputs
 from trainer.model import MultimodalModel, build_model
 
 CONFIGS = os.path.join(REPO, "trainer", "configs")

@@ -1,7 +1,7 @@
 """Batches onto the training device, where the float work happens.
 
 Loader workers hand over inputs in their stored dtypes (frames and flow uint8, spectrogram and face
-features float16, waveform int16; trainer/data.py). ``finish`` copies a batch to the device
+features float16, waveform int16; trainer/sample_decode.py). ``finish`` copies a batch to the device
 and converts it there, batched, to the float32 inputs the model reads: the same values the
 workers used to compute, at a quarter (frames) or half (the rest) of the bytes crossing
 the worker -> main process boundary and the host -> device link.
@@ -23,7 +23,7 @@ import torch
 from trainer.transforms import decode_and_cut, normalize, normalize_flow
 
 if TYPE_CHECKING:
-    from trainer.data import DataConfig
+    from trainer.data_config import DataConfig
 
 _WARNED: set[str] = set()
 

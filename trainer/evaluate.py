@@ -13,9 +13,13 @@ import yaml
 from avbalance.errors import UserError
 from trainer.checkpoint import load_checkpoint
 from trainer.corpus import shard_classes
-from trainer.data import SKIPPED, make_loader, read_index
-from trainer.loop import build_run_model, data_config, evaluate, probe_model
+from trainer.corrupt import CorruptLog
+from trainer.eval_pass import evaluate, probe_model
+from trainer.loader import make_loader
+from trainer.loop import data_config
 from trainer.predictions import save_predictions
+from trainer.run_model import build_run_model
+from trainer.shard_index import read_index
 
 
 def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkpoint: str = "best") -> dict:
@@ -30,20 +34,20 @@ def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkp
     shards = shards or cfg["data"]["shards"]
     model, _ = build_run_model(cfg)  # as trained: the method's configure may change the model
     model.load_state_dict(load_checkpoint(ckpt_path)["model"])
-    loader, _ = make_loader(shards, part, data_config(cfg), train=False)
+    skipped = CorruptLog()  # damaged samples of ``part`` skipped (data.on_corrupt=skip)
+    loader, _ = make_loader(shards, part, data_config(cfg), train=False, corrupt_log=skipped)
     features: dict = {}
     predictions: dict = {}
-    SKIPPED.records.clear()
     metrics = evaluate(model, loader, torch.device("cpu"), cfg["model"]["n_classes"], nullcontext, features=features,
                        predictions=predictions)
     if shards == cfg["data"].get("shards"):  # another shard set's logits must not pose as the run's own
         save_predictions(os.path.join(run, f"logits_{part}.npz"), **predictions)
-    metrics["skipped_corrupt"] = SKIPPED.count  # damaged samples of ``part`` skipped (data.on_corrupt=skip)
+    metrics["skipped_corrupt"] = skipped.count
     # The probes learn from the run's own train part, even when --shards evaluates on another set.
     train_metrics: dict = {}
-    metrics["probe_accuracy"] = probe_model(model, cfg["data"].get("shards") or shards, cfg, torch.device("cpu"),
-                                            nullcontext, part, features, os.path.join(run, f"probe_{part}.npz"),
-                                            train_metrics)
+    metrics["probe_accuracy"] = probe_model(model, cfg["data"].get("shards") or shards, cfg, data_config(cfg),
+                                            torch.device("cpu"), nullcontext, part, features,
+                                            os.path.join(run, f"probe_{part}.npz"), train_metrics)
     metrics["train_accuracy"] = train_metrics.get("accuracy")  # the same checkpoint on its train part, eval mode
     metrics.update(part=part, checkpoint=checkpoint, shards=shards, classes=shard_classes(read_index(shards)))
     with open(os.path.join(run, f"eval_{part}.json"), "w", encoding="utf-8") as fh:

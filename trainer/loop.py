@@ -4,20 +4,21 @@
 
 Balancing methods plug in through their hooks (trainer/balancing/base.py) and never copy
 this loop. One process per device under torchrun (DDP), or a single process on CPU/GPU.
+
+What the loop calls lives beside it, one job per module, shared with ``cli.py evaluate`` and
+the benchmarks: run_model.py (the model and method as a run trains them, and ``LossStep``,
+what DDP wraps), optim.py (optimizer, schedule), eval_pass.py (one evaluation pass, the
+probes), run_log.py (metrics.jsonl, TensorBoard), seeding.py, checkpoint.py, resume.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -29,21 +30,25 @@ from trainer import distributed
 from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from trainer.config import save_config, validate_config
 from trainer.corpus import apply_shard_set, shard_classes
-from trainer.data import SKIPPED, DataConfig, make_loader, preflight, read_index
-from trainer.resume import resume_config
-from trainer.metrics import summarize
-from trainer.model import MultimodalModel, build_model, compile_encoders
+from trainer.corrupt import CorruptLog
+from trainer.data_config import DataConfig
+from trainer.loader import make_loader
+from trainer.shard_index import preflight, read_index
 from trainer.balancing.base import to_floats
+from trainer.eval_pass import evaluate, probe_model, to_device
+from trainer.model import compile_encoders
+from trainer.optim import build_optimizer, build_schedule
 from trainer.precise_bn import batch_norms, recompute_bn_stats
-from trainer.predictions import ID_BYTES, ids_to_tensor, save_predictions, tensor_to_ids
-from trainer.probe import run_probes
+from trainer.predictions import save_predictions
+from trainer.resume import resume_config
 from trainer.run_lock import describe as describe_holder, hold_run_folder, holder
-
-if TYPE_CHECKING:
-    from trainer.balancing import Balancer
+from trainer.run_log import MetricsLog, drop_records_after
+from trainer.run_model import LossStep, build_run_model, check_inputs
+from trainer.seeding import seed_everything
 
 
 def data_config(cfg: dict) -> DataConfig:
+    """What the loaders need from ``cfg["data"]`` (also read by ``cli.py evaluate`` and bench/gpu_check.py)."""
     d = cfg["data"]
     return DataConfig(
         modalities=dict(d["modalities"]), batch_size=d["batch_size"], workers=d["workers"],
@@ -57,227 +62,10 @@ def data_config(cfg: dict) -> DataConfig:
     )
 
 
-# Which shard source each encoder reads.
-ENCODER_SOURCES = {"resnet18_audio": "spec", "resnet18_visual": "frames", "resnet18_flow": "flow", "face_conformer": "face_feats", "wav2vec2_conformer": "wav"}
-
-
-def check_inputs(cfg: dict) -> None:
-    """The data must feed every encoder, with the input that encoder reads."""
-    sources, encoders = cfg["data"]["modalities"], cfg["model"]["encoders"]
-    if set(sources) != set(encoders):
-        raise UserError(f"data.modalities {sorted(sources)} and model.encoders {sorted(encoders)} must name the same modalities")
-    for m, spec in encoders.items():
-        wanted = ENCODER_SOURCES.get(spec.get("name"))
-        if wanted and sources[m] != wanted:
-            raise UserError(f"modality {m!r}: encoder {spec['name']} reads {wanted!r}, but data.modalities.{m} is {sources[m]!r}")
-
-
-def build_run_model(cfg: dict, device: torch.device | str = "cpu") -> tuple[MultimodalModel, Balancer]:
-    """The model exactly as the run trains it, and its balancing method.
-
-    The method's ``configure`` may change the model (MMCosine swaps the fusion head), so
-    anything that loads a run's weights (``evaluate``, resume) builds it here too.
-    """
-    from trainer.balancing import build_balancer
-
-    model = build_model(cfg["model"]).to(device)
-    options = dict(cfg["balancing"])
-    balancer = build_balancer(options.pop("name"), model, total_epochs=cfg["train"]["epochs"], **options)
-    return model, balancer
-
-
-class _Held:
-    """Carries values out of ``LossStep.forward`` where DDP does not look for tensors."""
-
-    def __init__(self, **values) -> None:
-        self.__dict__.update(values)
-
-
-class LossStep(torch.nn.Module):
-    """Forward and the method's loss as one module: what DDP wraps.
-
-    DDP finds the parameters that get no gradient by walking back from what ``forward``
-    returns. Returning the model's outputs would make every head look used, though a method
-    may ignore some (joint leaves the unimodal heads without a loss) and so hang the next
-    reduction. Returning the loss itself, with every extra, masked or hooked forward of
-    ``compute_loss`` inside this one call, lets DDP see exactly what the method used.
-    """
-
-    def __init__(self, model: torch.nn.Module, balancer) -> None:
-        super().__init__()
-        self.model = model
-        self.balancer = balancer  # not a Module: its parameters (if any) live in the model
-
-    def forward(self, batch: dict) -> tuple[torch.Tensor, _Held]:
-        out = self.model(batch["inputs"])
-        loss, parts = self.balancer.compute_loss(self.model, batch, out)
-        return loss, _Held(out=out, parts=parts)
-
-
 def eval_part(shards: str, wanted: str) -> str:
     """The validation part, falling back to test for splits without one (ogm)."""
     parts = read_index(shards)["parts"]
     return wanted if wanted in parts else "test"
-
-
-def build_optimizer(cfg: dict, groups: list[dict]) -> torch.optim.Optimizer:
-    o = cfg["optim"]
-    if o["name"] == "adam":
-        return torch.optim.Adam(groups, lr=o["lr"], weight_decay=o["weight_decay"])
-    if o["name"] == "adamw":
-        return torch.optim.AdamW(groups, lr=o["lr"], weight_decay=o["weight_decay"])
-    # optim.name is one of these three: trainer/config.py RULES checked it when the config was read.
-    return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
-
-
-def build_schedule(cfg: dict, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then constant or cosine decay, as a multiplier of each group's lr.
-
-    A group's ``"lr_scale"`` (default 1) multiplies its rate on top: methods with
-    per-modality learning rates (MSLR, MILES) set it, and the schedule keeps honouring it.
-    """
-    o = cfg["optim"]  # optim.schedule is none or cosine: RULES checked it
-    warmup = o["warmup_steps"]
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if o["schedule"] == "cosine":
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    def for_group(i: int):
-        # Looked up at every step: loading an optimizer state replaces the group dicts.
-        return lambda step: factor(step) * optimizer.param_groups[i].get("lr_scale", 1.0)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [for_group(i) for i in range(len(optimizer.param_groups))])
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    inputs = {m: {k: v.to(device, non_blocking=True) for k, v in d.items()} for m, d in batch["inputs"].items()}
-    return {**batch, "inputs": inputs, "label": batch["label"].to(device, non_blocking=True)}
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: torch.device, n_classes: int, autocast,
-             features: dict | None = None, predictions: dict | None = None) -> dict:
-    """Metrics over a whole part, gathered from every rank. A ``features`` dict, when given,
-    receives each modality's pooled encoder features and the labels (numpy), for the probes;
-    a ``predictions`` dict receives ``clip_id``, ``label`` and the fused ``logits`` (numpy),
-    for ``logits_<part>.npz`` (trainer/predictions.py)."""
-    core = model.module if isinstance(model, DDP) else model
-    core.eval()
-    # A decomposable head (late_linear) also gives each modality's share of the fused logits:
-    # how much the fused classifier itself relies on it, whether or not its head is trained.
-    decomposable = getattr(core.fusion, "decomposable", False)
-    labels, fused, uni, share = [], [], {m: [] for m in core.modalities}, {m: [] for m in core.modalities}
-    feats: dict[str, list] = {m: [] for m in core.modalities}
-    ids: list[torch.Tensor] = []
-    for batch in loader:
-        if predictions is not None:
-            ids.append(ids_to_tensor(batch["clip_id"], device))
-        batch = to_device(batch, device)
-        with autocast():
-            out = core(batch["inputs"])
-            parts = core.fusion.per_modality_logits(out.features, split_bias=True) if decomposable else {}
-        labels.append(batch["label"])
-        fused.append(out.fused.float())
-        for m in uni:
-            uni[m].append(out.unimodal[m].float())
-            if features is not None:
-                feats[m].append(out.features[m].float())
-            if decomposable:
-                share[m].append(parts[m].float())
-    core.train()
-    empty = torch.zeros(0, n_classes, device=device)
-    cat = lambda xs, e: distributed.gather_rows(torch.cat(xs) if xs else e).cpu().numpy()  # noqa: E731
-    y = cat(labels, torch.zeros(0, dtype=torch.long, device=device))
-    shares = {m: cat(v, empty) for m, v in share.items()} if decomposable else None
-    if features is not None:
-        features.update({m: cat(v, torch.zeros(0, core.dims[m], device=device)) for m, v in feats.items()}, label=y)
-    fused_logits = cat(fused, empty)
-    if predictions is not None:
-        clip_ids = tensor_to_ids(cat(ids, torch.zeros(0, ID_BYTES, dtype=torch.uint8, device=device)))
-        predictions.update(clip_id=clip_ids, label=y, logits=fused_logits)
-    return summarize(y, fused_logits, {m: cat(v, empty) for m, v in uni.items()}, n_classes, share_logits=shares)
-
-
-def probe_model(model: torch.nn.Module, shards: str, cfg: dict, device: torch.device, autocast, part: str,
-                part_features: dict, out: str | None, train_metrics: dict | None = None) -> dict:
-    """Linear-probe accuracy per modality (trainer/probe.py): the frozen encoders' features of
-    the train part (one more evaluation pass) against ``part``'s, already collected. The
-    model's own metrics on the train part in that pass (evaluation mode) go to ``train_metrics``."""
-    def collect(name: str) -> dict:
-        found: dict = {}
-        loader, _ = make_loader(shards, name, data_config(cfg), train=False, device=device)
-        metrics = evaluate(model, loader, device, cfg["model"]["n_classes"], autocast, features=found)
-        if train_metrics is not None and name == cfg["data"]["train_part"]:
-            train_metrics.update(metrics)
-        return found
-
-    return run_probes(collect, cfg["data"]["train_part"], part, part_features, out)
-
-
-class MetricsLog:
-    """metrics.jsonl and TensorBoard, written by rank 0 only."""
-
-    def __init__(self, out: str, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = os.path.join(out, "metrics.jsonl")
-        self.tb = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(out, "tb"))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-        step = record.get("step", 0)
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                self.tb.add_scalar(f"{record['kind']}/{key}", value, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def drop_records_after(path: str, step: int, epoch: int) -> None:
-    """Forget what a killed run logged after its last checkpoint: a resumed run logs it again."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as fh:
-        lines = [ln for ln in fh if ln.strip()]
-    keep = []
-    for ln in lines:
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the kill
-        if rec.get("step", 0) <= step and rec.get("epoch", 0) < epoch:
-            keep.append(ln if ln.endswith("\n") else ln + "\n")
-    if len(keep) != len(lines):
-        with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            fh.writelines(keep)
-        os.replace(path + ".tmp", path)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        # cuBLAS repeats its results only with a fixed workspace (else, with warn_only, it warns)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    # cuDNN's autotuner picks the fastest convolution for each input shape, but by timing it, so
-    # two runs may pick different algorithms (and round differently): only when a run need not
-    # repeat exactly (train.deterministic=false).
-    torch.backends.cudnn.benchmark = not deterministic
 
 
 def _load_resume_state(cfg: dict, last_path: str, model, optimizer, schedule, balancer) -> dict:
@@ -301,6 +89,7 @@ def stopped(state: dict, cfg: dict) -> bool:
 
 
 def _epoch_line(epoch: int, epochs: int, val: dict, val_part: str, loss: float | None, seconds: float) -> str:
+    """The one line per epoch on stderr (main rank, unless quiet)."""
     heads = ", ".join(f"{m} {a:.3f}" for m, a in val["unimodal_accuracy"].items())
     shown = f", last train loss {loss:.4f}" if loss is not None else ""
     return (f"epoch {epoch + 1}/{epochs}: {val_part} accuracy {val['accuracy']:.3f} (heads: {heads}){shown}, "
@@ -341,13 +130,14 @@ def _train(cfg: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
     for line in preflight(shards, [cfg["data"]["train_part"], val_part, cfg["data"]["test_part"]], dcfg):
         if dist_info.main:
             print(line, file=sys.stderr, flush=True)
-    SKIPPED.records.clear()
+    corrupt_log = CorruptLog()  # damaged samples every loader of this run skips (data.on_corrupt=skip)
     cfg["data"]["shards"] = remote.canonical(shards)  # a URL stays a URL
 
     # Data: one training loader for the run (its workers live across epochs, data.persistent_workers),
     # its stream seeded by (seed, rank, epoch) through set_epoch. Batches arrive on the device.
     train_loader, steps_per_epoch = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,
-                                                world_size=dist_info.world_size, seed=cfg["seed"], device=device)
+                                                world_size=dist_info.world_size, seed=cfg["seed"], device=device,
+                                                corrupt_log=corrupt_log)
 
     # Model, balancing method, optimizer, schedule.
     seed_everything(cfg["seed"] + dist_info.rank, cfg["train"]["deterministic"])
@@ -400,12 +190,14 @@ def _train(cfg: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
     n_classes = cfg["model"]["n_classes"]
     patience, epochs = cfg["train"]["patience"], cfg["train"]["epochs"]
     chatty = dist_info.main and not quiet()
-    val_loader, _ = make_loader(shards, val_part, dcfg, train=False, device=device)  # deterministic: built once
+    val_loader, _ = make_loader(shards, val_part, dcfg, train=False, device=device,
+                                corrupt_log=corrupt_log)  # deterministic: built once
     # Batch-norm statistics recomputed before each evaluation on the train part as evaluation
     # reads it (trainer/precise_bn.py): the moving averages of small batches mislead eval mode.
     bn_loader = None
     if cfg["train"].get("precise_bn") and batch_norms(model):
-        bn_loader, _ = make_loader(shards, cfg["data"]["train_part"], dcfg, train=False, device=device)
+        bn_loader, _ = make_loader(shards, cfg["data"]["train_part"], dcfg, train=False, device=device,
+                                   corrupt_log=corrupt_log)
     for epoch in range(state["epoch"], epochs):
         loader = train_loader
         loader.set_epoch(epoch)
@@ -481,7 +273,8 @@ def _train(cfg: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
 
     # Test the best checkpoint.
     model.load_state_dict(load_checkpoint(best_path)["model"])
-    test_loader, _ = make_loader(shards, cfg["data"]["test_part"], dcfg, train=False, device=device)
+    test_loader, _ = make_loader(shards, cfg["data"]["test_part"], dcfg, train=False, device=device,
+                                 corrupt_log=corrupt_log)
     test_features: dict = {}
     test_predictions: dict = {}
     test = evaluate(model, test_loader, device, n_classes, autocast, features=test_features, predictions=test_predictions)
@@ -489,15 +282,15 @@ def _train(cfg: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
     if dist_info.main:  # the fused logits per clip: ensembles of runs are built from them (experiments/ensemble.py)
         save_predictions(os.path.join(out, f"logits_{test_part}.npz"), **test_predictions)
     train_metrics: dict = {}
-    test["probe_accuracy"] = probe_model(model, shards, cfg, device, autocast, test_part, test_features,
+    test["probe_accuracy"] = probe_model(model, shards, cfg, dcfg, device, autocast, test_part, test_features,
                                          os.path.join(out, f"probe_{test_part}.npz") if dist_info.main else None,
-                                         train_metrics)
+                                         train_metrics, corrupt_log=corrupt_log)
     # The tested model on its own train part, in evaluation mode, beside its training-mode
     # accuracy in the same epoch: a large gap means evaluation does not use what was learnt.
     test["train_accuracy"] = train_metrics.get("accuracy")
     test["train_batch_accuracy"] = state.get("best_train_batch_acc")
     # Damaged samples skipped (data.on_corrupt=skip), over every rank: a result to read with care.
-    skipped = int(round(float(distributed.all_reduce_mean(torch.tensor(float(SKIPPED.count), device=device))) * dist_info.world_size))
+    skipped = int(round(float(distributed.all_reduce_mean(torch.tensor(float(corrupt_log.count), device=device))) * dist_info.world_size))
     test.update(best_epoch=state["best_epoch"], best_val_accuracy=state["best_acc"], val_part=val_part, skipped_corrupt=skipped,
                 classes=shard_classes(read_index(shards)))  # the confusion's row and column names
     if dist_info.main:

@@ -21,7 +21,7 @@ or boolean-mask index in a hook makes the host wait for the device, every step: 
 keeps its logging values as tensors and reads a value on the host only where its formula
 needs one there, once per step if it can (docs/training.md, "The CUDA path").
 Every hook gets the bare model. Under DDP the loop wraps forward and ``compute_loss``
-together (``trainer.loop.LossStep``), so extra, masked or hooked forwards inside
+together (``trainer.run_model.LossStep``), so extra, masked or hooked forwards inside
 ``compute_loss`` are part of the one DDP forward, and DDP learns which parameters get no
 gradient from the loss itself; no hook needs to unwrap the model.
 
