@@ -1,17 +1,22 @@
-"""The resolved preprocessing configuration: one dataclass per stage plus run options."""
+"""The resolved preprocessing configuration: one dataclass per shipped stage plus run options.
+
+A stage without a field here runs with its ``Config`` defaults (``Stage.config_of``). The
+stages, their order and their checks come from the stage registry (``pipelines/stages/base.py``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 from pipelines.stages.audio import AudioConfig
+from pipelines.stages.base import stage_order
 from pipelines.stages.face_features import FaceFeaturesConfig
 from pipelines.stages.faces import FacesConfig
 from pipelines.stages.flow import FlowConfig
 from pipelines.stages.frames import FramesConfig
 from pipelines.stages.pack import PackConfig
 
-ALL_STAGES = ("frames", "flow", "faces", "face_features", "audio", "pack")
+ALL_STAGES = tuple(stage_order())  # frames, flow, faces, face_features, audio, pack (and any stage added)
 
 
 @dataclass

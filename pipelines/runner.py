@@ -4,10 +4,15 @@ The engine (``pipelines/engines``: a local process pool, or Ray) only decides wh
 of clips and pack tasks (one per output shard) run; planning, cache keys, failure records,
 the shard plan and ``shards.json`` are here, so every engine writes the same bytes.
 
+The stages, their order, cache keys and dependency checks come from the stage registry
+(``pipelines/stages/base.py``: each stage's ``inputs``, ``Config`` and hooks); nothing here
+names a per-clip stage except where the shard format does (the face weights in the index).
+
 A clip is kept when its video or its audio decodes (``pipelines/quality.py`` flags what is
-missing or unusual); only clips that cannot give a sample fail. Every stage output is cached per clip under a key of (stage version, config, input), so a
-killed run continues where it stopped, a re-run with the same config does no work, and a
-changed stage config redoes only that stage and those after it.
+missing or unusual); only clips that cannot give a sample fail. Every stage output is cached
+per clip under a key of (stage version, config, input), so a killed run continues where it
+stopped, a re-run with the same config does no work, and a changed stage config redoes only
+that stage and those after it.
 """
 
 from __future__ import annotations
@@ -24,25 +29,19 @@ from avbalance.progress import progress_bar
 from avbalance.shard_format import INDEX, SCHEMA_VERSION
 from manifests.io import read_jsonl
 from pipelines.cache import ClipCache
-from pipelines.config import ALL_STAGES, PreprocessConfig
+from pipelines.config import PreprocessConfig
 from manifests.record import clip_window
 from pipelines.coverage import coverage
 from pipelines.engines import Engine, check_engine, make_engine
-from pipelines.quality import clip_quality, gives_sample, placeholder
+from pipelines.quality import clip_quality, gives_sample
 from pipelines.recipes import Recipe, get_recipe
-from pipelines.stages.audio import AudioStage
-from pipelines.stages.base import stable_hash
-from pipelines.stages.face_features import face_features_key, weights_identity
-from pipelines.stages.faces import FacesStage
-from pipelines.stages.flow import FlowStage
+from pipelines.stages.base import STAGES, check_selection, clip_stages, stable_hash, stage_order
+from pipelines.stages.face_features import FaceFeaturesStage
 from pipelines.stages.onnx_backend import resolve_backend
-from pipelines.stages.frames import FramesStage
 from pipelines.stages.pack import PackStage, sample_bytes, samples_per_shard, shard_order
 from pipelines.shards import MAX_SHARD_BYTES, ShardWriter, read_index, write_index
 from pipelines.storage import Storage
 from pipelines.worker import ClipJob
-
-CLIP_STAGES = ("frames", "flow", "faces", "face_features", "audio")
 
 
 def source_key(root: str, rel: str) -> str:
@@ -61,17 +60,20 @@ def stage_keys(cfg: PreprocessConfig, clip: dict) -> dict[str, str]:
     else:
         audio_src = stable_hash(video, "track")
     keys = {"video": video, "audio_source": audio_src}
-    keys["frames"] = FramesStage(cfg.frames).key(keys)
-    keys["flow"] = FlowStage(cfg.flow).key(keys)
-    keys["faces"] = FacesStage(cfg.faces).key(keys)
-    keys["face_features"] = face_features_key(cfg.face_features, keys)
-    keys["audio"] = AudioStage(cfg.audio).key(keys)
+    for name in clip_stages():  # in stage order: a stage's inputs have their keys before it
+        stage = STAGES.get(name)
+        keys[name] = stage.cache_key(stage.config_of(cfg), keys)
     return keys
+
+
+def selected(cfg: PreprocessConfig) -> list[str]:
+    """The run's per-clip stages, in stage order."""
+    return [s for s in clip_stages() if s in cfg.stages]
 
 
 def plan(cfg: PreprocessConfig, clips: list[dict], cache: ClipCache) -> tuple[list[ClipJob], dict[str, dict[str, str]], dict[str, dict]]:
     """Jobs for clips with work left, failures already known, and every clip's keys."""
-    wanted = [s for s in CLIP_STAGES if s in cfg.stages]
+    wanted = selected(cfg)
     jobs, known_failures, all_keys = [], {}, {}
     for clip in clips:
         cid = clip["clip_id"]
@@ -84,17 +86,18 @@ def plan(cfg: PreprocessConfig, clips: list[dict], cache: ClipCache) -> tuple[li
                 failed[stage] = reason
             elif not cache.done(stage, cid, keys[stage]):
                 todo.append(stage)
-        if "face_features" in todo and "faces" not in todo and "faces" in failed:
-            todo.remove("face_features")
-            failed["face_features"] = failed["faces"]
+        for stage in wanted:  # a stage whose input failed earlier fails for the same reason, untried
+            reason = next((failed[i] for i in STAGES.get(stage).inputs if i in failed), None)
+            if stage in todo and reason is not None:
+                todo.remove(stage)
+                failed[stage] = reason
         if failed:
             known_failures[cid] = failed
         if todo:
             jobs.append(ClipJob(
                 cid, os.path.join(cfg.root, clip["files"]["video"]),
                 os.path.join(cfg.root, clip["files"]["wav"]) if "wav" in clip["files"] else None,
-                keys, todo, face_boxes_cached="faces" not in todo and cache.done("faces", cid, keys["faces"]),
-                window=clip_window(clip),
+                keys, todo, window=clip_window(clip),
             ))
     return jobs, known_failures, all_keys
 
@@ -123,19 +126,11 @@ def run_jobs(cfg: PreprocessConfig, jobs: list[ClipJob], engine: Engine) -> dict
 def preprocess(cfg: PreprocessConfig) -> dict:
     """The whole job; returns the run summary (also written as ``out/preprocess.json``)."""
     started = time.time()
-    bad = [s for s in cfg.stages if s not in ALL_STAGES]
-    if bad:
-        raise UserError(f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(ALL_STAGES)}")
-    if "face_features" in cfg.stages and "faces" not in cfg.stages:
-        raise UserError("the face_features stage needs the faces stage: add faces to --stages")
+    check_selection(cfg.stages)  # known names, and every stage a selected one reads selected too
     check_engine(cfg)
     cfg.backend = resolve_backend(cfg.backend, cfg.device)
-    if "face_features" in cfg.stages:
-        cfg.face_features = type(cfg.face_features)(
-            model=cfg.face_features.model, weights=cfg.face_features.weights,
-            weights_sha256=weights_identity(cfg.face_features.weights, cfg.face_features.allow_random),
-            allow_random=cfg.face_features.allow_random,
-        )
+    for stage in [s for s in stage_order() if s in cfg.stages]:
+        STAGES.get(stage).resolve(cfg)  # e.g. the face weights' sha256, before any work
 
     timings: dict[str, float] = {}
     mark = time.time()
@@ -158,7 +153,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         publish_manifest(manifest_dir, storage)
 
     cache = ClipCache(storage)
-    cache.scan([s for s in CLIP_STAGES if s in cfg.stages])
+    cache.scan(selected(cfg))
     jobs, failures, keys = plan(cfg, clips, cache)
     timings["manifest_and_plan"], mark = time.time() - mark, time.time()
     with make_engine(cfg) as engine:
@@ -169,7 +164,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         done_ids = {s["clip_id"] for s in rows if s["status"] == "done"}
         reasons = {s["clip_id"]: f"{s['stage']}: {s['reason']}" for s in rows if s["status"] == "failed"}
         packed, coverage_by_split, flags = {}, {}, {}
-        if "pack" in cfg.stages:
+        if PackStage.name in cfg.stages:
             for split in cfg.splits:
                 result = pack_split(cfg, split, [c for c in clips if c["clip_id"] in done_ids], keys, failures,
                                     recipe.named_clips(split, clips, skipped), reasons, recipe, manifest, engine)
@@ -184,7 +179,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         "done": len(done_ids),
         "failed": n_failed,
         "computed_clips": len(jobs),
-        "face_backend": cfg.backend if {"faces", "face_features"} & set(cfg.stages) else None,
+        "face_backend": cfg.backend if any(STAGES.get(s).heavy for s in cfg.stages) else None,
         "shards": packed,
         "coverage": coverage_by_split,
         "seconds": round(time.time() - started, 2),
@@ -222,14 +217,15 @@ def _same_manifest_file(name: str, old: bytes, new: bytes) -> bool:
 def status_rows(cfg: PreprocessConfig, clips: list[dict], skipped: list[dict], failures: dict[str, dict[str, str]]) -> list[dict]:
     """Every clip: done (it gives a sample, maybe with a modality missing) or failed with the
     first failing stage and reason (neither its video nor its audio decoded, or not media)."""
-    stages = [s for s in CLIP_STAGES if s in cfg.stages]
+    order = clip_stages()
+    stages = [s for s in order if s in cfg.stages]
     rows = []
     for clip in clips:
         failed = failures.get(clip["clip_id"], {})
         if gives_sample(failed, stages):
             rows.append({"clip_id": clip["clip_id"], "status": "done"})
         else:
-            stage = next(s for s in CLIP_STAGES if s in failed)
+            stage = next(s for s in order if s in failed)
             rows.append({"clip_id": clip["clip_id"], "status": "failed", "stage": stage, "reason": failed[stage]})
     listed = {c["clip_id"] for c in clips}
     for s in skipped:  # files (or list entries) the manifest could not use
@@ -271,7 +267,7 @@ def build_sample(cfg: PreprocessConfig, cache: ClipCache, packer: PackStage, cli
     """One clip's shard sample from the cache (placeholders for what it lacks) and its quality flags."""
     cid = clip["clip_id"]
     done = {s: cache.load(s, cid, keys[s]) for s in stages if cache.done(s, cid, keys[s])}
-    outputs = {s: done[s] if s in done else placeholder(s, cfg.audio, cfg.faces, cfg.flow) for s in stages}
+    outputs = {s: done[s] if s in done else STAGES.get(s).placeholder(cfg) for s in stages}
     quality = clip_quality(clip, done, failures, stages, cfg.audio)
     return packer.sample(clip, outputs, quality, meta=meta), quality
 
@@ -317,7 +313,7 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
     """
     storage = Storage(cfg.out)
     directory = f"shards/{split}"
-    stages = [s for s in CLIP_STAGES if s in cfg.stages]
+    stages = selected(cfg)
     members = {}
     for clip in clips:
         part = clip["splits"].get(split)
@@ -381,7 +377,7 @@ def pack_split(cfg: PreprocessConfig, split: str, clips: list[dict], keys: dict[
         "coverage": cov,
         "config": _public_config(cfg),
         "face_weights": {"path": cfg.face_features.weights, "sha256": cfg.face_features.weights_sha256,
-                         "random_init": cfg.face_features.weights is None} if "face_features" in stages else None,
+                         "random_init": cfg.face_features.weights is None} if FaceFeaturesStage.name in stages else None,
         "pack_key": pack_key,
     }, storage)
     return {"samples": {p: v["samples"] for p, v in parts.items()}, "coverage": cov, "flags": flags}
@@ -402,7 +398,10 @@ def _public_config(cfg: PreprocessConfig) -> dict:
     out["faces"] = cfg.faces.recorded()  # options at their defaults as earlier versions wrote them
     # A stage that did not run has no settings to record: say so instead of listing its defaults
     # (e.g. face weights "random-init" for a set made without the face stages).
-    for stage in ("faces", "face_features", "flow"):
+    for stage in ("faces", "face_features", "flow"):  # (frames, audio and pack were always recorded)
         if stage not in cfg.stages and stage in out:
             out[stage] = f"not run (stages: {','.join(cfg.stages)})"
+    for stage in selected(cfg):  # a stage without a field in PreprocessConfig runs with its defaults
+        if stage not in out:
+            out[stage] = asdict(STAGES.get(stage).config_of(cfg))
     return out

@@ -1,22 +1,22 @@
 """Work on a chunk of clips inside one worker process: one decode per clip feeds every
-stage that still has work; models are loaded once per process; failures become records."""
+stage that still has work; models are loaded once per process; failures become records.
+
+Nothing here names a stage: each stage's hooks (``pipelines/stages/base.py``) say what it
+samples from the decode, computes after it, or batches until the chunk's end."""
 
 from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from pipelines.cache import ClipCache
 from pipelines.config import PreprocessConfig
-from pipelines.stages.audio import AudioError, AudioStage, read_wav
-from pipelines.stages.decode import DecodedClip, DecodeError, FrameSampler, cut_audio, decode_clip
-from pipelines.stages.flow import FlowStage
-from pipelines.stages.frames import FramesStage
+from pipelines.stages.base import STAGES, Stage, StageError, stage_order, video_stages
+from pipelines.stages.decode import DecodedClip, DecodeError, decode_clip
 from pipelines.storage import Storage
-
-VIDEO_STAGES = ("frames", "flow", "faces", "face_features")
 
 
 @dataclass
@@ -25,9 +25,34 @@ class ClipJob:
     video: str
     wav: str | None
     keys: dict[str, str]  # stage -> cache key
-    todo: list[str]  # stages to compute
-    face_boxes_cached: bool = False  # faces done earlier: reuse boxes, skip detection
+    todo: list[str]  # stages to compute, in stage order
     window: tuple[float, float | None] | None = None  # (start, end) s of the file; None: all of it
+
+
+@dataclass
+class ClipWork:
+    """One clip in a worker, as its stages' hooks see it (``Stage.begin``, ``compute``, ...)."""
+
+    job: ClipJob
+    cfg: PreprocessConfig
+    cache: ClipCache
+    resources: dict[str, Any]  # this process's: models, kept across chunks ("threads": its thread budget)
+    video_stages: list[str]  # the stages that read the video (a failed decode fails them)
+    samplers: list = field(default_factory=list)  # decode sinks (``FrameSampler``-like), filled by ``begin``
+    audio_track: set[str] = field(default_factory=set)  # stages that want the video's audio track
+    state: dict[str, Any] = field(default_factory=dict)  # per-clip state of the stages
+    decoded: DecodedClip | None = None  # after a successful decode (its ``audio``: the track, when asked for)
+    video_info: dict[str, np.ndarray] = field(default_factory=dict)  # ``video_info(decoded)``
+    outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # computed in this run
+
+    def want_audio_track(self, stage: str) -> None:
+        self.audio_track.add(stage)
+
+    def input(self, stage: str) -> dict[str, np.ndarray]:
+        """An upstream stage's output for this clip: computed in this run, else from the cache."""
+        if stage in self.outputs:
+            return self.outputs[stage]
+        return self.cache.load(stage, self.job.clip_id, self.job.keys[stage])
 
 
 @dataclass
@@ -40,30 +65,24 @@ class ClipOutcome:
 _STATE: dict[str, object] = {}
 
 
+def run_stages(cfg: PreprocessConfig) -> list[type[Stage]]:
+    """The run's stage classes, in stage order (an engine sends them with the work)."""
+    return [STAGES.get(s) for s in stage_order() if s in cfg.stages]
+
+
 def warm_up(cfg: PreprocessConfig) -> None:
     """Pay one-off import and JIT costs once, in the parent: forked workers inherit them
-    (librosa's first transform takes ~3 s per process otherwise)."""
-    if "audio" in cfg.stages:
-        from pipelines.stages.audio import spectrogram
-
-        spectrogram(np.full(1600, 100, np.int16), cfg.audio)
-    if "faces" in cfg.stages:
-        import facenet_pytorch  # noqa: F401
-        import timm  # noqa: F401
-
-        export_face_networks(cfg)  # once, before workers fork
+    (librosa's first transform takes ~3 s per process otherwise); export the models."""
+    for stage in run_stages(cfg):
+        stage.warm_up(cfg)
+    export_models(cfg)  # once, before workers fork
 
 
-def export_face_networks(cfg: PreprocessConfig) -> None:
-    """With the ONNX backend, export (or find in the cache) the face networks this run needs."""
-    if cfg.backend != "onnx" or "faces" not in cfg.stages:
-        return
-    from pipelines.stages.face_features import export_onnx
-    from pipelines.stages.faces import export_mtcnn
-
-    export_mtcnn()
-    if "face_features" in cfg.stages:
-        export_onnx(cfg.face_features)
+def export_models(cfg: PreprocessConfig) -> None:
+    """Export (or find in the cache) the model files this run's stages load, e.g. the face
+    networks with the ONNX backend."""
+    for stage in run_stages(cfg):
+        stage.export_models(cfg)
 
 
 def init_worker(cfg: PreprocessConfig, threads: int) -> None:
@@ -75,47 +94,31 @@ def init_worker(cfg: PreprocessConfig, threads: int) -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(max(1, threads))
-    if "faces" in cfg.stages:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
+    for stage in run_stages(cfg):
+        stage.start_worker(cfg, max(1, threads))
     _STATE.clear()
     _STATE["cfg"] = cfg
-    _STATE["threads"] = max(1, threads)  # ONNX Runtime's intra-op threads, as torch's
-
-
-def _batcher():
-    if "batcher" not in _STATE:
-        from pipelines.stages.face_features import FaceFeaturesStage
-        from pipelines.stages.faces import FaceBatcher
-        from pipelines.stages.onnx_backend import resolve_backend
-
-        cfg: PreprocessConfig = _STATE["cfg"]
-        # The runner resolved "auto" already; a worker on another node checks onnxruntime is there.
-        backend, threads = resolve_backend(cfg.backend, cfg.device), _STATE.get("threads")
-        featurizer = (FaceFeaturesStage(cfg.face_features, cfg.device, backend, threads)
-                      if "face_features" in cfg.stages else None)
-        _STATE["batcher"] = FaceBatcher(cfg.faces, featurizer, cfg.device, cfg.batch_size, backend, threads)
-    return _STATE["batcher"]
+    # The stages' models, built on first use and kept across chunks; "threads": ONNX Runtime's
+    # intra-op threads, as torch's.
+    _STATE["resources"] = {"threads": max(1, threads)}
 
 
 def process_chunk(jobs: list[ClipJob]) -> list[ClipOutcome]:
     cfg: PreprocessConfig = _STATE["cfg"]
     cache = ClipCache(Storage(cfg.out))
+    video = video_stages()
     outcomes = {job.clip_id: ClipOutcome(job.clip_id) for job in jobs}
-    face_jobs: list[tuple[ClipJob, np.ndarray]] = []
+    later: list[tuple[ClipWork, type[Stage], bool]] = []
     for job in jobs:
         try:
-            info = _process_clip(job, cfg, cache, outcomes[job.clip_id])
-            if info is not None:
-                face_jobs.append((job, info))
+            later += _process_clip(ClipWork(job, cfg, cache, _STATE["resources"], video), outcomes[job.clip_id])
         except Exception as err:  # never let one clip end the run
             reason = f"internal error: {type(err).__name__}: {err}"
             for stage in job.todo:
                 outcomes[job.clip_id].failed.setdefault(stage, reason)
             _STATE.setdefault("errors", []).append(traceback.format_exc())
-    if face_jobs:
-        _finish_faces(face_jobs, cfg, cache, outcomes)
+    if later:
+        _finish_chunk(later, outcomes)
     keys = {job.clip_id: job.keys for job in jobs}
     for out in outcomes.values():
         for stage, reason in out.failed.items():
@@ -133,80 +136,74 @@ def video_info(decoded: DecodedClip) -> dict[str, np.ndarray]:
     }
 
 
-def _process_clip(job: ClipJob, cfg: PreprocessConfig, cache: ClipCache, outcome: ClipOutcome) -> dict[str, np.ndarray] | None:
-    """Decode once, run frames and audio, queue face frames; return video info if faces queued."""
-    samplers: list[FrameSampler] = []
-    frames_stage = None
-    if "frames" in job.todo:
-        frames_stage = FramesStage(cfg.frames)
-        samplers.append(FrameSampler(cfg.frames.rate, frames_stage.add))
-    flow_stage = None
-    if "flow" in job.todo:
-        flow_stage = FlowStage(cfg.flow)
-        samplers.append(flow_stage)  # sees every frame: flow is between consecutive ones
-    wants_faces = "faces" in job.todo or "face_features" in job.todo
-    if wants_faces:
-        batcher = _batcher()
-        if job.face_boxes_cached:
-            cached = cache.load("faces", job.clip_id, job.keys["faces"])
-            batcher.start_clip(job.clip_id, cached["boxes"], cached["mask"])
-        else:
-            batcher.start_clip(job.clip_id)
-        samplers.append(FrameSampler(cfg.faces.fps, lambda slot, t, rgb: batcher.push(job.clip_id, slot, t, rgb)))
-    track_audio = "audio" in job.todo and job.wav is None
-    decoded = None
-    if samplers or track_audio:
+def _process_clip(work: ClipWork, outcome: ClipOutcome) -> list[tuple[ClipWork, type[Stage], bool]]:
+    """Every stage the clip still needs, in stage order, around one decode; return what waits
+    for the chunk's end: (clip, stage, whether the stage deferred its output itself)."""
+    job = work.job
+    stages = [STAGES.get(s) for s in job.todo]
+    for stage in stages:
+        stage.begin(work)
+    if work.samplers or work.audio_track:
         try:
-            decoded = decode_clip(job.video, samplers, want_audio=track_audio, window=job.window)
+            decoded = decode_clip(job.video, work.samplers, want_audio=bool(work.audio_track), window=job.window)
         except DecodeError as err:
-            for stage in job.todo:
-                if stage in VIDEO_STAGES or (stage == "audio" and track_audio):
-                    outcome.failed[stage] = f"decode: {err}"
-            if wants_faces:
-                _batcher().flush()
-                _batcher().finish_clip(job.clip_id)
-            wants_faces = False
-    info = None
-    if decoded is not None:
-        info = video_info(decoded)
-        if frames_stage is not None:
-            out = frames_stage.finish_clip()
-            out.update(info)
-            cache.save("frames", job.clip_id, job.keys["frames"], out)
-            outcome.done.append("frames")
-        if flow_stage is not None:
-            out = flow_stage.finish_clip()
-            out.update(info)
-            cache.save("flow", job.clip_id, job.keys["flow"], out)
-            outcome.done.append("flow")
-    if "audio" in job.todo and "audio" not in outcome.failed:
+            video = set(work.video_stages)
+            for stage in stages:
+                if stage.name in video or stage.name in work.audio_track:
+                    outcome.failed[stage.name] = f"decode: {err}"
+            for stage in stages:
+                stage.abandon(work)
+        else:
+            work.decoded, work.video_info = decoded, video_info(decoded)
+    later: list[tuple[ClipWork, type[Stage], bool]] = []
+    waiting: set[str] = set()
+    for stage in stages:
+        if _upstream_failed(stage, outcome):
+            continue
+        if waiting & set(stage.inputs):  # an input comes at the chunk's end: so does this stage
+            later.append((work, stage, False))
+            waiting.add(stage.name)
+            continue
         try:
-            if job.wav is not None:
-                wave = read_wav(job.wav)
-                if job.window is not None:  # a sidecar WAV starts with its video
-                    wave = cut_audio(wave, 0.0, *job.window)
-            elif decoded is not None and decoded.audio is not None:
-                wave = decoded.audio
-            else:
-                raise AudioError("no audio: the clip has no WAV file and its video has no audio stream")
-            cache.save("audio", job.clip_id, job.keys["audio"], AudioStage(cfg.audio).process(wave))
-            outcome.done.append("audio")
-        except AudioError as err:
-            outcome.failed["audio"] = str(err)
-    return info if wants_faces else None
+            out = stage.compute(work)
+        except StageError as err:
+            outcome.failed[stage.name] = str(err)
+            continue
+        if out is None:
+            later.append((work, stage, True))
+            waiting.add(stage.name)
+        else:
+            _save(work, stage, out, outcome)
+    return later
 
 
-def _finish_faces(face_jobs, cfg: PreprocessConfig, cache: ClipCache, outcomes: dict[str, ClipOutcome]) -> None:
-    batcher = _batcher()
-    batcher.flush()
-    for job, info in face_jobs:
-        faces, feats = batcher.finish_clip(job.clip_id)
-        outcome = outcomes[job.clip_id]
-        if "faces" in job.todo:
-            # A clip without a face is kept: all-zero mask and features, flagged no_face at pack.
-            faces.update(info)
-            cache.save("faces", job.clip_id, job.keys["faces"], faces)
-            outcome.done.append("faces")
-        if "face_features" in job.todo and feats is not None:
-            cache.save("face_features", job.clip_id, job.keys["face_features"], feats)
-            outcome.done.append("face_features")
+def _upstream_failed(stage: type[Stage], outcome: ClipOutcome) -> bool:
+    """Whether the stage failed already (a decode) or an input of it did (same reason)."""
+    if stage.name in outcome.failed:
+        return True
+    reason = next((outcome.failed[i] for i in stage.inputs if i in outcome.failed), None)
+    if reason is not None:
+        outcome.failed[stage.name] = reason
+    return reason is not None
+
+
+def _finish_chunk(later: list[tuple[ClipWork, type[Stage], bool]], outcomes: dict[str, ClipOutcome]) -> None:
+    """The outputs that waited for the chunk's end (batched work), in clip then stage order."""
+    for work, stage, deferred in later:
+        outcome = outcomes[work.job.clip_id]
+        if _upstream_failed(stage, outcome):
+            continue
+        try:
+            out = None if deferred else stage.compute(work)  # its inputs are here now
+            if out is None:
+                out = stage.finish(work)
+        except StageError as err:
+            outcome.failed[stage.name] = str(err)
+            continue
+        _save(work, stage, out, outcome)
+
+
+def _save(work: ClipWork, stage: type[Stage], out: dict[str, np.ndarray], outcome: ClipOutcome) -> None:
+    work.cache.save(stage.name, work.job.clip_id, work.job.keys[stage.name], out)
+    work.outputs[stage.name] = out
+    outcome.done.append(stage.name)

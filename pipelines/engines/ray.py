@@ -1,11 +1,14 @@
 """The Ray engine (``--engine ray``): the runner's chunks and pack tasks on a Ray cluster.
 
-Chunks without face work run as Ray tasks, retried on another worker when theirs dies (a
-chunk's outputs are cached under their keys, so a retry rewrites the same files and no clip
-is counted twice). Chunks with face work go to a pool of actors, one MTCNN/EfficientNet load
-per actor, batches across the clips of a chunk; a dead actor is restarted and its chunk
-retried. Pack runs one task per output shard. Without ``--ray-address`` a local runtime of
-``--workers`` CPUs is started and shut down at the end.
+Chunks without work for a heavy stage (one that runs neural networks, ``Stage.heavy``: faces,
+face_features) run as Ray tasks, retried on another worker when theirs dies (a chunk's
+outputs are cached under their keys, so a retry rewrites the same files and no clip is
+counted twice). Chunks with such work go to a pool of actors, one model load (MTCNN,
+EfficientNet) per actor, batches across the clips of a chunk; a dead actor is restarted and
+its chunk retried. Pack runs one task per output shard. Every task and actor gets the run's
+stage classes with its work (``stages.base.adopt``), so a stage registered only in the driver
+runs on the cluster too. Without ``--ray-address`` a local runtime of ``--workers`` CPUs is
+started and shut down at the end.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ from typing import Any, Callable, Iterator
 from avbalance.errors import UserError
 from avbalance.progress import quiet
 from pipelines.engines.base import ENGINES, Engine
-from pipelines.worker import ClipJob, ClipOutcome, export_face_networks, init_worker, process_chunk, warm_up
+from pipelines.stages.base import adopt, shipped
+from pipelines.worker import ClipJob, ClipOutcome, export_models, init_worker, process_chunk, warm_up
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RETRIES = 3  # per task and per actor restart; past them the clips are reported as lost
 LOCAL_START_ATTEMPTS = 3  # Ray gives its raylet 30 s to register: a busy machine can miss that
 OBJECT_STORE_BYTES = 256 * 1024**2  # chunks pass paths and small outcomes, never arrays
-FACE_STAGES = ("faces", "face_features")
 # AVBALANCE_CACHE_DIR / XDG_CACHE_HOME: where the face actors find (or export) the ONNX networks.
 PASSED_ENV = ("AVBALANCE_QUIET", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
               "AVBALANCE_CACHE_DIR", "XDG_CACHE_HOME")
@@ -37,7 +40,8 @@ PASSED_ENV = ("AVBALANCE_QUIET", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_H
 _READY: list = []  # the config this worker process was initialised with
 
 
-def _chunk_task(cfg, jobs: list[ClipJob]) -> list[ClipOutcome]:
+def _chunk_task(cfg, jobs: list[ClipJob], stages: tuple = ()) -> list[ClipOutcome]:
+    adopt(stages)
     # A Ray worker runs many chunks: initialise it once per config, not per chunk.
     if _READY != [cfg]:
         init_worker(cfg, threads=1)  # one CPU per task: never more threads than the task holds
@@ -48,7 +52,8 @@ def _chunk_task(cfg, jobs: list[ClipJob]) -> list[ClipOutcome]:
 class _FaceWorker:
     """One model load per actor; every chunk it runs batches face frames across its clips."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, stages: tuple = ()) -> None:
+        adopt(stages)
         warm_up(cfg)
         init_worker(cfg, threads=1)
 
@@ -56,7 +61,8 @@ class _FaceWorker:
         return process_chunk(jobs)
 
 
-def _call(fn: Callable[[Any], Any], item: Any) -> Any:
+def _call(fn: Callable[[Any], Any], item: Any, stages: tuple = ()) -> Any:
+    adopt(stages)
     return fn(item)
 
 
@@ -67,6 +73,8 @@ class RayEngine(Engine):
         super().__init__(cfg)
         self._ray = None
         self._temp_dir: str | None = None
+        self._stages = shipped(cfg.stages)  # sent with every task: the workers' registry may lack some
+        self._heavy = {name for name, stage in self._stages if stage.heavy}
 
     def _start(self):
         """Connect on first use (a re-run with nothing to do starts no runtime)."""
@@ -97,7 +105,7 @@ class RayEngine(Engine):
     def _face_actors(self, ray, n: int) -> list:
         # The ONNX export once here rather than racing in every actor: a local runtime's actors
         # (and a cluster's nodes that share the cache folder) then only load the files.
-        export_face_networks(self.cfg)
+        export_models(self.cfg)
         gpus = 0.0
         if self.cfg.device == "cuda":
             total = ray.cluster_resources().get("GPU", 0)
@@ -106,14 +114,15 @@ class RayEngine(Engine):
                                 "start GPU nodes (`ray start --num-gpus N`) or use --device cpu")
             gpus = min(1.0, total / n)
         actor = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=RETRIES, max_task_retries=RETRIES)(_FaceWorker)
-        return [actor.remote(self.cfg) for _ in range(n)]
+        return [actor.remote(self.cfg, self._stages) for _ in range(n)]
 
     def run_chunks(self, chunks: list[list[ClipJob]], on_done: Callable[[list[ClipOutcome]], None]) -> list[str]:
         ray = self._start()
-        cfg_ref = ray.put(self.cfg)
+        cfg_ref, stages_ref = ray.put(self.cfg), ray.put(self._stages)
         task = ray.remote(num_cpus=1, max_retries=RETRIES)(_chunk_task)
-        face = [c for c in chunks if any(s in FACE_STAGES for job in c for s in job.todo)]
-        pending = {task.remote(cfg_ref, c): (c, None) for c in chunks if not any(s in FACE_STAGES for job in c for s in job.todo)}
+        face = [c for c in chunks if any(s in self._heavy for job in c for s in job.todo)]
+        pending = {task.remote(cfg_ref, c, stages_ref): (c, None) for c in chunks
+                   if not any(s in self._heavy for job in c for s in job.todo)}
         actors = self._face_actors(ray, min(self.cfg.workers, len(face))) if face else []
         for actor in actors:  # one chunk in flight per actor; the next goes to whichever is free
             if face:
@@ -140,7 +149,8 @@ class RayEngine(Engine):
     def map(self, fn: Callable[[Any], Any], items: list, on_done: Callable[[], None] | None = None) -> list:
         ray = self._start()
         task = ray.remote(num_cpus=1, max_retries=RETRIES)(_call)
-        order = {task.remote(fn, item): i for i, item in enumerate(items)}
+        stages_ref = ray.put(self._stages)
+        order = {task.remote(fn, item, stages_ref): i for i, item in enumerate(items)}
         results: list = [None] * len(items)
         pending = list(order)
         while pending:

@@ -11,12 +11,18 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
 import soxr
 
-from pipelines.stages.base import STAGES, Stage
+from avbalance import shard_format as F
+from pipelines.stages.base import STAGES, Stage, StageError, npy_bytes
+
+if TYPE_CHECKING:
+    from pipelines.config import PreprocessConfig
+    from pipelines.worker import ClipWork
 
 AUDIO_SR = 16000
 
@@ -37,7 +43,7 @@ class AudioConfig:
             raise ValueError(f"spec must be logmel or linear, not {self.spec!r}")
 
 
-class AudioError(Exception):
+class AudioError(StageError):
     """The clip's audio is unusable; the message says why."""
 
 
@@ -100,6 +106,45 @@ def spectrogram(wave16k: np.ndarray, cfg: AudioConfig) -> np.ndarray:
 class AudioStage(Stage):
     version = 2  # 2: short and silent clips are kept (flagged at pack), with their peak level
     inputs = ("audio_source",)
+    Config = AudioConfig
+    rank = 50
+
+    @classmethod
+    def warm_up(cls, cfg: PreprocessConfig) -> None:
+        spectrogram(np.full(1600, 100, np.int16), cls.config_of(cfg))  # librosa's first transform: ~3 s
+
+    @classmethod
+    def begin(cls, work: ClipWork) -> None:
+        if work.job.wav is None:
+            work.want_audio_track(cls.name)
+
+    @classmethod
+    def compute(cls, work: ClipWork) -> dict[str, np.ndarray]:
+        """The clip's WAV (cut to its window), or its video's audio track."""
+        from pipelines.stages.decode import cut_audio
+
+        job = work.job
+        if job.wav is not None:
+            wave = read_wav(job.wav)
+            if job.window is not None:  # a sidecar WAV starts with its video
+                wave = cut_audio(wave, 0.0, *job.window)
+        elif work.decoded is not None and work.decoded.audio is not None:
+            wave = work.decoded.audio
+        else:
+            raise AudioError("no audio: the clip has no WAV file and its video has no audio stream")
+        return cls(cls.config_of(work.cfg)).process(wave)
+
+    @classmethod
+    def placeholder(cls, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+        """An empty waveform with the spectrogram of silence."""
+        config = cls.config_of(cfg)
+        return {"wav": np.zeros(0, np.int16), "spec": spectrogram(np.zeros(AUDIO_SR, np.int16), config).astype(np.float16)}
+
+    @classmethod
+    def pack(cls, out: dict[str, np.ndarray], clip: dict, pack_config) -> tuple[dict[str, bytes], dict]:
+        source = clip.get("audio_source", "wav" if "wav" in clip["files"] else "video")
+        return ({F.WAV: npy_bytes(out["wav"].astype(np.int16)), F.SPEC: npy_bytes(out["spec"].astype(np.float16))},
+                {"audio": {"seconds": round(len(out["wav"]) / 16000, 4), "source": source}})
 
     def process(self, wave16k: np.ndarray) -> dict[str, np.ndarray]:
         """The waveform as it is (short ones too: loaders tile them), its spectrogram (the

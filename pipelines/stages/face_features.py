@@ -15,17 +15,24 @@ the weights' sha256 (``pipelines/stages/onnx_backend.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from avbalance import shard_format as F
 from avbalance.errors import UserError
 from avbalance.hashing import sha256_file
 from avbalance.hub import fetch_file, model_id
-from pipelines.stages.base import STAGES, Stage, stable_hash
+from pipelines.stages.base import STAGES, Stage, npy_bytes, stable_hash
 
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI starts fast without it
     import torch
+
+    from pipelines.config import PreprocessConfig
+    from pipelines.worker import ClipWork
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -158,8 +165,61 @@ def face_features_key(cfg: FaceFeaturesConfig, input_keys: dict[str, str]) -> st
 
 @STAGES.register("face_features")
 class FaceFeaturesStage(Stage):
+    """Computed by the faces stage's batcher from its crops (``pipelines/stages/faces.py``);
+    an instance is the feature extractor."""
+
     version = 1
     inputs = ("faces",)
+    Config = FaceFeaturesConfig
+    rank = 40
+    heavy = True
+
+    @classmethod
+    def cache_key(cls, config: FaceFeaturesConfig, input_keys: dict[str, str]) -> str:
+        return face_features_key(config, input_keys)
+
+    @classmethod
+    def resolve(cls, cfg: PreprocessConfig) -> None:
+        """The weights' identity (their sha256, fetched first when named by model id), or a refusal."""
+        config = cfg.face_features
+        cfg.face_features = dataclasses.replace(
+            config, weights_sha256=weights_identity(config.weights, config.allow_random))
+
+    @classmethod
+    def export_models(cls, cfg: PreprocessConfig) -> None:
+        if cfg.backend == "onnx":
+            export_onnx(cfg.face_features)
+
+    @classmethod
+    def begin(cls, work: ClipWork) -> None:
+        from pipelines.stages.faces import start_face_clip
+
+        start_face_clip(work)
+
+    @classmethod
+    def compute(cls, work: ClipWork) -> None:
+        return None  # from the faces batcher, at the chunk's end
+
+    @classmethod
+    def finish(cls, work: ClipWork) -> dict[str, np.ndarray]:
+        from pipelines.stages.faces import finish_face_clip
+
+        return finish_face_clip(work)[1]
+
+    @classmethod
+    def abandon(cls, work: ClipWork) -> None:
+        from pipelines.stages.faces import drop_face_clip
+
+        drop_face_clip(work)
+
+    @classmethod
+    def placeholder(cls, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+        """Zero features for one face slot."""
+        return {"feats": np.zeros((1, 1408), np.float16)}
+
+    @classmethod
+    def pack(cls, out: dict[str, np.ndarray], clip: dict, pack_config) -> tuple[dict[str, bytes], dict]:
+        return {F.FACE_FEATS: npy_bytes(out["feats"].astype(np.float16))}, {}
 
     def __init__(self, config: FaceFeaturesConfig, device: str = "cpu", backend: str = "torch", threads: int | None = None) -> None:
         import torch
@@ -176,9 +236,6 @@ class FaceFeaturesStage(Stage):
             self.session = session(export_onnx(config), self.threads)
         else:
             self.model = build_backbone(config, device)
-
-    def key(self, input_keys: dict[str, str]) -> str:
-        return face_features_key(self.config, input_keys)
 
     def features(self, crops: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float crops in 0..255 -> (N, 1408) float16 features (what is stored)."""

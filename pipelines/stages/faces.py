@@ -30,12 +30,18 @@ import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from pipelines.stages.base import STAGES, Stage, stable_hash
-from pipelines.stages.frames import pack_blobs
+from avbalance import shard_format as F
+from pipelines.stages.base import STAGES, Stage, npy_bytes, stable_hash
+from pipelines.stages.frames import pack_blobs, unpack_blobs
+
+if TYPE_CHECKING:
+    from pipelines.config import PreprocessConfig
+    from pipelines.worker import ClipWork
 
 
 # MTCNN's networks: example input, the axes that vary, output names (as facenet-pytorch's).
@@ -105,11 +111,135 @@ class ClipFaces:
 
 @STAGES.register("faces")
 class FacesStage(Stage):
+    """Runs in the worker's ``FaceBatcher``, which batches the face frames of a chunk's clips
+    (and computes face_features from the same crops): the outputs come at the chunk's end."""
+
     version = 2  # 2: faceless clips are kept (all-zero mask); video_info as in frames
     inputs = ("video",)
+    Config = FacesConfig
+    rank = 30
+    heavy = True
 
-    def key(self, input_keys: dict[str, str]) -> str:
-        return stable_hash(self.name, self.version, self.config.recorded(), [input_keys[i] for i in self.inputs])
+    @classmethod
+    def cache_key(cls, config: FacesConfig, input_keys: dict[str, str]) -> str:
+        return stable_hash(cls.name, cls.version, config.recorded(), [input_keys[i] for i in cls.inputs])
+
+    @classmethod
+    def export_models(cls, cfg: PreprocessConfig) -> None:
+        if cfg.backend == "onnx":
+            export_mtcnn()
+
+    @classmethod
+    def warm_up(cls, cfg: PreprocessConfig) -> None:
+        import facenet_pytorch  # noqa: F401
+        import timm  # noqa: F401
+
+    @classmethod
+    def start_worker(cls, cfg: PreprocessConfig, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+
+    @classmethod
+    def begin(cls, work: ClipWork) -> None:
+        start_face_clip(work)
+
+    @classmethod
+    def compute(cls, work: ClipWork) -> None:
+        return None  # at the chunk's end, once its face frames are batched
+
+    @classmethod
+    def finish(cls, work: ClipWork) -> dict[str, np.ndarray]:
+        # A clip without a face is kept: all-zero mask and features, flagged no_face at pack.
+        faces, _ = finish_face_clip(work)
+        return {**faces, **work.video_info}
+
+    @classmethod
+    def abandon(cls, work: ClipWork) -> None:
+        drop_face_clip(work)
+
+    @classmethod
+    def placeholder(cls, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+        """One face slot with mask 0."""
+        config = cls.config_of(cfg)
+        out = {"times": np.zeros(1, np.float32), "boxes": np.zeros((1, 4), np.float32), "probs": np.zeros(1, np.float32),
+               "mask": np.zeros(1, np.uint8), "detected": np.zeros(1, np.uint8)}
+        if config.keep_crops:
+            out.update(crops_jpeg=np.zeros(0, np.uint8), crops_offsets=np.zeros(1, np.int64), crop_size=np.int64(config.size))
+        return out
+
+    @classmethod
+    def pack(cls, out: dict[str, np.ndarray], clip: dict, pack_config) -> tuple[dict[str, bytes], dict]:
+        from pipelines.stages.pack import jpeg_strip
+
+        members = {F.FACE_MASK: npy_bytes(out["mask"].astype(np.uint8)), F.FACE_BOXES: npy_bytes(out["boxes"].astype(np.float32)),
+                   F.FACE_TIMES: npy_bytes(out["times"].astype(np.float32))}
+        meta = {"count": int(len(out["mask"])), "found": int(out["mask"].sum())}
+        if "crops_jpeg" in out:
+            found = iter(unpack_blobs(out["crops_jpeg"], out["crops_offsets"]))
+            tiles = [next(found) if m else None for m in out["mask"]]  # black where no face
+            members[F.FACES], meta["stride"] = jpeg_strip(tiles, pack_config.jpeg_quality, int(out["crop_size"]))
+        return members, {"faces": meta}
+
+
+# The face batcher of a worker process and a clip's place in it, shared by faces and face_features.
+_BATCHER = "face_batcher"  # in work.resources: kept across the chunks of a process
+_CLIP = "face_clip"  # in work.state: the clip's (faces, features) once finished, None before
+
+
+def face_batcher(work: ClipWork) -> FaceBatcher:
+    """This process's batcher, built on first use (with the feature extractor when
+    face_features is selected)."""
+    if _BATCHER not in work.resources:
+        from pipelines.stages.face_features import FaceFeaturesStage
+        from pipelines.stages.onnx_backend import resolve_backend
+
+        cfg = work.cfg
+        # The runner resolved "auto" already; a worker on another node checks onnxruntime is there.
+        backend, threads = resolve_backend(cfg.backend, cfg.device), work.resources.get("threads")
+        featurizer = (FaceFeaturesStage(cfg.face_features, cfg.device, backend, threads)
+                      if FaceFeaturesStage.name in cfg.stages else None)
+        work.resources[_BATCHER] = FaceBatcher(cfg.faces, featurizer, cfg.device, cfg.batch_size, backend, threads)
+    return work.resources[_BATCHER]
+
+
+def start_face_clip(work: ClipWork) -> None:
+    """Queue the clip's face frames (once, whichever face stage asks first); with its faces
+    cached, crop at their boxes and detect nothing."""
+    if _CLIP in work.state:
+        return
+    batcher = face_batcher(work)
+    clip_id = work.job.clip_id
+    if FacesStage.name in work.job.todo:
+        batcher.start_clip(clip_id)
+    else:
+        cached = work.input(FacesStage.name)
+        batcher.start_clip(clip_id, cached["boxes"], cached["mask"])
+    work.samplers.append(_face_sampler(work.cfg.faces.fps, batcher, clip_id))
+    work.state[_CLIP] = None
+
+
+def _face_sampler(fps: float | None, batcher: FaceBatcher, clip_id: str):
+    from pipelines.stages.decode import FrameSampler
+
+    return FrameSampler(fps, lambda slot, t, rgb: batcher.push(clip_id, slot, t, rgb))
+
+
+def finish_face_clip(work: ClipWork) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The clip's (faces, features) once every queued frame is processed."""
+    if work.state.get(_CLIP) is None:
+        batcher = face_batcher(work)
+        batcher.flush()
+        work.state[_CLIP] = batcher.finish_clip(work.job.clip_id)
+    return work.state[_CLIP]
+
+
+def drop_face_clip(work: ClipWork) -> None:
+    """Forget a clip whose decode failed (once)."""
+    if work.state.pop(_CLIP, False) is None:
+        batcher = face_batcher(work)
+        batcher.flush()
+        batcher.finish_clip(work.job.clip_id)
 
 
 class FaceBatcher:

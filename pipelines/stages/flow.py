@@ -24,12 +24,16 @@ from typing import TYPE_CHECKING, Callable
 import cv2
 import numpy as np
 
+from avbalance import shard_format as F
 from avbalance.errors import UserError
 from pipelines.stages.base import STAGES, Stage
 from pipelines.stages.frames import encode_strip
 
 if TYPE_CHECKING:
     import av
+
+    from pipelines.config import PreprocessConfig
+    from pipelines.worker import ClipWork
 
 PRESETS = {
     "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
@@ -88,6 +92,36 @@ class FlowStage(Stage):
 
     version = 1
     inputs = ("video",)
+    Config = FlowConfig
+    rank = 20
+
+    @classmethod
+    def cache_key(cls, config: FlowConfig, input_keys: dict[str, str]) -> str:
+        config.check()  # every clip's keys are made before any work: a bad setting stops the run there
+        return super().cache_key(config, input_keys)
+
+    @classmethod
+    def begin(cls, work: ClipWork) -> None:
+        stage = work.state[cls.name] = cls(cls.config_of(work.cfg))
+        work.samplers.append(stage)  # sees every frame: flow is between consecutive ones
+
+    @classmethod
+    def compute(cls, work: ClipWork) -> dict[str, np.ndarray]:
+        return {**work.state[cls.name].finish_clip(), **work.video_info}
+
+    @classmethod
+    def placeholder(cls, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+        """No flow (count 0): one 16-pixel tile of zero flow."""
+        strip, stride = encode_strip([np.zeros((16, 16), np.uint8)], 90)
+        return {"x_strip": np.frombuffer(strip, np.uint8), "y_strip": np.frombuffer(strip, np.uint8), "stride": np.int64(stride),
+                "times": np.zeros(0, np.float32), "pairs": np.zeros(0, np.int64), **flow_layout(cls.config_of(cfg))}
+
+    @classmethod
+    def pack(cls, out: dict[str, np.ndarray], clip: dict, pack_config) -> tuple[dict[str, bytes], dict]:
+        return {F.FLOW_X: out["x_strip"].tobytes(), F.FLOW_Y: out["y_strip"].tobytes()}, {"flow": {
+            "count": int(len(out["times"])), "stack": int(out["stack"]), "stride": int(out["stride"]),
+            "bound": float(out["bound"]), "times": [round(float(t), 3) for t in out["times"]],
+            "pairs": [int(p) for p in out["pairs"]]}}
 
     def __init__(self, config: FlowConfig) -> None:
         super().__init__(config)

@@ -6,11 +6,17 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from avbalance import shard_format as F
 from pipelines.stages.base import STAGES, Stage
+
+if TYPE_CHECKING:
+    from pipelines.config import PreprocessConfig
+    from pipelines.worker import ClipWork
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ def unpack_blobs(data: np.ndarray, offsets: np.ndarray) -> list[bytes]:
 class FramesStage(Stage):
     version = 2  # 2: video_info also holds the header's duration; decode_note
     inputs = ("video",)
+    Config = FramesConfig
+    rank = 10
 
     def __init__(self, config: FramesConfig) -> None:
         super().__init__(config)
@@ -73,3 +81,25 @@ class FramesStage(Stage):
     def finish_clip(self) -> dict[str, np.ndarray]:
         strip, stride = encode_strip(self.images, self.config.jpeg_quality)
         return {"strip": np.frombuffer(strip, np.uint8), "stride": np.int64(stride), "times": np.asarray(self.times, np.float32)}
+
+    @classmethod
+    def begin(cls, work: ClipWork) -> None:
+        from pipelines.stages.decode import FrameSampler
+
+        stage = work.state[cls.name] = cls(cls.config_of(work.cfg))
+        work.samplers.append(FrameSampler(stage.config.rate, stage.add))
+
+    @classmethod
+    def compute(cls, work: ClipWork) -> dict[str, np.ndarray]:
+        return {**work.state[cls.name].finish_clip(), **work.video_info}
+
+    @classmethod
+    def placeholder(cls, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+        """No frames (count 0): one 16-pixel black tile."""
+        strip, stride = encode_strip([np.zeros((16, 16, 3), np.uint8)], 90)
+        return {"strip": np.frombuffer(strip, np.uint8), "stride": np.int64(stride), "times": np.zeros(0, np.float32)}
+
+    @classmethod
+    def pack(cls, out: dict[str, np.ndarray], clip: dict, pack_config) -> tuple[dict[str, bytes], dict]:
+        return {F.FRAMES: out["strip"].tobytes()}, {"frames": {
+            "count": int(len(out["times"])), "stride": int(out["stride"]), "times": [round(float(t), 3) for t in out["times"]]}}
