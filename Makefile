@@ -21,13 +21,16 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, torchvision, facenet_pytorch, timm, webdataset, av, librosa, h5py; print('installed: torch', torch.__version__)"
 	touch $@
 
+# On every core (pytest-xdist): the tests of a file that share a fixture of their own stay on one
+# worker, Ray's on one too (tests/conftest.py); `PYTEST_ARGS=-n0` runs them in this process.
+PYTEST_ARGS ?= -n auto --dist loadgroup
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The fast suite, then the slow one (end-to-end matrices: every method under torchrun, every
 # method through evaluate, the synthetic calibration). CI runs this.
 test-all: test
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 # The main job end to end, in under 5 minutes on 2 cores: the study's imbalanced corpus with 5 of
 # its 8 sentences (the voice shows the emotion on most clips, the face on fewer, independently per

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+from filelock import FileLock
 
 # Tests never reach a network: a pretrained download would retry ~45 s, then fail.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +16,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("AVBALANCE_QUIET", "1")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `make test` runs the suite on every core (pytest -n auto): each worker gets its share of
+    # them, for torch here and for the CLI processes it starts, instead of all of them each.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under ``pytest -n --dist loadgroup`` the tests of a file that share a module or session
+    fixture of their own (trained runs, a shard set) stay on one worker, so it is built once;
+    the other tests go wherever a worker is free. A test that already names a group
+    (``xdist_group("ray")``: one Ray cluster at a time) keeps it."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        info = getattr(item, "_fixtureinfo", None)
+        module = item.nodeid.split("::")[0]
+        # the file's own fixtures that outlive a test (the conftest's session ones are shared)
+        if any(d.scope != "function" and d.baseid == module for defs in (info.name2fixturedefs.values() if info else ())
+               for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
@@ -46,22 +70,48 @@ def onnx_cache(request, tmp_path_factory) -> str:
     return path
 
 
+def built_once(tmp_path_factory, name: str, build) -> str:
+    """``build(folder)`` once per test session, however many xdist workers ask for it.
+
+    Under ``pytest -n`` every worker has its own session, so a session fixture would build its
+    corpus once per worker. The first worker to ask builds into the run's shared temp folder
+    under a file lock and marks it done last; the others wait for it and reuse it.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = str(tmp_path_factory.mktemp(name))
+        build(folder)
+        return folder
+    folder = str(tmp_path_factory.getbasetemp().parent / name)  # the run's root, shared by its workers
+    with FileLock(folder + ".lock"):
+        if not os.path.exists(os.path.join(folder, ".built")):
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way starts again
+            os.makedirs(folder)
+            build(folder)
+            open(os.path.join(folder, ".built"), "w").close()
+    return folder
+
+
+def _synth_corpus(folder: str) -> None:
+    run_cli("synth", "cremad", "--out", os.path.join(folder, "corpus"), "--actors", "6", "--sentences", "1",
+            "--seed", "7", check=True)
+
+
 @pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory) -> str:
     """6 actors x 1 sentence x 6 emotions = 36 clips (kfold needs at least k+2 actors)."""
-    out = str(tmp_path_factory.mktemp("synth") / "corpus")
-    run_cli("synth", "cremad", "--out", out, "--actors", "6", "--sentences", "1", "--seed", "7", check=True)
-    return out
+    return os.path.join(built_once(tmp_path_factory, "synth", _synth_corpus), "corpus")
+
+
+def _train_shards(folder: str) -> None:
+    corpus, out = os.path.join(folder, "corpus"), os.path.join(folder, "out")
+    run_cli("synth", "cremad", "--out", corpus, "--actors", "6", "--sentences", "3", "--seed", "11",
+            "--audio-signal", "1.0", "--video-signal", "1.0", check=True)
+    run_cli("preprocess", "cremad", "--root", corpus, "--out", out, "--split", "kfold1", "--workers", "2",
+            "--face-fps", "1", "--face-size", "224", "--allow-random-weights", check=True)
 
 
 @pytest.fixture(scope="session")
 def train_shards(tmp_path_factory) -> str:
     """108 clips (6 actors x 3 sentences) with clear cues in both modalities, split kfold1:
     3 actors (54 clips) train, 1 validates, 2 (36 clips) test."""
-    base = tmp_path_factory.mktemp("train")
-    corpus, out = str(base / "corpus"), str(base / "out")
-    run_cli("synth", "cremad", "--out", corpus, "--actors", "6", "--sentences", "3", "--seed", "11",
-            "--audio-signal", "1.0", "--video-signal", "1.0", check=True)
-    run_cli("preprocess", "cremad", "--root", corpus, "--out", out, "--split", "kfold1", "--workers", "2",
-            "--face-fps", "1", "--face-size", "224", "--allow-random-weights", check=True)
-    return os.path.join(out, "shards", "kfold1")
+    return os.path.join(built_once(tmp_path_factory, "train", _train_shards), "out", "shards", "kfold1")

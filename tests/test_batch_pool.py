@@ -102,7 +102,7 @@ def test_pooled_stack_equals_stack_and_falls_back_when_no_slot_is_free():
     assert torch.equal(first, torch.stack(tensors))  # untouched by the second batch
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def shards(train_shards) -> str:
     return train_shards
 

@@ -19,6 +19,9 @@ import pytest
 from tests.conftest import REPO, run_cli
 from tests.test_bad_input import BAD_RUN_ARGS, make_bad_corpus
 
+# One Ray cluster at a time: under pytest -n every test that starts one runs on the same worker.
+pytestmark = pytest.mark.xdist_group("ray")
+
 SLOW = pytest.mark.slow  # each run starts a Ray runtime (10-30 s on 2 shared cores)
 
 ARGS = ("--split", "ogm", "--face-fps", "1", "--face-size", "224", "--allow-random-weights", "--workers", "2")

@@ -1,7 +1,8 @@
 """``bench/gpu_check.py``'s smoke mode on the CPU: every item of the GPU check runs (or says why
 it cannot), so the script is ready when a GPU is lent. It checks that the script works, and
 what can be checked on a CPU (curves agree, the face features match across batch sizes), not
-any speed."""
+any speed. The whole smoke (every item, two minutes of CPU) runs in the slow suite; the fast one
+runs two items through the same script."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=900)
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("gpu_check")
@@ -32,6 +36,7 @@ def smoke(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@SLOW
 def test_every_item_runs_or_says_why(smoke):
     items = smoke["items"]
     assert list(items) == ["corpus", "resnet_device", "resnet_loader_w0", "resnet_loader_w1", "conformer_w2v",
@@ -48,6 +53,7 @@ def test_every_item_runs_or_says_why(smoke):
         assert items[name]["gpu_busy_why"] == "not a GPU run"
 
 
+@SLOW
 def test_the_checks_that_a_cpu_can_make_hold(smoke):
     items = smoke["items"]
     # dynamo's eager backend runs the same kernels: the compiled curve is the eager one
@@ -60,12 +66,26 @@ def test_the_checks_that_a_cpu_can_make_hold(smoke):
     assert items["ddp"]["backend"] == "gloo" and 0.0 <= items["ddp"]["test_accuracy"] <= 1.0
 
 
+@SLOW
 def test_the_table_renders_and_says_it_is_no_gpu_figure(smoke):
     table = gpu_check_table(smoke)
     assert "**Not GPU figures**" in table
     for name in smoke["items"]:
         assert f"| {name} |" in table
     assert "Unmeasured" in gpu_check_table(None)
+
+
+def test_chosen_items_run_and_the_table_shows_them(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = run("--device", "cpu", "--tiny", "--only", "resnet_device,jpeg_decode", "--out", str(out),
+               "--work", str(tmp_path / "work"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["items"]) == ["corpus", "resnet_device", "jpeg_decode"]  # the corpus is always built first
+    assert result["items"]["resnet_device"]["status"] == "ok" and result["items"]["resnet_device"]["samples_per_s"] > 0
+    assert result["items"]["jpeg_decode"]["status"] == "skipped" and "CUDA" in result["items"]["jpeg_decode"]["reason"]
+    table = gpu_check_table(result)
+    assert "**Not GPU figures**" in table and "| resnet_device |" in table and "| compile |" not in table
 
 
 def test_refusals_write_nothing(tmp_path):

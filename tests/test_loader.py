@@ -138,7 +138,7 @@ def assert_same_batch(new: dict, old: dict) -> None:
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"{modality}.{key}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def shards(train_shards) -> str:
     return train_shards
 

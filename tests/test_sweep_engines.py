@@ -19,6 +19,9 @@ import yaml
 from avbalance.procs import children_by_parent
 from tests.conftest import REPO
 
+# One Ray cluster at a time: under pytest -n every test that starts one runs on the same worker.
+pytestmark = pytest.mark.xdist_group("ray")
+
 SLOW = pytest.mark.slow  # real train processes (and a Ray runtime): a minute or two each on 2 shared cores
 # The tiny runs of tests/test_sweep.py, with 2 epochs: a run killed after its first checkpoint resumes.
 TINY = ["model.encoders.audio.width=4", "model.encoders.visual.width=4", "data.image_size=32", "data.frames=1",

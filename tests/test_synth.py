@@ -60,10 +60,12 @@ def test_mtcnn_finds_the_face_in_every_clip(synth_corpus):
 
     mtcnn = MTCNN(device="cpu")
     frames = []
-    for name in sorted(os.listdir(os.path.join(synth_corpus, "VideoFlash"))):
+    # One frame per clip, the first, middle or last in turn: every clip, and every part of a clip
+    # over the corpus, at a third of the cost of all three per clip.
+    for i, name in enumerate(sorted(os.listdir(os.path.join(synth_corpus, "VideoFlash")))):
         with av.open(os.path.join(synth_corpus, "VideoFlash", name)) as c:
             decoded = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-        frames += [decoded[0], decoded[len(decoded) // 2], decoded[-1]]
+        frames.append(decoded[(0, len(decoded) // 2, -1)[i % 3]])
     boxes, probs = mtcnn.detect(np.stack(frames))
     found = [b is not None and p[0] > 0.95 for b, p in zip(boxes, probs)]
     assert all(found), f"no face in {found.count(False)} of {len(found)} frames"

@@ -28,7 +28,7 @@ TINY_CONFORMER = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def shards(train_shards) -> str:
     return train_shards
 
