@@ -177,6 +177,7 @@ def use_shard_cache(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.resume import requested_config
+    from trainer.run_config import RunConfig
 
     use_shard_cache(args)
     overrides = set_items(args.set)
@@ -186,12 +187,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(cfg, args.shards, args.out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         if metrics.get("already_finished"):
-            patience = cfg["train"]["patience"]
-            how = (f"early stopping ended it (train.patience={patience}); to train on, resume with a larger "
+            run = RunConfig.from_dict(cfg)
+            how = (f"early stopping ended it (train.patience={run.train.patience}); to train on, resume with a larger "
                    f"--set train.patience=N (0: off) and, if needed, train.epochs=N" if metrics.get("stopped_early")
-                   else f"all {cfg['train']['epochs']} epochs done; to train on, resume with a larger --set train.epochs=N")
+                   else f"all {run.train.epochs} epochs done; to train on, resume with a larger --set train.epochs=N")
             print(f"train: {args.out} already finished (test accuracy {metrics['accuracy']:.3f} in "
-                  f"eval_{cfg['data']['test_part']}.json): nothing to do, nothing written; {how}")
+                  f"eval_{run.data.test_part}.json): nothing to do, nothing written; {how}")
             return 0
         uni = ", ".join(f"{m} {a:.3f}" for m, a in metrics["unimodal_accuracy"].items())
         print(f"train: test accuracy {metrics['accuracy']:.3f} (macro-F1 {metrics['macro_f1']:.3f}; heads: {uni}; "
@@ -348,6 +349,17 @@ def corpus_parsers(sub, command: str, help_text: str):
         yield recipe, q
 
 
+def config_keys_text() -> str:
+    """The config keys for ``train --help``, from the run config's dataclasses (trainer/run_config.py)."""
+    from trainer.run_config import settings_help
+
+    lines = ["config keys, KEY=DEFAULT: what it allows; meaning (--set KEY=VALUE, or nested in a --config file):"]
+    for key, text in settings_help():
+        lines.append(textwrap.fill(f"{key}: {text}", width=100, initial_indent="  ", subsequent_indent="      ",
+                                   break_long_words=False, break_on_hyphens=False))
+    return "\n".join(lines)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose refusals are the same one-paragraph ``error:`` as every other refusal
     (no usage dump; the command's ``--help`` is named). Subcommand parsers inherit it."""
@@ -405,14 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", metavar="LIST", help="comma-separated parts to export, e.g. train,test (default: all in the index)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("train", help="train a multimodal classifier from shards (torchrun for several processes)")
+    p = sub.add_parser("train", help="train a multimodal classifier from shards (torchrun for several processes)",
+                       epilog=config_keys_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a YAML config, or a shipped preset by name (resnet_small, resnet_mlb, ...: trainer/configs/NAME.yaml); built-in defaults apply where it is silent "
                    "(default: none, all built-in defaults; with --resume: the run's own config)")
     p.add_argument("--shards", required=True, metavar="DIR|URL", help="a shard set folder with shards.json (OUT/shards/<split>), "
                    "or its URL: http(s)://, s3://, gs://, file://, or pipe:CMD with {name} for the file name (streamed)")
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, tb/, best.pt, last.pt")
     p.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE",
-                   help="override a config key, e.g. optim.lr=1e-4 (repeatable; default: none)")
+                   help="override a config key, e.g. optim.lr=1e-4; every key, its default and what it allows "
+                        "are listed below (repeatable; default: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with the run's own config.yaml")
     p.add_argument("--shard-cache", metavar="DIR", help="keep remote shards read to their end in DIR and read them from there "

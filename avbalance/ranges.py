@@ -2,13 +2,16 @@
 
 Used by the training config (``trainer/config.py``) and by the command-line options, so a
 zero batch size or a negative frame rate is refused at once, by name, never minutes later.
+``setting`` declares one field of the run config's dataclasses (``trainer/run_config.py``):
+its default, a one-line help and what it allows, in one place.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from avbalance.errors import UserError
@@ -69,3 +72,15 @@ def arg(kind: Callable[[str], Any], allowed: Allowed) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__  # argparse's own messages name the type
     return parse
+
+
+def setting(default: Any, help: str, allowed: Allowed | None = None, *, free_form: bool = False,
+            recorded: bool = False) -> Any:
+    """A field of a config dataclass: its ``default``, a one-line ``help`` and what it is
+    ``allowed`` (checked when a config is read). ``free_form``: a mapping whose keys the YAML
+    layer does not check (its constructor does: encoder, fusion, method options). ``recorded``:
+    filled in by the program, never set by the user, so neither a YAML key nor a default."""
+    meta = {"help": help, "allowed": allowed, "free_form": free_form, "recorded": recorded}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)

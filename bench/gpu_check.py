@@ -46,7 +46,7 @@ import threading
 import time
 import traceback
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -61,9 +61,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from trainer.config import load_config  # noqa: E402
 from trainer.loader import make_loader  # noqa: E402
 from trainer.eval_pass import to_device  # noqa: E402
-from trainer.loop import data_config  # noqa: E402
 from trainer.model import compile_encoders  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
+from trainer.run_config import RunConfig  # noqa: E402
 from trainer.run_model import LossStep, build_run_model  # noqa: E402
 from trainer.seeding import seed_everything  # noqa: E402
 
@@ -191,9 +191,10 @@ class Stepper:
     hook, optimizer step) on a freshly seeded model; losses stay on the device until read."""
 
     def __init__(self, cfg: dict, device: torch.device, bf16: bool, compile_backend: str | None = None) -> None:
-        seed_everything(cfg["seed"], deterministic=False)
-        self.model, self.balancer = build_run_model(cfg, device)
-        self.optimizer = build_optimizer(cfg, self.balancer.param_groups(self.model, cfg["optim"]["lr"]))
+        run = RunConfig.from_dict(cfg)
+        seed_everything(run.seed, deterministic=False)
+        self.model, self.balancer = build_run_model(run, device)
+        self.optimizer = build_optimizer(run, self.balancer.param_groups(self.model, run.optim.lr))
         self.balancer.attach_optimizer(self.optimizer)
         if compile_backend:
             compile_encoders(self.model, compile_backend)
@@ -254,8 +255,8 @@ def resnet_config(ctx: Context, **data: Any) -> dict:
 
 def device_batches(ctx: Context, cfg: dict, count: int) -> list[dict]:
     """``count`` real batches of the train part, on the device (read once, with no worker)."""
-    d = data_config(cfg)
-    d = type(d)(**{**asdict(d), "workers": 0, "samples_per_epoch": count * d.batch_size})
+    d = RunConfig.from_dict(cfg).data
+    d = replace(d, workers=0, samples_per_epoch=count * d.batch_size)
     loader, _ = make_loader(ctx.shards, "train", d, train=True, device=ctx.device)
     batches = [to_device(b, ctx.device) for _, b in zip(range(count), loader)]
     if not batches:
@@ -325,7 +326,7 @@ def resnet_loader(ctx: Context, workers: int) -> dict:
     pinned copies and the side-stream prefetch on CUDA."""
     s = ctx.scale
     cfg = resnet_config(ctx, workers=workers, samples_per_epoch=(s.warmup + s.loader_steps) * s.batch)
-    loader, _ = make_loader(ctx.shards, "train", data_config(cfg), train=True, device=ctx.device)
+    loader, _ = make_loader(ctx.shards, "train", RunConfig.from_dict(cfg).data, train=True, device=ctx.device)
     step = Stepper(cfg, ctx.device, bf16=True)
     it = iter(loader)
     with BusySampler(ctx.device) as busy:
@@ -350,7 +351,8 @@ def conformer_w2v(ctx: Context) -> dict:
             *[f"model.encoders.audio.{k}={json.dumps(v)}" for k, v in s.wav2vec2.items()],
             *[f"model.encoders.visual.{k}={json.dumps(v)}" for k, v in s.face_conformer.items()]]
     cfg = load_config(os.path.join(REPO, "trainer/configs/conformer_joint.yaml"), sets)
-    seconds, frames = cfg["data"]["max_wav_seconds"], cfg["data"]["max_face_frames"]
+    data = RunConfig.from_dict(cfg).data
+    seconds, frames = data.max_wav_seconds, data.max_face_frames
     if ctx.scale is TINY:
         seconds, frames = 0.5, 8
     g = torch.Generator().manual_seed(0)
@@ -426,7 +428,7 @@ def jpeg_decode(ctx: Context) -> dict:
     results, firsts = {}, {}
     for decoder in ("cpu", "cuda"):
         cfg = resnet_config(ctx, jpeg_decode=decoder, workers=4)
-        loader, _ = make_loader(ctx.shards, "train", data_config(cfg), train=False, device=ctx.device)
+        loader, _ = make_loader(ctx.shards, "train", RunConfig.from_dict(cfg).data, train=False, device=ctx.device)
         sync(ctx.device)
         tick, seen = time.perf_counter(), 0
         for i, batch in enumerate(loader):

@@ -127,9 +127,10 @@ def preset_balancing(config: str) -> tuple[str, list[str]]:
     ``<family>_audio_only.yaml``, a one-modality model trained with ``joint``.
     """
     from trainer.config import load_config
+    from trainer.run_config import RunConfig
 
-    cfg = load_config(config)
-    return str(cfg["balancing"].get("name")), list(cfg["model"]["encoders"])
+    cfg = RunConfig.from_dict(load_config(config))
+    return str(cfg.balancing.get("name")), list(cfg.model.encoders)
 
 
 def for_modalities(overrides: list[str], modalities: list[str]) -> list[str]:

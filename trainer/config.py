@@ -1,5 +1,10 @@
 """Training configuration: YAML files over built-in defaults, ``--set a.b=c`` overrides.
 
+The keys, defaults, types, ranges and help are the dataclasses of ``trainer/run_config.py``
+(``RunConfig``); here is the YAML layer over them, working on the dict form: ``DEFAULTS`` and
+``RULES`` derive from those classes, ``load_config`` merges and checks, ``save_config`` writes
+``RUN/config.yaml``, and ``RunConfig.from_dict`` gives the typed view the trainer reads.
+
 Every key must exist in the defaults (or sit under a free-form section: the encoder, fusion
 and balancing arguments, checked by the constructors), and every override must keep the
 default's type: a typo fails loudly instead of being ignored.
@@ -22,101 +27,15 @@ import yaml
 from avbalance.errors import UserError
 from avbalance.ranges import Allowed
 from avbalance.shard_format import QUALITY_FLAGS
+from trainer.run_config import RETIRED, defaults, free_form, rules
 
-DEFAULTS: dict[str, Any] = {
-    "name": "run",
-    "seed": 0,
-    "data": {
-        "train_part": "train",
-        "val_part": "val",  # falls back to test when the split has no val part (ogm)
-        "test_part": "test",
-        "modalities": {"audio": "spec", "visual": "frames"},
-        "batch_size": 16,
-        "workers": 2,
-        "shuffle_buffer": 256,
-        "frames": 3,
-        "frame_sampling": None,  # consecutive | spread; None: the shard set's corpus default, else consecutive
-        "image_size": 224,
-        "max_face_frames": 300,
-        "max_wav_seconds": 6.0,
-        "samples_per_epoch": None,
-        "exclude_quality": [],  # quality flags to drop (docs/shards.md); none: the published protocol keeps every clip
-        "on_corrupt": "error",  # error | skip: a damaged shard or sample stops the run, or is skipped and counted
-        "prefetch": 2,  # batches each loader worker keeps ready
-        "persistent_workers": True,  # loader workers live across epochs
-        "pin_memory": True,  # CUDA: page-locked batches, non-blocking copies
-        "jpeg_decode": "cpu",  # cpu: loader workers decode the frames | cuda: the training GPU does (nvJPEG)
-    },
-    "model": {
-        "n_classes": None,  # None: the number of classes in the shard set's shards.json
-        "encoders": {
-            "audio": {"name": "resnet18_audio"},
-            "visual": {"name": "resnet18_visual"},
-        },
-        "fusion": {"name": "late_linear"},
-        # Linear layers of the heads and the fusion: xavier_normal (the reference codes') | torch
-        "head_init": "xavier_normal",
-    },
-    "balancing": {"name": "joint"},
-    "optim": {
-        "name": "adam",  # adam | adamw | sgd
-        "lr": 1e-3,
-        "weight_decay": 1e-4,
-        "momentum": 0.9,  # sgd only
-        "schedule": "none",  # none | cosine
-        "warmup_steps": 0,
-        "clip_grad": 0.0,  # max global grad norm; 0 = off
-    },
-    "train": {
-        "epochs": 30,
-        "patience": 10,  # early stopping on validation accuracy; 0 = off
-        "device": "auto",  # auto | cpu | cuda
-        "bf16": True,  # bf16 autocast on CUDA
-        "log_every": 10,
-        "deterministic": True,
-        # Recompute batch-norm statistics on the train part before each evaluation (trainer/precise_bn.py).
-        "precise_bn": True,
-        "precise_bn_batches": None,  # at most this many train-part batches; None: the whole part
-        # torch.compile each encoder (trainer/model.py compile_encoders): faster steps on a GPU after
-        # a compile of a minute or more; off by default (bench/gpu_check.py measures it)
-        "compile": False,
-    },
-}
-# What each numeric or named setting allows; checked where the config is read, so a bad
-# value fails at once instead of hanging a loader or dividing by zero minutes later.
-RULES: dict[str, Allowed] = {
-    "seed": Allowed(lo=0),
-    "data.batch_size": Allowed(lo=1),
-    "data.workers": Allowed(lo=0),
-    "data.shuffle_buffer": Allowed(lo=0),
-    "data.frames": Allowed(lo=1),
-    "data.image_size": Allowed(lo=16),
-    "data.max_face_frames": Allowed(lo=1),
-    "data.max_wav_seconds": Allowed(lo=0, lo_open=True),
-    "data.samples_per_epoch": Allowed(lo=1, optional=True),
-    "data.prefetch": Allowed(lo=1),
-    "data.jpeg_decode": Allowed(choices=("cpu", "cuda")),
-    "data.on_corrupt": Allowed(choices=("error", "skip")),
-    "model.n_classes": Allowed(lo=2, optional=True),
-    "model.head_init": Allowed(choices=("xavier_normal", "torch")),
-    "data.frame_sampling": Allowed(choices=("consecutive", "spread"), optional=True),
-    "optim.name": Allowed(choices=("adam", "adamw", "sgd")),
-    "optim.lr": Allowed(lo=0, lo_open=True),
-    "optim.weight_decay": Allowed(lo=0),
-    "optim.momentum": Allowed(lo=0, hi=1, hi_open=True),
-    "optim.schedule": Allowed(choices=("none", "cosine")),
-    "optim.warmup_steps": Allowed(lo=0),
-    "optim.clip_grad": Allowed(lo=0),
-    "train.epochs": Allowed(lo=1),
-    "train.patience": Allowed(lo=0),
-    "train.device": Allowed(choices=("auto", "cpu", "cuda")),
-    "train.log_every": Allowed(lo=1),
-    "train.precise_bn_batches": Allowed(lo=1, optional=True),
-}
-FREE_FORM = {("model", "encoders"), ("model", "fusion"), ("balancing",), ("data", "modalities")}
-# Keys an older version wrote into run folders' config.yaml that nothing reads any more: read
-# (so those runs still resume and report) and dropped.
-RETIRED = {("data", "eval_batch_size")}
+# The nested dict the YAML layer merges over, the range of each numeric or named setting and
+# the free-form mappings: all derived from the dataclasses of trainer/run_config.py, the one
+# place of the keys, defaults, types, ranges and help. The ranges are checked where the config
+# is read, so a bad value fails at once instead of hanging a loader or dividing by zero later.
+DEFAULTS: dict[str, Any] = defaults()
+RULES: dict[str, Allowed] = rules()
+FREE_FORM: set[tuple[str, ...]] = free_form()
 
 
 def _free(path: tuple[str, ...]) -> bool:

@@ -11,11 +11,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer import distributed
 from trainer.corrupt import CorruptLog
-from trainer.data_config import DataConfig
 from trainer.loader import make_loader
 from trainer.metrics import summarize
 from trainer.predictions import ID_BYTES, ids_to_tensor, tensor_to_ids
 from trainer.probe import run_probes
+from trainer.run_config import RunConfig
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -67,19 +67,19 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, n_classes: in
     return summarize(y, fused_logits, {m: cat(v, empty) for m, v in uni.items()}, n_classes, share_logits=shares)
 
 
-def probe_model(model: torch.nn.Module, shards: str, cfg: dict, dcfg: DataConfig, device: torch.device, autocast,
+def probe_model(model: torch.nn.Module, shards: str, cfg: RunConfig, device: torch.device, autocast,
                 part: str, part_features: dict, out: str | None, train_metrics: dict | None = None,
                 corrupt_log: CorruptLog | None = None) -> dict:
     """Linear-probe accuracy per modality (trainer/probe.py): the frozen encoders' features of
-    the train part (one more evaluation pass, read as ``dcfg`` says) against ``part``'s, already
-    collected. The model's own metrics on the train part in that pass (evaluation mode) go to
-    ``train_metrics``; damaged samples it skips, to ``corrupt_log`` (the run's)."""
+    the train part (one more evaluation pass, read as ``cfg.data`` says) against ``part``'s,
+    already collected. The model's own metrics on the train part in that pass (evaluation mode)
+    go to ``train_metrics``; damaged samples it skips, to ``corrupt_log`` (the run's)."""
     def collect(name: str) -> dict:
         found: dict = {}
-        loader, _ = make_loader(shards, name, dcfg, train=False, device=device, corrupt_log=corrupt_log)
-        metrics = evaluate(model, loader, device, cfg["model"]["n_classes"], autocast, features=found)
-        if train_metrics is not None and name == cfg["data"]["train_part"]:
+        loader, _ = make_loader(shards, name, cfg.data, train=False, device=device, corrupt_log=corrupt_log)
+        metrics = evaluate(model, loader, device, cfg.model.n_classes, autocast, features=found)
+        if train_metrics is not None and name == cfg.data.train_part:
             train_metrics.update(metrics)
         return found
 
-    return run_probes(collect, cfg["data"]["train_part"], part, part_features, out)
+    return run_probes(collect, cfg.data.train_part, part, part_features, out)

@@ -16,8 +16,9 @@ from trainer.corpus import shard_classes
 from trainer.corrupt import CorruptLog
 from trainer.eval_pass import evaluate, probe_model
 from trainer.loader import make_loader
-from trainer.loop import data_config
 from trainer.predictions import save_predictions
+from trainer.resume import with_old_defaults
+from trainer.run_config import RunConfig
 from trainer.run_model import build_run_model
 from trainer.shard_index import read_index
 
@@ -30,22 +31,22 @@ def evaluate_run(run: str, part: str = "test", shards: str | None = None, checkp
     if not os.path.exists(cfg_path) or not os.path.exists(ckpt_path):
         raise UserError(f"{run} is not a finished run directory (needs config.yaml and {checkpoint}.pt)")
     with open(cfg_path, encoding="utf-8") as fh:
-        cfg = yaml.safe_load(fh)
-    shards = shards or cfg["data"]["shards"]
+        cfg = RunConfig.from_dict(with_old_defaults(yaml.safe_load(fh)))
+    shards = shards or cfg.data.shards
     model, _ = build_run_model(cfg)  # as trained: the method's configure may change the model
     model.load_state_dict(load_checkpoint(ckpt_path)["model"])
     skipped = CorruptLog()  # damaged samples of ``part`` skipped (data.on_corrupt=skip)
-    loader, _ = make_loader(shards, part, data_config(cfg), train=False, corrupt_log=skipped)
+    loader, _ = make_loader(shards, part, cfg.data, train=False, corrupt_log=skipped)
     features: dict = {}
     predictions: dict = {}
-    metrics = evaluate(model, loader, torch.device("cpu"), cfg["model"]["n_classes"], nullcontext, features=features,
+    metrics = evaluate(model, loader, torch.device("cpu"), cfg.model.n_classes, nullcontext, features=features,
                        predictions=predictions)
-    if shards == cfg["data"].get("shards"):  # another shard set's logits must not pose as the run's own
+    if shards == cfg.data.shards:  # another shard set's logits must not pose as the run's own
         save_predictions(os.path.join(run, f"logits_{part}.npz"), **predictions)
     metrics["skipped_corrupt"] = skipped.count
     # The probes learn from the run's own train part, even when --shards evaluates on another set.
     train_metrics: dict = {}
-    metrics["probe_accuracy"] = probe_model(model, cfg["data"].get("shards") or shards, cfg, data_config(cfg),
+    metrics["probe_accuracy"] = probe_model(model, cfg.data.shards or shards, cfg,
                                             torch.device("cpu"), nullcontext, part, features,
                                             os.path.join(run, f"probe_{part}.npz"), train_metrics)
     metrics["train_accuracy"] = train_metrics.get("accuracy")  # the same checkpoint on its train part, eval mode

@@ -31,7 +31,6 @@ from trainer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_
 from trainer.config import save_config, validate_config
 from trainer.corpus import apply_shard_set, shard_classes
 from trainer.corrupt import CorruptLog
-from trainer.data_config import DataConfig
 from trainer.loader import make_loader
 from trainer.shard_index import preflight, read_index
 from trainer.balancing.base import to_floats
@@ -43,23 +42,9 @@ from trainer.predictions import save_predictions
 from trainer.resume import resume_config
 from trainer.run_lock import describe as describe_holder, hold_run_folder, holder
 from trainer.run_log import MetricsLog, drop_records_after
+from trainer.run_config import RunConfig
 from trainer.run_model import LossStep, build_run_model, check_inputs
 from trainer.seeding import seed_everything
-
-
-def data_config(cfg: dict) -> DataConfig:
-    """What the loaders need from ``cfg["data"]`` (also read by ``cli.py evaluate`` and bench/gpu_check.py)."""
-    d = cfg["data"]
-    return DataConfig(
-        modalities=dict(d["modalities"]), batch_size=d["batch_size"], workers=d["workers"],
-        shuffle_buffer=d["shuffle_buffer"], frames=d["frames"], frame_sampling=d.get("frame_sampling") or "consecutive",
-        image_size=d["image_size"],
-        max_face_frames=d["max_face_frames"], max_wav_seconds=d["max_wav_seconds"],
-        samples_per_epoch=d["samples_per_epoch"],
-        exclude_quality=tuple(d.get("exclude_quality") or ()), on_corrupt=d.get("on_corrupt", "error"),
-        prefetch=d.get("prefetch", 2), persistent_workers=d.get("persistent_workers", True),
-        pin_memory=d.get("pin_memory", True), jpeg_decode=d.get("jpeg_decode", "cpu"),
-    )
 
 
 def eval_part(shards: str, wanted: str) -> str:
@@ -68,7 +53,7 @@ def eval_part(shards: str, wanted: str) -> str:
     return wanted if wanted in parts else "test"
 
 
-def _load_resume_state(cfg: dict, last_path: str, model, optimizer, schedule, balancer) -> dict:
+def _load_resume_state(cfg: RunConfig, last_path: str, model, optimizer, schedule, balancer) -> dict:
     """Load the checkpoint into the freshly built run (in memory only); refuse a mismatch clearly."""
     ckpt = load_checkpoint(last_path)
     try:
@@ -78,14 +63,14 @@ def _load_resume_state(cfg: dict, last_path: str, model, optimizer, schedule, ba
         balancer.load_state_dict(ckpt["balancer"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise UserError(f"--resume: the checkpoint {last_path} does not fit the config "
-                        f"(balancing {cfg['balancing']['name']}): {str(err).splitlines()[0]}") from None
+                        f"(balancing {cfg.balancing['name']}): {str(err).splitlines()[0]}") from None
     return ckpt
 
 
-def stopped(state: dict, cfg: dict) -> bool:
+def stopped(state: dict, cfg: RunConfig) -> bool:
     """Training is over: every epoch done, or early stopping reached its patience."""
-    patience = cfg["train"]["patience"]
-    return state["epoch"] >= cfg["train"]["epochs"] or bool(patience and state["bad_epochs"] >= patience)
+    patience = cfg.train.patience
+    return state["epoch"] >= cfg.train.epochs or bool(patience and state["bad_epochs"] >= patience)
 
 
 def _epoch_line(epoch: int, epochs: int, val: dict, val_part: str, loss: float | None, seconds: float) -> str:
@@ -99,6 +84,10 @@ def _epoch_line(epoch: int, epochs: int, val: dict, val_part: str, loss: float |
 def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
     """Fit, validate every epoch, keep the best checkpoint, test it. Returns the test metrics.
 
+    ``cfg`` is the config's dict form, as ``load_config`` returns it: checked here, resolved
+    against the shard set (and the run's own, on resume) and saved as ``RUN/config.yaml``; the
+    loop reads its typed view (``RunConfig``).
+
     Everything is checked (config, shards, checkpoint) before anything is written to ``out``:
     a command that fails leaves the run folder as it was. One process at a time trains a run
     folder: the main rank holds its lock (trainer/run_lock.py) from the first write to the end.
@@ -107,61 +96,63 @@ def train(cfg: dict, shards: str, out: str, resume: bool = False) -> dict:
         return _train(cfg, shards, out, resume, locks)
 
 
-def _train(cfg: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> dict:
+def _train(raw: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> dict:
     found = holder(out)  # another process trains this folder now: say so before anything else
     if found is not None:
         raise UserError(f"{describe_holder(out, found)}; wait for it to finish, or stop it")
-    dist_info = distributed.setup(cfg["train"]["device"])
+    dist_info = distributed.setup(RunConfig.from_dict(raw).train.device)
     device = dist_info.device
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
     if not resume and os.path.exists(last_path):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no checkpoint in {out} (last.pt)")
-    validate_config(cfg)
-    check_inputs(cfg)
-    cfg = apply_shard_set(cfg, read_index(shards), shards)  # class count and corpus defaults
+    validate_config(raw)
+    check_inputs(raw)
+    raw = apply_shard_set(raw, read_index(shards), shards)  # class count and corpus defaults
     if resume:
-        cfg = resume_config(out, cfg, shards)
+        raw = resume_config(out, raw, shards)
+    raw["data"]["shards"] = remote.canonical(shards)  # a URL stays a URL
+    # The dict is saved as RUN/config.yaml; from here on the loop reads its typed view.
+    cfg = RunConfig.from_dict(raw)
+    dcfg = cfg.data
     # Cheap checks of every part it reads: shard sizes, clips missing from a part, exclusions.
     # (every part must exist, with its shards whole, before hours of training)
-    dcfg = data_config(cfg)
-    val_part = eval_part(shards, cfg["data"]["val_part"])
-    for line in preflight(shards, [cfg["data"]["train_part"], val_part, cfg["data"]["test_part"]], dcfg):
+    val_part = eval_part(shards, dcfg.val_part)
+    for line in preflight(shards, [dcfg.train_part, val_part, dcfg.test_part], dcfg):
         if dist_info.main:
             print(line, file=sys.stderr, flush=True)
     corrupt_log = CorruptLog()  # damaged samples every loader of this run skips (data.on_corrupt=skip)
-    cfg["data"]["shards"] = remote.canonical(shards)  # a URL stays a URL
 
     # Data: one training loader for the run (its workers live across epochs, data.persistent_workers),
     # its stream seeded by (seed, rank, epoch) through set_epoch. Batches arrive on the device.
-    train_loader, steps_per_epoch = make_loader(shards, cfg["data"]["train_part"], dcfg, train=True, rank=dist_info.rank,
-                                                world_size=dist_info.world_size, seed=cfg["seed"], device=device,
+    train_loader, steps_per_epoch = make_loader(shards, dcfg.train_part, dcfg, train=True, rank=dist_info.rank,
+                                                world_size=dist_info.world_size, seed=cfg.seed, device=device,
                                                 corrupt_log=corrupt_log)
 
     # Model, balancing method, optimizer, schedule.
-    seed_everything(cfg["seed"] + dist_info.rank, cfg["train"]["deterministic"])
+    seed_everything(cfg.seed + dist_info.rank, cfg.train.deterministic)
     model, balancer = build_run_model(cfg, device)
-    optimizer = build_optimizer(cfg, balancer.param_groups(model, cfg["optim"]["lr"]))
+    optimizer = build_optimizer(cfg, balancer.param_groups(model, cfg.optim.lr))
     balancer.attach_optimizer(optimizer)  # methods with per-modality learning rates adjust it
-    schedule = build_schedule(cfg, optimizer, steps_per_epoch * cfg["train"]["epochs"])
+    schedule = build_schedule(cfg, optimizer, steps_per_epoch * cfg.train.epochs)
     state = {"epoch": 0, "step": 0, "best_acc": -1.0, "best_epoch": -1, "bad_epochs": 0}
     if resume:
         ckpt = _load_resume_state(cfg, last_path, model, optimizer, schedule, balancer)
         set_rng_state(ckpt["rng"])
         state = ckpt["state"]
-        tested = os.path.join(out, f"eval_{cfg['data']['test_part']}.json")
+        tested = os.path.join(out, f"eval_{dcfg.test_part}.json")
         if stopped(state, cfg) and os.path.exists(tested):  # nothing left to do: write nothing
             with open(tested, encoding="utf-8") as fh:
                 finished = json.load(fh)
             distributed.cleanup()
-            return {**finished, "already_finished": True, "stopped_early": state["epoch"] < cfg["train"]["epochs"]}
+            return {**finished, "already_finished": True, "stopped_early": state["epoch"] < cfg.train.epochs}
 
     # Every check passed: now the run folder may change, by this process alone.
     if dist_info.main:
         locks.enter_context(hold_run_folder(out))
         os.makedirs(out, exist_ok=True)
-        save_config(cfg, os.path.join(out, "config.yaml"))
+        save_config(raw, os.path.join(out, "config.yaml"))
         sources = weight_sources(model)  # pretrained weights: the id or path given and the file's sha256
         if sources:
             with open(os.path.join(out, "weights.json"), "w", encoding="utf-8") as fh:
@@ -174,9 +165,9 @@ def _train(cfg: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
     distributed.barrier()
 
     # bf16 autocast on CUDA; plain fp32 on CPU.
-    use_bf16 = device.type == "cuda" and cfg["train"]["bf16"]
+    use_bf16 = device.type == "cuda" and cfg.train.bf16
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    if cfg["train"].get("compile"):
+    if cfg.train.compile:
         compile_encoders(model)  # the encoders, in place: checkpoints and DDP see the same parameters
     step_fn = LossStep(model, balancer)
     # DDP wraps forward + loss (LossStep). Where a method leaves parameters without a gradient
@@ -187,16 +178,16 @@ def _train(cfg: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
                       find_unused_parameters=balancer.unused_parameters or model.may_skip_parameters())
 
     log = MetricsLog(out, dist_info.main)
-    n_classes = cfg["model"]["n_classes"]
-    patience, epochs = cfg["train"]["patience"], cfg["train"]["epochs"]
+    n_classes = cfg.model.n_classes
+    patience, epochs = cfg.train.patience, cfg.train.epochs
     chatty = dist_info.main and not quiet()
     val_loader, _ = make_loader(shards, val_part, dcfg, train=False, device=device,
                                 corrupt_log=corrupt_log)  # deterministic: built once
     # Batch-norm statistics recomputed before each evaluation on the train part as evaluation
     # reads it (trainer/precise_bn.py): the moving averages of small batches mislead eval mode.
     bn_loader = None
-    if cfg["train"].get("precise_bn") and batch_norms(model):
-        bn_loader, _ = make_loader(shards, cfg["data"]["train_part"], dcfg, train=False, device=device,
+    if cfg.train.precise_bn and batch_norms(model):
+        bn_loader, _ = make_loader(shards, dcfg.train_part, dcfg, train=False, device=device,
                                    corrupt_log=corrupt_log)
     for epoch in range(state["epoch"], epochs):
         loader = train_loader
@@ -214,14 +205,14 @@ def _train(cfg: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
             loss.backward()
             # Gradient modulation sees the synchronised gradients (DDP reduced them in backward).
             balancer.after_backward(model, out_, batch)
-            if cfg["optim"]["clip_grad"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["optim"]["clip_grad"])
+            if cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
             optimizer.step()
             schedule.step()
             state["step"] += 1
             seen += batch["label"].shape[0] * dist_info.world_size
             correct += (out_.fused.detach().argmax(1) == batch["label"]).sum()
-            if state["step"] % cfg["train"]["log_every"] == 0 or state["step"] == 1:
+            if state["step"] % cfg.train.log_every == 0 or state["step"] == 1:
                 if not torch.isfinite(loss):
                     raise UserError(f"the loss became {loss.item()} at step {state['step']}: lower optim.lr or enable optim.clip_grad")
                 acc = (out_.fused.argmax(1) == batch["label"]).float().mean()
@@ -242,7 +233,7 @@ def _train(cfg: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
         # Validate, let the method react, keep the best, stop early when it stops improving.
         train_batch_acc = float(distributed.all_reduce_mean(correct)) * dist_info.world_size / max(1, seen)
         if bn_loader is not None:
-            recompute_bn_stats(model, bn_loader, cfg["train"].get("precise_bn_batches"), autocast)
+            recompute_bn_stats(model, bn_loader, cfg.train.precise_bn_batches, autocast)
         val = evaluate(model, val_loader, device, n_classes, autocast)
         balancer.on_epoch_end(model, epoch, val)
         log.write({"kind": "val", "epoch": epoch, "step": state["step"], "part": val_part, "accuracy": val["accuracy"],
@@ -273,16 +264,16 @@ def _train(cfg: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
 
     # Test the best checkpoint.
     model.load_state_dict(load_checkpoint(best_path)["model"])
-    test_loader, _ = make_loader(shards, cfg["data"]["test_part"], dcfg, train=False, device=device,
+    test_loader, _ = make_loader(shards, dcfg.test_part, dcfg, train=False, device=device,
                                  corrupt_log=corrupt_log)
     test_features: dict = {}
     test_predictions: dict = {}
     test = evaluate(model, test_loader, device, n_classes, autocast, features=test_features, predictions=test_predictions)
-    test_part = cfg["data"]["test_part"]
+    test_part = dcfg.test_part
     if dist_info.main:  # the fused logits per clip: ensembles of runs are built from them (experiments/ensemble.py)
         save_predictions(os.path.join(out, f"logits_{test_part}.npz"), **test_predictions)
     train_metrics: dict = {}
-    test["probe_accuracy"] = probe_model(model, shards, cfg, dcfg, device, autocast, test_part, test_features,
+    test["probe_accuracy"] = probe_model(model, shards, cfg, device, autocast, test_part, test_features,
                                          os.path.join(out, f"probe_{test_part}.npz") if dist_info.main else None,
                                          train_metrics, corrupt_log=corrupt_log)
     # The tested model on its own train part, in evaluation mode, beside its training-mode
@@ -299,7 +290,7 @@ def _train(cfg: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
                    "train_batch_accuracy": test["train_batch_accuracy"],
                    **{f"accuracy_{m}": a for m, a in test["unimodal_accuracy"].items()},
                    "probe_accuracy": test["probe_accuracy"]})
-        with open(os.path.join(out, f"eval_{cfg['data']['test_part']}.json"), "w", encoding="utf-8") as fh:
+        with open(os.path.join(out, f"eval_{test_part}.json"), "w", encoding="utf-8") as fh:
             json.dump(test, fh, indent=2)
     log.close()
     distributed.cleanup()

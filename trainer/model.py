@@ -13,6 +13,7 @@ from torch import nn
 from avbalance.errors import UserError
 from trainer.encoders import ENCODERS
 from trainer.fusion import FUSIONS
+from trainer.run_config import ModelConfig
 
 
 @dataclass
@@ -154,28 +155,31 @@ def init_heads(model: MultimodalModel, how: str) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def build_model(cfg: Mapping[str, Any]) -> MultimodalModel:
-    """Build from ``{"n_classes": C, "encoders": {m: {"name": ..., **kw}}, "fusion": {"name": ..., **kw},
-    "head_init": ...}``.
+def build_model(cfg: ModelConfig | Mapping[str, Any]) -> MultimodalModel:
+    """Build from the run config's ``model`` section (``ModelConfig``), or from a mapping
+    ``{"n_classes": C, "encoders": {m: {"name": ..., **kw}}, "fusion": {"name": ..., **kw}, "head_init": ...}``.
 
-    The order of ``encoders`` is the modality order. ``head_init`` (default ``torch`` here, for
-    code that builds models directly; the run config's default is ``xavier_normal``) is
-    ``init_heads``'s.
+    The order of ``encoders`` is the modality order. ``head_init`` (default ``torch`` in a
+    mapping, for code that builds models directly; the run config's default is
+    ``xavier_normal``) is ``init_heads``'s.
     """
-    for key in ("n_classes", "encoders", "fusion"):
-        if key not in cfg:
-            raise UserError(f"model config needs {key!r} (has {sorted(cfg)})")
-    if cfg["n_classes"] is None:  # train fills it from shards.json (trainer/corpus.py)
+    if not isinstance(cfg, ModelConfig):
+        for key in ("n_classes", "encoders", "fusion"):
+            if key not in cfg:
+                raise UserError(f"model config needs {key!r} (has {sorted(cfg)})")
+        cfg = ModelConfig(n_classes=cfg["n_classes"], encoders=cfg["encoders"], fusion=cfg["fusion"],
+                          head_init=cfg.get("head_init", "torch"))
+    if cfg.n_classes is None:  # train fills it from shards.json (trainer/corpus.py)
         raise UserError("model.n_classes is not set: `train` takes it from the shard set's shards.json; "
                         "set model.n_classes to build a model without one")
-    n_classes = int(cfg["n_classes"])
-    if not isinstance(cfg["encoders"], Mapping) or not cfg["encoders"]:
+    n_classes = int(cfg.n_classes)
+    if not isinstance(cfg.encoders, Mapping) or not cfg.encoders:
         raise UserError("model config 'encoders' must map modality names to encoder configs")
-    encoders = {m: _seeded_per_modality(m, lambda: _build(ENCODERS, "encoder", spec)) for m, spec in cfg["encoders"].items()}
+    encoders = {m: _seeded_per_modality(m, lambda: _build(ENCODERS, "encoder", spec)) for m, spec in cfg.encoders.items()}
     dims = {m: int(e.out_dim) for m, e in encoders.items()}
-    fusion = _build(FUSIONS, "fusion", cfg["fusion"], dims, n_classes)
+    fusion = _build(FUSIONS, "fusion", cfg.fusion, dims, n_classes)
     model = MultimodalModel(encoders, fusion, n_classes)
-    init_heads(model, cfg.get("head_init", "torch"))
+    init_heads(model, cfg.head_init)
     return model
 
 

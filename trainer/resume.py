@@ -45,10 +45,16 @@ def saved_config(out: str) -> dict:
             raise UserError(f"--resume: {path} is not valid YAML: {err}") from None
     if not isinstance(cfg, dict):
         raise UserError(f"--resume: {path} does not hold a config mapping")
+    return deep_update(DEFAULTS, with_old_defaults(cfg))
+
+
+def with_old_defaults(cfg: dict) -> dict:
+    """A run's saved config (in place) with the keys it predates set to what it was trained with
+    (``ADDED_WITH_ANOTHER_DEFAULT``); other missing keys take today's defaults where it is read."""
     for (section, key), value in ADDED_WITH_ANOTHER_DEFAULT.items():
         if isinstance(cfg.get(section), dict):
             cfg[section].setdefault(key, value)
-    return deep_update(DEFAULTS, cfg)
+    return cfg
 
 
 def requested_config(out: str, config: str | None, overrides: list[str]) -> dict:

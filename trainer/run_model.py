@@ -7,12 +7,13 @@ checkpoint always loads into the model that wrote it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from avbalance.errors import UserError
 from trainer.model import MultimodalModel, build_model
+from trainer.run_config import RunConfig, as_run_config
 
 if TYPE_CHECKING:
     from trainer.balancing import Balancer
@@ -22,9 +23,10 @@ if TYPE_CHECKING:
 ENCODER_SOURCES = {"resnet18_audio": "spec", "resnet18_visual": "frames", "resnet18_flow": "flow", "face_conformer": "face_feats", "wav2vec2_conformer": "wav"}
 
 
-def check_inputs(cfg: dict) -> None:
-    """The data must feed every encoder, with the input that encoder reads."""
-    sources, encoders = cfg["data"]["modalities"], cfg["model"]["encoders"]
+def check_inputs(cfg: RunConfig | Mapping[str, Any]) -> None:
+    """The data must feed every encoder, with the input that encoder reads (``cfg`` typed, or its dict form)."""
+    cfg = as_run_config(cfg)
+    sources, encoders = cfg.data.modalities, cfg.model.encoders
     if set(sources) != set(encoders):
         raise UserError(f"data.modalities {sorted(sources)} and model.encoders {sorted(encoders)} must name the same modalities")
     for m, spec in encoders.items():
@@ -33,17 +35,18 @@ def check_inputs(cfg: dict) -> None:
             raise UserError(f"modality {m!r}: encoder {spec['name']} reads {wanted!r}, but data.modalities.{m} is {sources[m]!r}")
 
 
-def build_run_model(cfg: dict, device: torch.device | str = "cpu") -> tuple[MultimodalModel, Balancer]:
-    """The model exactly as the run trains it, and its balancing method.
+def build_run_model(cfg: RunConfig | Mapping[str, Any], device: torch.device | str = "cpu") -> tuple[MultimodalModel, Balancer]:
+    """The model exactly as the run trains it, and its balancing method (``cfg`` typed, or its dict form).
 
     The method's ``configure`` may change the model (MMCosine swaps the fusion head), so
     anything that loads a run's weights (``evaluate``, resume) builds it here too.
     """
     from trainer.balancing import build_balancer
 
-    model = build_model(cfg["model"]).to(device)
-    options = dict(cfg["balancing"])
-    balancer = build_balancer(options.pop("name"), model, total_epochs=cfg["train"]["epochs"], **options)
+    cfg = as_run_config(cfg)
+    model = build_model(cfg.model).to(device)
+    options = dict(cfg.balancing)
+    balancer = build_balancer(options.pop("name"), model, total_epochs=cfg.train.epochs, **options)
     return model, balancer
 
 

@@ -7,16 +7,66 @@ per-step. Positions are absolute sinusoidal encodings (Vaswani et al. 2017) adde
 the input projection, indexed by the step's place in the sequence, so a gap (a masked step
 inside the clip) keeps the true time of the steps after it. The paper's relative positional
 self-attention is not used.
+
+``ConformerSettings`` holds the Conformer's shared settings and their defaults, once; the
+encoders built on it (``face_conformer``, ``wav2vec2_conformer``) take them as flat options
+(``model.encoders.audio.d_model=256``) through ``with_conformer_settings``.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
 
 from avbalance.errors import UserError
+
+
+@dataclass(frozen=True)
+class ConformerSettings:
+    """The Conformer's shape: model width, blocks, attention heads, feed-forward multiple,
+    depthwise kernel and dropout (the MLB paper's Conformer setting by default)."""
+
+    d_model: int = 512
+    n_blocks: int = 5
+    n_heads: int = 8
+    ff_mult: int = 4
+    conv_kernel: int = 31
+    dropout: float = 0.1
+
+
+def with_conformer_settings(cls: type) -> type:
+    """An encoder class whose ``__init__`` takes ``conformer: ConformerSettings`` accepts the
+    settings as flat keyword options instead, with ``ConformerSettings``'s defaults, in that
+    parameter's place: so ``{name: face_conformer, d_model: 256}`` works in a config, and the
+    options a registry lists and checks (``trainer/model.py`` ``_build``) name each setting."""
+    init = cls.__init__
+    signature = inspect.signature(init)
+    names = [f.name for f in fields(ConformerSettings)]
+    flat = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default, annotation=f.type)
+            for f in fields(ConformerSettings)]
+    params = []
+    for p in signature.parameters.values():
+        params.extend(flat if p.name == "conformer" else [p])
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = flat_signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        options = dict(bound.arguments)
+        del options["self"]
+        settings = ConformerSettings(**{n: options.pop(n) for n in names})
+        init(self, **options, conformer=settings)
+
+    flat_signature = signature.replace(parameters=params)
+    __init__.__signature__ = flat_signature  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -115,16 +165,10 @@ class ConformerBlock(nn.Module):
 class Conformer(nn.Module):
     """A stack of ``n_blocks`` ConformerBlocks on (B, T, d_model) with mask (B, T)."""
 
-    def __init__(
-        self,
-        d_model: int = 512,
-        n_blocks: int = 5,
-        n_heads: int = 8,
-        ff_mult: int = 4,
-        conv_kernel: int = 31,
-        dropout: float = 0.1,
-    ) -> None:
+    def __init__(self, settings: ConformerSettings = ConformerSettings()) -> None:
         super().__init__()
+        d_model, n_blocks, n_heads = settings.d_model, settings.n_blocks, settings.n_heads
+        ff_mult, conv_kernel, dropout = settings.ff_mult, settings.conv_kernel, settings.dropout
         if d_model % n_heads != 0:
             raise UserError(f"conformer: d_model {d_model} must be divisible by n_heads {n_heads}")
         if conv_kernel % 2 != 1:
@@ -145,21 +189,12 @@ class Conformer(nn.Module):
 class ConformerPooler(nn.Module):
     """Linear(in_dim -> d_model) + sinusoidal positions + Conformer + masked mean -> (B, d_model)."""
 
-    def __init__(
-        self,
-        in_dim: int,
-        d_model: int = 512,
-        n_blocks: int = 5,
-        n_heads: int = 8,
-        ff_mult: int = 4,
-        conv_kernel: int = 31,
-        dropout: float = 0.1,
-    ) -> None:
+    def __init__(self, in_dim: int, settings: ConformerSettings = ConformerSettings()) -> None:
         super().__init__()
-        self.proj = nn.Linear(in_dim, d_model)
-        self.pos_dropout = nn.Dropout(dropout)
-        self.conformer = Conformer(d_model, n_blocks, n_heads, ff_mult, conv_kernel, dropout)
-        self.out_dim = d_model
+        self.proj = nn.Linear(in_dim, settings.d_model)
+        self.pos_dropout = nn.Dropout(settings.dropout)
+        self.conformer = Conformer(settings)
+        self.out_dim = settings.d_model
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, in_dim), mask (B, T) bool or None (all valid) -> (B, d_model)."""

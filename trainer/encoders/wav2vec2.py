@@ -20,7 +20,7 @@ from avbalance.errors import UserError
 from avbalance.hashing import sha256_file
 from avbalance.hub import fetch_file, model_id
 from trainer.encoders import ENCODERS
-from trainer.encoders.conformer import ConformerPooler
+from trainer.encoders.conformer import ConformerPooler, ConformerSettings, with_conformer_settings
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -82,6 +82,7 @@ def resolve_pretrained(spec: str) -> tuple[str, dict[str, str]]:
 
 
 @ENCODERS.register("wav2vec2_conformer")
+@with_conformer_settings
 class Wav2Vec2Conformer(nn.Module):
     """Waveform x (B, N) at 16 kHz + mask (B, N) (True = a real sample) -> (B, d_model).
 
@@ -100,18 +101,15 @@ class Wav2Vec2Conformer(nn.Module):
       "layer"-norm models, following the Hugging Face advice that "group"-norm checkpoints
       (wav2vec2-base) were trained on zero padding without a mask. The Conformer and the
       pooling always use the frame mask.
+    - The Conformer's settings (``ConformerSettings``: d_model, n_blocks, n_heads, ff_mult,
+      conv_kernel, dropout) are options too, after ``keep_layers``.
     """
 
     def __init__(
         self,
         pretrained_dir: str | None = None,
         keep_layers: int = 12,
-        d_model: int = 512,
-        n_blocks: int = 5,
-        n_heads: int = 8,
-        ff_mult: int = 4,
-        conv_kernel: int = 31,
-        dropout: float = 0.1,
+        conformer: ConformerSettings = ConformerSettings(),
         hidden_size: int = 768,
         num_layers: int = 12,
         num_heads: int = 12,
@@ -161,8 +159,8 @@ class Wav2Vec2Conformer(nn.Module):
             cfg.feat_extract_norm == "layer" if pass_attention_mask is None else bool(pass_attention_mask)
         )
         self.normalize = bool(normalize)
-        self.pooler = ConformerPooler(cfg.hidden_size, d_model, n_blocks, n_heads, ff_mult, conv_kernel, dropout)
-        self.out_dim = d_model
+        self.pooler = ConformerPooler(cfg.hidden_size, conformer)
+        self.out_dim = conformer.d_model
 
     @staticmethod
     def _load(path: str, overrides: dict[str, Any]) -> nn.Module:
