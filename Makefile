@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 # On every core (pytest-xdist): the tests of a file that share a fixture of their own stay on one
 # worker, Ray's on one too (tests/conftest.py); `PYTEST_ARGS=-n0` runs them in this process.
-PYTEST_ARGS ?= -n auto --dist loadgroup
+PYTEST_ARGS ?= -n auto
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,21 +25,36 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items) -> None:
-    """Under ``pytest -n --dist loadgroup`` the tests of a file that share a module or session
-    fixture of their own (trained runs, a shard set) stay on one worker, so it is built once;
-    the other tests go wherever a worker is free. A test that already names a group
-    (``xdist_group("ray")``: one Ray cluster at a time) keeps it."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        info = getattr(item, "_fixtureinfo", None)
-        module = item.nodeid.split("::")[0]
-        # the file's own fixtures that outlive a test (the conftest's session ones are shared)
-        if any(d.scope != "function" and d.baseid == module for defs in (info.name2fixturedefs.values() if info else ())
-               for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+@functools.cache
+def _file_group(path: str) -> str | None:
+    """The worker group of a test file's tests, from its text (xdist's scheduler runs in the
+    controller, which never collects): "ray" for files that start Ray clusters (one at a time),
+    the file itself for one with a fixture that outlives a test (built once, on one worker),
+    else None: each test goes wherever a worker is free."""
+    try:
+        with open(os.path.join(REPO, path), encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    if 'xdist_group("ray")' in text:
+        return "ray"
+    if re.search(r"fixture\(scope=\"(module|class|package|session)\"", text):
+        return path
+    return None
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs on every core (``pytest -n auto``): tests are handed out one at a time,
+    except that a file's tests sharing a fixture of their own, and all of Ray's, stay together
+    (``_file_group``). The conftest's session fixtures are shared by the workers instead
+    (``built_once``)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _file_group(nodeid.split("::")[0]) or nodeid
+
+    return SharedFixtureScheduling(config, log)
 
 
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
@@ -74,21 +91,25 @@ def built_once(tmp_path_factory, name: str, build) -> str:
     """``build(folder)`` once per test session, however many xdist workers ask for it.
 
     Under ``pytest -n`` every worker has its own session, so a session fixture would build its
-    corpus once per worker. The first worker to ask builds into the run's shared temp folder
-    under a file lock and marks it done last; the others wait for it and reuse it.
+    corpus once per worker. The first to ask builds into the run's shared temp folder under a
+    file lock and marks it done last; the others wait for it and reuse it.
     """
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         folder = str(tmp_path_factory.mktemp(name))
         build(folder)
         return folder
     folder = str(tmp_path_factory.getbasetemp().parent / name)  # the run's root, shared by its workers
+    build_locked(folder, build)
+    return folder
+
+
+def build_locked(folder: str, build) -> None:
     with FileLock(folder + ".lock"):
         if not os.path.exists(os.path.join(folder, ".built")):
             shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way starts again
             os.makedirs(folder)
             build(folder)
             open(os.path.join(folder, ".built"), "w").close()
-    return folder
 
 
 def _synth_corpus(folder: str) -> None:
@@ -115,3 +136,30 @@ def train_shards(tmp_path_factory) -> str:
     """108 clips (6 actors x 3 sentences) with clear cues in both modalities, split kfold1:
     3 actors (54 clips) train, 1 validates, 2 (36 clips) test."""
     return os.path.join(built_once(tmp_path_factory, "train", _train_shards), "out", "shards", "kfold1")
+
+
+# What the controller of ``pytest -n`` starts building before any worker asks (``built_once``).
+SHARED_BUILDS = {"train": _train_shards, "synth": _synth_corpus}
+
+
+def pytest_sessionstart(session) -> None:
+    """Under ``pytest -n`` over the whole suite, the controller builds the shared corpus and
+    shard set in a process of its own from the start, beside the workers, instead of one worker
+    building them while another waits on its lock."""
+    config = session.config
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        return
+    if config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return  # some tests were named: build only what they ask for, when they ask
+    root = config._tmp_path_factory.getbasetemp()  # the workers' basetemps are folders in it
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import tests.conftest as c; "
+            "[c.build_locked(f'{sys.argv[2]}/{n}', c.SHARED_BUILDS[n]) for n in c.SHARED_BUILDS]")
+    config._shared_build = subprocess.Popen([sys.executable, "-c", code, REPO, str(root)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pytest_sessionfinish(session) -> None:
+    proc = getattr(session.config, "_shared_build", None)
+    if proc is not None and proc.poll() is None:
+        proc.kill()  # the run stopped before a worker needed it
+        proc.wait()

@@ -46,6 +46,7 @@ def test_resnet_preset_learns_above_chance(shards, tmp_path):
     assert all({"k/audio", "k/visual", "r/audio", "r/visual", "lr", "samples_per_s"} <= set(r) for r in steps)
 
 
+@pytest.mark.slow  # the fast suite trains the ResNet preset to the same bar
 def test_conformer_preset_learns_above_chance(shards, tmp_path):
     proc = train(shards, str(tmp_path / "run"), "conformer_multiloss.yaml", *TINY_CONFORMER, "--set", "train.epochs=12")
     metrics = json.load(open(tmp_path / "run" / "eval_test.json"))
@@ -84,6 +85,7 @@ def test_evaluate_writes_every_metric(shards, tmp_path):
     assert set(m["unimodal_accuracy"]) == {"audio", "visual"} and 0 <= m["ece"] <= 1
 
 
+@pytest.mark.slow  # the fast suite runs torchrun once: tests/test_every_method.py (joint)
 def test_two_process_ddp_run(shards, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
