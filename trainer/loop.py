@@ -47,10 +47,9 @@ from trainer.run_model import LossStep, build_run_model, check_inputs
 from trainer.seeding import seed_everything
 
 
-def eval_part(shards: str, wanted: str) -> str:
+def eval_part(index: dict, wanted: str) -> str:
     """The validation part, falling back to test for splits without one (ogm)."""
-    parts = read_index(shards)["parts"]
-    return wanted if wanted in parts else "test"
+    return wanted if wanted in index["parts"] else "test"
 
 
 def _load_resume_state(cfg: RunConfig, last_path: str, model, optimizer, schedule, balancer) -> dict:
@@ -109,7 +108,8 @@ def _train(raw: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
         raise UserError(f"--resume: no checkpoint in {out} (last.pt)")
     validate_config(raw)
     check_inputs(raw)
-    raw = apply_shard_set(raw, read_index(shards), shards)  # class count and corpus defaults
+    index = read_index(shards)  # read once: the class count, the parts and the class names below
+    raw = apply_shard_set(raw, index, shards)  # class count and corpus defaults
     if resume:
         raw = resume_config(out, raw, shards)
     raw["data"]["shards"] = remote.canonical(shards)  # a URL stays a URL
@@ -118,7 +118,7 @@ def _train(raw: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
     dcfg = cfg.data
     # Cheap checks of every part it reads: shard sizes, clips missing from a part, exclusions.
     # (every part must exist, with its shards whole, before hours of training)
-    val_part = eval_part(shards, dcfg.val_part)
+    val_part = eval_part(index, dcfg.val_part)
     for line in preflight(shards, [dcfg.train_part, val_part, dcfg.test_part], dcfg):
         if dist_info.main:
             print(line, file=sys.stderr, flush=True)
@@ -283,7 +283,7 @@ def _train(raw: dict, shards: str, out: str, resume: bool, locks: ExitStack) -> 
     # Damaged samples skipped (data.on_corrupt=skip), over every rank: a result to read with care.
     skipped = int(round(float(distributed.all_reduce_mean(torch.tensor(float(corrupt_log.count), device=device))) * dist_info.world_size))
     test.update(best_epoch=state["best_epoch"], best_val_accuracy=state["best_acc"], val_part=val_part, skipped_corrupt=skipped,
-                classes=shard_classes(read_index(shards)))  # the confusion's row and column names
+                classes=shard_classes(index))  # the confusion's row and column names
     if dist_info.main:
         log.write({"kind": "test", "epoch": state["best_epoch"], "step": state["step"], "accuracy": test["accuracy"],
                    "macro_f1": test["macro_f1"], "skipped_corrupt": skipped, "train_accuracy": test["train_accuracy"],
