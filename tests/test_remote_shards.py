@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 
 TINY = ["model.encoders.audio.width=4", "model.encoders.visual.width=4", "data.image_size=32", "data.frames=1",
         "data.batch_size=8", "data.workers=2", "data.samples_per_epoch=16", "train.epochs=1", "train.patience=0"]
@@ -95,10 +95,8 @@ def stalling_server(root: str, stall: str):
 
 def train(shards: str, out: str, *extra: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     sets = [a for s in TINY for a in ("--set", s)]
-    cmd = [sys.executable, os.path.join(REPO, "cli.py"), "train", "--config", "trainer/configs/resnet_joint.yaml",
-           "--shards", shards, "--out", out, *sets, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return run_cli("train", "--config", "trainer/configs/resnet_joint.yaml", "--shards", shards, "--out", out,
+                   *sets, *extra, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def weights_digest(run: str) -> str:

@@ -16,7 +16,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 CONFIGS = os.path.join(REPO, "trainer", "configs")
 TINY = ["model.encoders.audio.width=4", "model.encoders.visual.width=4", "data.image_size=32", "data.frames=1",
@@ -28,8 +28,7 @@ def cli(*args: str, quiet: bool = True, timeout: int = 300) -> subprocess.Comple
     env.pop("AVBALANCE_QUIET", None)
     if quiet:
         env["AVBALANCE_QUIET"] = "1"
-    return subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=timeout, env={**env, "OMP_NUM_THREADS": "1"})
+    return run_cli(*args, timeout=timeout, env={**env, "OMP_NUM_THREADS": "1"})
 
 
 def train_args(shards: str, out: str, preset: str | None, *sets: str) -> list[str]:

@@ -171,8 +171,7 @@ def test_a_sweep_skips_a_run_held_elsewhere_and_prints_failed_runs_whole_error(t
         before = {n: open(os.path.join(held, n), "rb").read() for n in os.listdir(held)}
         env = {**os.environ}
         env.pop("AVBALANCE_QUIET", None)
-        proc = subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), "sweep", "--config", str(path)],
-                              capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+        proc = run_cli("sweep", "--config", str(path), env=env)
         assert child.poll() is None
         # The held folder: not touched (no train.log, no sweep_run.json, its lock record as it was).
         assert {n: open(os.path.join(held, n), "rb").read() for n in os.listdir(held)} == before

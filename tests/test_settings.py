@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 
 from avbalance.errors import UserError
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 from trainer.config import RULES, load_config
 
 TIMEOUT = 60  # seconds: a refused value must answer at once, never hang
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=TIMEOUT)
+    return run_cli(*args, timeout=TIMEOUT)
 
 
 def one_line(text: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from avbalance.procs import children_by_parent
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 # One Ray cluster at a time: under pytest -n every test that starts one runs on the same worker.
 pytestmark = pytest.mark.xdist_group("ray")
@@ -63,8 +63,7 @@ def run_env(**extra: str) -> dict[str, str]:
 
 
 def sweep(path: str, out: str, *options: str, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(sweep_command(path, out, *options), capture_output=True, text=True, cwd=REPO,
-                          env=run_env(**env), timeout=900)
+    proc = run_cli(*sweep_command(path, out, *options)[2:], env=run_env(**env), timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -222,8 +221,7 @@ def test_a_ray_worker_killed_mid_run_is_retried_and_the_run_resumes_to_the_same_
 # Refusals: fast, no run and no Ray runtime.
 
 def refused(args: list[str], *words: str, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), "sweep", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env or run_env(), timeout=300)
+    proc = run_cli("sweep", *args, env=env or run_env(), timeout=300)
     text = " ".join(proc.stderr.split())
     assert proc.returncode != 0 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("error:") == 1, proc.stderr
@@ -275,9 +273,9 @@ def test_slurm_dry_run_shows_the_submission_and_submits_nothing(tmp_path):
     out = tmp_path / "out"
     env = run_env()
     env.pop("AVBALANCE_SLURM_CLUSTER", None)
-    proc = subprocess.run(sweep_command(path, str(out), "--engine", "slurm", "--dry-run", "--gpus-per-run", "1",
-                                        "--cpus-per-run", "4", "--slurm-partition", "gpu", "--slurm-time", "90"),
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    proc = run_cli(*sweep_command(path, str(out), "--engine", "slurm", "--dry-run", "--gpus-per-run", "1",
+                                  "--cpus-per-run", "4", "--slurm-partition", "gpu", "--slurm-time", "90")[2:],
+                   env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     head = next(ln for ln in lines if ln.startswith("slurm: would submit 4 job(s)"))
