@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from pipelines.stages.face_features import FaceFeaturesConfig, FaceFeaturesStage
 from pipelines.stages.faces import FaceBatcher, FacesConfig
 from pipelines.stages.onnx_backend import exported, ort_module, resolve_backend, session
 from pipelines.synth.face import actor_look, render_frames
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tests.test_cli_usage import subcommands
 
 SLOW = pytest.mark.slow
@@ -135,13 +137,42 @@ def test_export_is_cached_by_identity(tmp_path, monkeypatch, needs_onnx):
     other = exported("tiny", "weights-b", build, x, {0: "n", 2: "h", 3: "w"}, ["y"])
     assert first == again != other and len(calls) == 2  # the second call found the file
     assert os.path.dirname(first) == os.path.join(str(tmp_path), "onnx")
-    assert sorted(os.listdir(os.path.dirname(first))) == sorted(os.path.basename(p) for p in (first, other))  # no temp file
+    kept = [n for n in os.listdir(os.path.dirname(first)) if not n.endswith(".lock")]
+    assert sorted(kept) == sorted(os.path.basename(p) for p in (first, other))  # no temp file
     sess = session(first, 1)
     out = ort_module(sess)(torch.rand(3, 3, 20, 24))[0]
     assert out.shape == (3, 4, 18, 22)  # dynamic batch, height and width
     opts = sess.get_session_options()  # idle threads do not spin (bench/preprocess.py --faces-only)
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert opts.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+
+
+RACE = """
+import os, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from pipelines.stages.onnx_backend import exported
+
+def build():
+    with open(os.path.join(sys.argv[2], "builds"), "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    time.sleep(2)  # the other process asks meanwhile
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+
+print(exported("tiny", "weights-a", build, torch.rand(2, 3, 16, 16), {0: "n"}, ["y"]))
+"""
+
+
+@SLOW
+def test_processes_needing_one_export_at_once_export_it_once(tmp_path, needs_onnx):
+    """Preprocess workers (or runs) that start together: one exports, the others wait and reuse it."""
+    env = {**os.environ, "AVBALANCE_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, REPO, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    paths = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 1 and os.path.isfile(paths.pop())
+    with open(tmp_path / "builds", encoding="utf-8") as fh:
+        assert len(fh.read().split()) == 1  # built (and exported) by one of them only
 
 
 @SLOW  # ~35 s: a corpus and two CLI runs with the face stages

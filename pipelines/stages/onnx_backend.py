@@ -5,7 +5,9 @@ A network is exported from the very weights the torch path loads, at run time, i
 settings and the torch/onnx versions, so a re-run (or another output folder) reuses the file
 and new weights get a new one. The cache dir is ``$AVBALANCE_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/avbalance``, else ``~/.cache/avbalance``. Files are written under a
-temporary name and renamed, so workers racing on one export never read half a file.
+temporary name and renamed, so a reader never sees half a file, and under a lock
+(``.<name>-<hash>.lock`` beside it): of the workers or runs that need one export at once, one
+exports and the others wait for it and reuse it.
 
 The backend is not part of a stage's cache key: the ONNX outputs match torch's within the
 tolerances the tests check (features 1e-3 max abs, boxes 1 px), like ``--device``.
@@ -14,6 +16,7 @@ tolerances the tests check (features 1e-3 max abs, boxes 1 px), like ``--device`
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import tempfile
@@ -86,6 +89,25 @@ def exported(name: str, identity: str, build: Callable[[], torch.nn.Module], exa
         return path
     try:
         os.makedirs(folder, exist_ok=True)
+        lock = os.open(os.path.join(folder, f".{name}-{key[:16]}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"cannot write the ONNX export cache {folder} ({err}); set AVBALANCE_CACHE_DIR to a "
+                        "writable folder, or use --backend torch") from None
+    try:
+        # One process exports; the others (preprocess workers, concurrent runs) wait and reuse it.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(path):
+            _export(path, folder, name, build, example, dynamic, outputs)
+    finally:
+        os.close(lock)  # releases the lock
+    return path
+
+
+def _export(path: str, folder: str, name: str, build: Callable[[], torch.nn.Module], example: torch.Tensor,
+            dynamic: dict[int, str], outputs: Sequence[str]) -> None:
+    import torch
+
+    try:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".onnx", dir=folder)
         os.close(fd)
     except OSError as err:
@@ -106,7 +128,6 @@ def exported(name: str, identity: str, build: Callable[[], torch.nn.Module], exa
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def session(path: str, threads: int, spinning: bool | None = None) -> onnxruntime.InferenceSession:
