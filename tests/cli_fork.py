@@ -20,6 +20,7 @@ thread pool exists when it forks.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
@@ -71,7 +72,6 @@ def _exit_code(code: object) -> int:
 
 def _run_child(request: dict) -> int:
     """In the forked child: become the call's process, run cli.py as ``__main__``."""
-    import atexit
     import runpy
 
     os.setsid()  # its own process group: a timeout kills it and whatever it started
@@ -244,6 +244,12 @@ class CliForker:
             self._proc.wait()
             self._proc = None
             self._loaded_env = {}
+
+
+# The one server of this process: pytest imports tests/conftest.py as ``conftest`` and test files
+# import it again as ``tests.conftest``; both use this module, so both use this server.
+FORKER = CliForker()
+atexit.register(FORKER.close)
 
 
 def _read(path: str) -> str:

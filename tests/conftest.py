@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import functools
 import os
 import re
@@ -14,7 +13,7 @@ import pytest
 from filelock import FileLock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # as pytest does; also for the builder below
-from cli_fork import CliForker  # noqa: E402
+from cli_fork import FORKER  # noqa: E402
 
 # Tests never reach a network: a pretrained download would retry ~45 s, then fail.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,10 +60,6 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedFixtureScheduling(config, log)
 
 
-_FORKER = CliForker()
-atexit.register(_FORKER.close)
-
-
 def run_cli(*args: str, check: bool = False, env: dict[str, str] | None = None, cwd: str = REPO,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python cli.py ARGS`` as a user would, in a process of its own; return it finished.
@@ -73,7 +68,7 @@ def run_cli(*args: str, check: bool = False, env: dict[str, str] | None = None, 
     (tests/cli_fork.py), or started afresh where a fork could differ (``AVBALANCE_TEST_FORK=0``
     starts every one afresh)."""
     env = dict(os.environ if env is None else env)
-    proc = _FORKER.run(list(args), env, cwd, timeout)
+    proc = FORKER.run(list(args), env, cwd, timeout)
     if proc is None:
         proc = subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), *args],
                               capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)

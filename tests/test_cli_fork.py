@@ -13,15 +13,13 @@ import time
 
 import pytest
 
-from cli_fork import CLI, CliForker
+from cli_fork import CLI, FORKER
 from tests.conftest import REPO
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def forker():
-    server = CliForker()
-    yield server
-    server.close()
+    return FORKER  # the server run_cli uses
 
 
 def fresh(args: list[str], env: dict[str, str], cwd: str = REPO) -> subprocess.CompletedProcess:
