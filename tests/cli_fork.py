@@ -37,7 +37,7 @@ CLI = os.path.join(REPO, "cli.py")
 PRELOAD = (
     "cli", "torch", "torchvision", "numpy", "PIL.Image", "yaml", "webdataset", "av", "cv2", "h5py",
     "sklearn.linear_model", "sklearn.preprocessing", "sklearn.cluster", "scipy.signal", "scipy.stats",
-    "librosa", "onnxruntime", "onnxscript", "facenet_pytorch", "timm",
+    "torch.utils.tensorboard", "librosa", "librosa.filters", "numba", "onnxruntime", "onnxscript", "facenet_pytorch", "timm",
     "pipelines.config", "pipelines.runner", "pipelines.stages.audio", "pipelines.stages.faces",
     "pipelines.stages.face_features", "pipelines.stages.flow", "pipelines.stages.pack",
     "pipelines.recipes", "pipelines.synth.cremad", "pipelines.verify_shards", "pipelines.export_h5",
