@@ -52,8 +52,13 @@ LOAD_TIME_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "NUMBA_", "P
                       "TORCH", "PYTORCH_", "CUDA_", "NCCL_", "LD_", "MPLBACKEND", "MPLCONFIGDIR", "LIBROSA_")
 
 
+# ... but these are read when used: breakpoint() reads PYTHONBREAKPOINT at each call (pytest
+# sets it while a test runs).
+READ_WHEN_USED = {"PYTHONBREAKPOINT"}
+
+
 def _load_time(name: str) -> bool:
-    return name.startswith(LOAD_TIME_PREFIXES)
+    return name.startswith(LOAD_TIME_PREFIXES) and name not in READ_WHEN_USED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,22 +162,24 @@ def serve() -> None:
 
 
 class CliForker:
-    """One server per pytest process, started on first use."""
+    """One server per pytest process, started on first use with ``base_env``: the environment
+    the process had before any test ran (a test may change it for a while; the server must not
+    keep that change for every later call)."""
 
-    def __init__(self) -> None:
+    def __init__(self, base_env: dict[str, str] | None = None) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
-        self._env: dict[str, str] = {}  # the server's environment when it started ...
-        self._loaded_env: dict[str, str] = {}  # ... and once its imports were done
+        self._env: dict[str, str] = dict(os.environ if base_env is None else base_env)
+        self._loaded_env: dict[str, str] = {}  # the server's, once its imports were done
         self._broken = False
         self.last_pid: int | None = None  # the last call's process (and process group)
+        self.log = os.environ.get("AVBALANCE_TEST_FORK_LOG")  # a line per call: forked, or why not
 
     def _start(self) -> bool:
         if self._proc is not None and self._proc.poll() is None:
             return True
         if self._broken:
             return False
-        self._env = dict(os.environ)
         self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, env=self._env)
         ready = self._reply(600)
@@ -191,27 +198,37 @@ class CliForker:
         line = self._proc.stdout.readline()
         return json.loads(line) if line else None
 
-    def can_fork(self, env: dict[str, str]) -> bool:
+    def why_not(self, env: dict[str, str]) -> str | None:
+        """Why a call with ``env`` cannot be forked, or None when it can."""
         if os.environ.get("AVBALANCE_TEST_FORK", "1") == "0":
-            return False
-        if self._proc is None or self._proc.poll() is not None:  # a server would start with os.environ
-            return not any(_load_time(k) for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))
-        for key in {k for k in set(env) | set(self._env) if _load_time(k)}:
+            return "AVBALANCE_TEST_FORK=0"
+        if self._broken:
+            return "the server did not start"
+        for key in sorted(k for k in set(env) | set(self._env) if _load_time(k)):
             if env.get(key) == self._env.get(key):
                 continue
             # A variable a library sets itself when it loads (torch: KMP_DUPLICATE_LIB_OK, ...),
             # already in the call's environment because the test process loaded it too.
-            if key not in self._env and env.get(key) == self._loaded_env.get(key):
+            if key not in self._env and (not self._loaded_env or env.get(key) == self._loaded_env.get(key)):
                 continue
-            return False
-        return True
+            return f"{key} differs from the server's"
+        return None
+
+    def can_fork(self, env: dict[str, str]) -> bool:
+        return self.why_not(env) is None
 
     def run(self, argv: list[str], env: dict[str, str], cwd: str, timeout: float) -> subprocess.CompletedProcess | None:
         """The finished call, or None when it cannot be forked (the caller runs a subprocess)."""
-        if not self.can_fork(env) or not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(blocking=False):
+            self._note(argv, "another call is in flight")
             return None
         try:
-            if not self._start() or not self.can_fork(env):
+            reason = self.why_not(env)
+            if reason is None and not self._start():
+                reason = "the server did not start"
+            reason = reason or self.why_not(env)  # now against what the server's libraries set
+            self._note(argv, reason)
+            if reason is not None:
                 return None
             with tempfile.TemporaryDirectory(prefix="cli-fork-") as tmp:
                 out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
@@ -238,6 +255,12 @@ class CliForker:
         finally:
             self._lock.release()
 
+    def _note(self, argv: list[str], reason: str | None) -> None:
+        if self.log:
+            with open(self.log, "a", encoding="utf-8") as fh:
+                test = os.environ.get("PYTEST_CURRENT_TEST", "-").split(" ")[0]
+                fh.write(f"{test}\t{' '.join(argv[:2])}\t{reason or 'forked'}\n")
+
     def close(self) -> None:
         if self._proc is not None:
             self._proc.kill()
@@ -247,7 +270,8 @@ class CliForker:
 
 
 # The one server of this process: pytest imports tests/conftest.py as ``conftest`` and test files
-# import it again as ``tests.conftest``; both use this module, so both use this server.
+# import it again as ``tests.conftest``; both use this module, so both use this server. The
+# conftest sets the suite's environment before it imports this module.
 FORKER = CliForker()
 atexit.register(FORKER.close)
 

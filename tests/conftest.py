@@ -12,9 +12,6 @@ import sys
 import pytest
 from filelock import FileLock
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # as pytest does; also for the builder below
-from cli_fork import FORKER  # noqa: E402
-
 # Tests never reach a network: a pretrained download would retry ~45 s, then fail.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -26,6 +23,10 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # `make test` runs the suite on every core (pytest -n auto): each worker gets its share of
     # them, for torch here and for the CLI processes it starts, instead of all of them each.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+# After the environment above: the CLI server keeps it as the one its calls are forked under.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # as pytest does; also for the builder below
+from cli_fork import FORKER  # noqa: E402
 
 
 @functools.cache

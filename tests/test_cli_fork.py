@@ -88,14 +88,27 @@ def test_the_call_gets_its_own_environment_and_the_test_keeps_its_own(forker):
 def test_a_variable_read_when_libraries_load_is_never_forked(forker):
     """Thread counts (and the like) are fixed when torch loads in the server: a call that sets
     them otherwise runs afresh."""
-    forker.run(["--help"], dict(os.environ), REPO, 300)  # the server runs, with this environment
+    forker.run(["--help"], dict(os.environ), REPO, 300)  # the server runs
     same = dict(os.environ)
     assert forker.can_fork(same)
     threads = {**same, "OMP_NUM_THREADS": str(int(same.get("OMP_NUM_THREADS", "1")) + 1)}
-    assert not forker.can_fork(threads) and forker.run(["--help"], threads, REPO, 300) is None
+    assert forker.why_not(threads) == "OMP_NUM_THREADS differs from the server's"
+    assert forker.run(["--help"], threads, REPO, 300) is None
     assert forker.can_fork({**same, "AVBALANCE_QUIET": "0"})  # read when the command runs
     import torch  # noqa: F401  sets KMP_DUPLICATE_LIB_OK and the like here, as it did in the server
     assert forker.can_fork(dict(os.environ))
+
+
+def test_a_test_that_changes_the_environment_for_a_while_does_not_change_the_server(forker, monkeypatch, tmp_path):
+    """The server runs with the environment the suite had before any test ran, even when a test
+    that changes it (here PYTHONPATH) is the one that starts it: that test's calls run afresh,
+    the calls after it are forked."""
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert forker.run(["--help"], dict(os.environ), REPO, 300) is None  # the caller runs it afresh
+    assert forker.why_not(dict(os.environ)) == "PYTHONPATH differs from the server's"
+    monkeypatch.undo()
+    forked = forker.run(["--help"], dict(os.environ), REPO, 300)
+    assert forked is not None and forked.returncode == 0
 
 
 def test_a_call_past_its_time_is_killed_with_what_it_started(forker, train_shards, tmp_path):
@@ -104,7 +117,7 @@ def test_a_call_past_its_time_is_killed_with_what_it_started(forker, train_shard
             "--set", "train.epochs=100000", "data.workers=1", "data.samples_per_epoch=16", "data.batch_size=8"]
     start = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        forker.run(args, env, REPO, 8)
+        forker.run(args, env, REPO, 4)
     assert time.monotonic() - start < 60
     group = forker.last_pid
     deadline = time.monotonic() + 30
