@@ -99,10 +99,11 @@ def _run_child(request: dict) -> int:
     sys.stdin = sys.__stdin__ = open(0, "r", closefd=False)
     sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
     sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
-    sys.argv = [CLI, *request["argv"]]
-    sys.path[0] = REPO  # where `python cli.py` puts the script's folder
+    script = request.get("script", CLI)
+    sys.argv = [script, *request["argv"]]
+    sys.path[0] = os.path.dirname(script)  # where `python SCRIPT` puts the script's folder
     try:
-        runpy.run_path(CLI, run_name="__main__")
+        runpy.run_path(script, run_name="__main__")
         code = 0
     except SystemExit as stop:
         code = _exit_code(stop.code)
@@ -217,8 +218,11 @@ class CliForker:
     def can_fork(self, env: dict[str, str]) -> bool:
         return self.why_not(env) is None
 
-    def run(self, argv: list[str], env: dict[str, str], cwd: str, timeout: float) -> subprocess.CompletedProcess | None:
-        """The finished call, or None when it cannot be forked (the caller runs a subprocess)."""
+    def run(self, argv: list[str], env: dict[str, str], cwd: str, timeout: float,
+            script: str = CLI) -> subprocess.CompletedProcess | None:
+        """``python SCRIPT ARGV`` (cli.py, or another script of the repository such as
+        bench/gpu_check.py) finished, or None when it cannot be forked (the caller runs a
+        subprocess)."""
         if not self._lock.acquire(blocking=False):
             self._note(argv, "another call is in flight")
             return None
@@ -232,7 +236,7 @@ class CliForker:
                 return None
             with tempfile.TemporaryDirectory(prefix="cli-fork-") as tmp:
                 out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-                request = {"argv": argv, "env": env, "cwd": cwd, "stdout": out, "stderr": err}
+                request = {"script": script, "argv": argv, "env": env, "cwd": cwd, "stdout": out, "stderr": err}
                 assert self._proc is not None and self._proc.stdin is not None
                 self._proc.stdin.write(json.dumps(request).encode() + b"\n")
                 self._proc.stdin.flush()
@@ -248,9 +252,9 @@ class CliForker:
                     except ProcessLookupError:
                         pass
                     self._reply(60)
-                    raise subprocess.TimeoutExpired([sys.executable, CLI, *argv], timeout,
+                    raise subprocess.TimeoutExpired([sys.executable, script, *argv], timeout,
                                                     _read(out), _read(err))
-                return subprocess.CompletedProcess([sys.executable, CLI, *argv], done["status"],
+                return subprocess.CompletedProcess([sys.executable, script, *argv], done["status"],
                                                    _read(out), _read(err))
         finally:
             self._lock.release()

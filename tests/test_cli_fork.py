@@ -53,6 +53,19 @@ def test_a_forked_call_prints_and_exits_as_a_fresh_process(forker, args):
     assert forked.stdout or forked.stderr  # each case says something
 
 
+def test_another_script_of_the_repository_forks_as_it_runs_afresh(forker, tmp_path):
+    """bench/gpu_check.py (its folder first on sys.path, as ``python bench/gpu_check.py`` has it)."""
+    script = os.path.join(REPO, "bench", "gpu_check.py")
+    args = ["--device", "cpu", "--only", "warp_drive", "--out", str(tmp_path / "gpu.json")]
+    env = dict(os.environ)
+    forked = forker.run(args, env, REPO, 300, script=script)
+    plain = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=REPO, env=env,
+                           timeout=300)
+    assert forked is not None and forked.args[1] == script
+    assert (forked.returncode, forked.stdout, forked.stderr) == (plain.returncode, plain.stdout, plain.stderr)
+    assert forked.returncode == 2 and "warp_drive" in forked.stderr
+
+
 def test_a_forked_call_writes_what_a_fresh_process_writes(forker, tmp_path):
     """A synthetic corpus and its manifest, relative to the call's working folder: the same
     files, byte for byte (the manifest summary's timing aside)."""
@@ -60,7 +73,7 @@ def test_a_forked_call_writes_what_a_fresh_process_writes(forker, tmp_path):
     trees = {}
     for name, run in (("forked", lambda a: forker.run(a, env, str(tmp_path), 300)),
                       ("fresh", lambda a: fresh(a, env, str(tmp_path)))):
-        for args in (["synth", "cremad", "--out", "corpus", "--actors", "4", "--sentences", "1", "--seed", "3"],
+        for args in (["synth", "cremad", "--out", "corpus", "--actors", "2", "--sentences", "1", "--seed", "3"],
                      ["manifest", "cremad", "--root", "corpus", "--out", "manifest"]):
             proc = run(args)
             assert proc is not None and proc.returncode == 0, (name, proc)
