@@ -47,7 +47,7 @@ def tree(folder: str) -> dict[str, str]:
 def test_a_forked_call_prints_and_exits_as_a_fresh_process(forker, args):
     env = dict(os.environ)
     forked = forker.run(args, env, REPO, 300)
-    assert forked is not None, "this call should have been forked"
+    assert forked is not None, f"this call should have been forked: {forker.why_not(env)}"
     plain = fresh(args, env)
     assert (forked.returncode, forked.stdout, forked.stderr) == (plain.returncode, plain.stdout, plain.stderr)
     assert forked.stdout or forked.stderr  # each case says something
@@ -103,7 +103,7 @@ def test_a_variable_read_when_libraries_load_is_never_forked(forker):
     them otherwise runs afresh."""
     forker.run(["--help"], dict(os.environ), REPO, 300)  # the server runs
     same = dict(os.environ)
-    assert forker.can_fork(same)
+    assert forker.can_fork(same), forker.why_not(same)
     threads = {**same, "OMP_NUM_THREADS": str(int(same.get("OMP_NUM_THREADS", "1")) + 1)}
     assert forker.why_not(threads) == "OMP_NUM_THREADS differs from the server's"
     assert forker.run(["--help"], threads, REPO, 300) is None
@@ -128,6 +128,7 @@ def test_a_call_past_its_time_is_killed_with_what_it_started(forker, train_shard
     env = dict(os.environ)
     args = ["train", "--config", "resnet_joint", "--shards", train_shards, "--out", str(tmp_path / "run"),
             "--set", "train.epochs=100000", "data.workers=1", "data.samples_per_epoch=16", "data.batch_size=8"]
+    assert forker.can_fork(env), forker.why_not(env)  # else run() returns None and nothing times out
     start = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
         forker.run(args, env, REPO, 4)
