@@ -80,11 +80,7 @@ def _run_child(request: dict) -> int:
     import runpy
 
     os.setsid()  # its own process group: a timeout kills it and whatever it started
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as CPython sets it at start-up
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the server ignores it; the CLI handles Ctrl-C
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
@@ -278,6 +274,17 @@ class CliForker:
 # conftest sets the suite's environment before it imports this module.
 FORKER = CliForker()
 atexit.register(FORKER.close)
+
+
+def run(argv: list[str], env: dict[str, str], cwd: str, timeout: float,
+        script: str = CLI) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGV`` in a process of its own, finished: forked by this process's
+    server where it can be, else started afresh."""
+    proc = FORKER.run(argv, env, cwd, timeout, script=script)
+    if proc is None:
+        proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=cwd, env=env,
+                              timeout=timeout)
+    return proc
 
 
 def _read(path: str) -> str:

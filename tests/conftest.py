@@ -26,7 +26,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 # After the environment above: the CLI server keeps it as the one its calls are forked under.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # as pytest does; also for the builder below
-from cli_fork import FORKER  # noqa: E402
+import cli_fork  # noqa: E402
 
 
 @functools.cache
@@ -68,11 +68,7 @@ def run_cli(*args: str, check: bool = False, env: dict[str, str] | None = None, 
     The process is forked from one that has imported the CLI's libraries already
     (tests/cli_fork.py), or started afresh where a fork could differ (``AVBALANCE_TEST_FORK=0``
     starts every one afresh)."""
-    env = dict(os.environ if env is None else env)
-    proc = FORKER.run(list(args), env, cwd, timeout)
-    if proc is None:
-        proc = subprocess.run([sys.executable, os.path.join(REPO, "cli.py"), *args],
-                              capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    proc = cli_fork.run(list(args), dict(os.environ if env is None else env), cwd, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"cli {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

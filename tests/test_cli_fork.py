@@ -3,7 +3,6 @@ the libraries gives what ``python cli.py`` started afresh gives, in a process of
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ import pytest
 
 from cli_fork import CLI, FORKER
 from tests.conftest import REPO
+from tests.test_run_folder import snapshot
 
 
 @pytest.fixture
@@ -25,16 +25,6 @@ def forker():
 def fresh(args: list[str], env: dict[str, str], cwd: str = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, CLI, *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=300)
-
-
-def tree(folder: str) -> dict[str, str]:
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 @pytest.mark.parametrize("args", [
@@ -77,7 +67,7 @@ def test_a_forked_call_writes_what_a_fresh_process_writes(forker, tmp_path):
                      ["manifest", "cremad", "--root", "corpus", "--out", "manifest"]):
             proc = run(args)
             assert proc is not None and proc.returncode == 0, (name, proc)
-        trees[name] = tree(str(tmp_path))
+        trees[name] = snapshot(str(tmp_path))
         with open(tmp_path / "manifest" / "summary.json", encoding="utf-8") as fh:
             summary = json.load(fh)
         assert summary.pop("seconds") >= 0

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from bench.tables import gpu_check_table
-from cli_fork import FORKER
+import cli_fork
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "bench", "gpu_check.py")
@@ -23,10 +22,7 @@ SCRIPT = os.path.join(REPO, "bench", "gpu_check.py")
 def run(*args: str) -> subprocess.CompletedProcess:
     """``python bench/gpu_check.py ARGS`` in a process of its own (forked as run_cli's are)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "AVBALANCE_QUIET": "1"}
-    proc = FORKER.run(list(args), env, os.getcwd(), 900, script=SCRIPT)
-    if proc is None:
-        proc = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=900)
-    return proc
+    return cli_fork.run(list(args), env, os.getcwd(), 900, script=SCRIPT)
 
 
 SLOW = pytest.mark.slow

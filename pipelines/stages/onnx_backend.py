@@ -91,8 +91,7 @@ def exported(name: str, identity: str, build: Callable[[], torch.nn.Module], exa
         os.makedirs(folder, exist_ok=True)
         lock = os.open(os.path.join(folder, f".{name}-{key[:16]}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise UserError(f"cannot write the ONNX export cache {folder} ({err}); set AVBALANCE_CACHE_DIR to a "
-                        "writable folder, or use --backend torch") from None
+        raise _unwritable(folder, err) from None
     try:
         # One process exports; the others (preprocess workers, concurrent runs) wait and reuse it.
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -103,6 +102,11 @@ def exported(name: str, identity: str, build: Callable[[], torch.nn.Module], exa
     return path
 
 
+def _unwritable(folder: str, err: OSError) -> UserError:
+    return UserError(f"cannot write the ONNX export cache {folder} ({err}); set AVBALANCE_CACHE_DIR to a "
+                     "writable folder, or use --backend torch")
+
+
 def _export(path: str, folder: str, name: str, build: Callable[[], torch.nn.Module], example: torch.Tensor,
             dynamic: dict[int, str], outputs: Sequence[str]) -> None:
     import torch
@@ -111,8 +115,7 @@ def _export(path: str, folder: str, name: str, build: Callable[[], torch.nn.Modu
         fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".onnx", dir=folder)
         os.close(fd)
     except OSError as err:
-        raise UserError(f"cannot write the ONNX export cache {folder} ({err}); set AVBALANCE_CACHE_DIR to a "
-                        "writable folder, or use --backend torch") from None
+        raise _unwritable(folder, err) from None
     from torch.export import Dim
 
     shapes = ({axis: Dim(label, min=12 if label in ("h", "w") else 1) for axis, label in dynamic.items()},)
